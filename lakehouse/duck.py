@@ -1,0 +1,82 @@
+"""DuckDB connections with the Delta, httpfs and aws extensions and an S3 secret from settings."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import duckdb
+
+from lakehouse.errors import StorageError
+from lakehouse.settings import Settings
+from lakehouse.storage import Storage
+
+
+def literal(value: str) -> str:
+    """Quote a string as a SQL literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def quote(name: str) -> str:
+    """Quote an identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _load(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    # Prefer the extension shipped in a PyPI wheel (offline, DuckDB-signed); elsewhere
+    # DuckDB downloads the same extension into the extension directory.
+    try:
+        module = importlib.import_module(f"duckdb_extension_{name}")
+    except ImportError:
+        module = None
+    if module is not None and module.__file__:
+        version = con.execute("PRAGMA version").fetchone()[0]  # type: ignore[index]
+        path = Path(module.__file__).parent / "extensions" / version / f"{name}.duckdb_extension"
+        if path.is_file():
+            con.execute(f"INSTALL {literal(str(path))}")
+    else:
+        con.execute(f"INSTALL {name}")
+    con.execute(f"LOAD {name}")
+
+
+def connect(settings: Settings, storage: Storage) -> duckdb.DuckDBPyConnection:
+    """Open an in-memory DuckDB that can read the lakehouse's Delta tables."""
+    ext_dir = settings.home / "duckdb_extensions"
+    ext_dir.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(config={"extension_directory": str(ext_dir)})
+    try:
+        con.execute("SET TimeZone = 'UTC'")
+        extensions = ["delta"] + (["httpfs", "aws"] if storage.is_s3 else [])
+        for name in extensions:
+            _load(con, name)
+        if storage.is_s3:
+            _create_secret(con, settings, storage)
+    except duckdb.Error as exc:
+        con.close()
+        msg = f"DuckDB could not load its Delta/S3 extensions: {exc}"
+        raise StorageError(msg) from None
+    return con
+
+
+def _create_secret(con: duckdb.DuckDBPyConnection, settings: Settings, storage: Storage) -> None:
+    parts = [
+        "TYPE s3",
+        f"KEY_ID {literal(settings.s3_access_key_id)}",
+        f"SECRET {literal(settings.s3_secret_access_key.get())}",
+        f"REGION {literal(settings.s3_region)}",
+    ]
+    endpoint = storage.s3.get("endpoint")
+    if endpoint:
+        host = endpoint.split("://", 1)[1]
+        parts += [
+            f"ENDPOINT {literal(host)}",
+            "URL_STYLE 'path'",
+            f"USE_SSL {'true' if endpoint.startswith('https') else 'false'}",
+        ]
+    con.execute(f"CREATE OR REPLACE SECRET lakehouse_s3 ({', '.join(parts)})")
+
+
+def scan(uri: str, version: int | None = None) -> str:
+    """Return a `delta_scan(...)` call for `uri`, optionally at a version."""
+    args = literal(uri) + (f", version => {int(version)}" if version is not None else "")
+    return f"delta_scan({args})"

@@ -1,0 +1,174 @@
+"""One typed settings object, read from `LAKEHOUSE_*` environment variables."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from lakehouse.errors import ConfigError
+
+PREFIX = "LAKEHOUSE_"
+
+
+class Secret:
+    """A string that never shows itself in reprs, logs or tracebacks."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get(self) -> str:
+        """Return the secret value; call this only where it is handed to a client."""
+        return self._value
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return "Secret('****')" if self._value else "Secret('')"
+
+    __str__ = __repr__
+
+
+def _default_home() -> str:
+    return str(Path.cwd() / ".lakehouse")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the lakehouse reads from its environment.
+
+    Each field `name` is read from `LAKEHOUSE_<NAME>`; the defaults need no set-up:
+    local Delta tables under `.lakehouse/warehouse` and an embedded Postgres cluster
+    under `.lakehouse/postgres`.
+    """
+
+    home: Path = field(default_factory=lambda: Path(_default_home()))
+    """Folder for the embedded Postgres cluster, local tables and caches."""
+    storage_uri: str = ""
+    """Where Delta tables live: a local folder (default `<home>/warehouse`) or `s3://bucket/prefix`."""
+    s3_endpoint: str = ""
+    """S3-compatible endpoint, e.g. `http://localhost:9000` for MinIO; empty for AWS."""
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str = ""
+    s3_secret_access_key: Secret = field(default_factory=lambda: Secret(""))
+    pg_dsn: Secret = field(default_factory=lambda: Secret(""))
+    """Source Postgres DSN; empty means the embedded cluster (`lakehouse db start`)."""
+    pg_schema: str = "lending"
+    """Postgres schema holding the source tables."""
+    pg_bin: str = ""
+    """Folder with initdb/pg_ctl for the embedded cluster; found automatically when empty."""
+    batch_rows: int = 250_000
+    """Rows per Arrow batch when extracting from Postgres (bounds memory)."""
+    seed: int = 42
+    """Random seed for `lakehouse seed` and `lakehouse simulate`."""
+    vacuum_retention_hours: int = 168
+    """`lakehouse maintain` keeps this much time travel."""
+
+    @property
+    def warehouse(self) -> str:
+        """Return the root URI of the Delta tables."""
+        return self.storage_uri or str(self.home / "warehouse")
+
+    @property
+    def is_s3(self) -> bool:
+        """Tell whether tables live on S3 (or MinIO) rather than local disk."""
+        return self.warehouse.startswith("s3://")
+
+    @property
+    def embedded_pg(self) -> bool:
+        """Tell whether the source is the embedded cluster."""
+        return not self.pg_dsn
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        """Read settings from `LAKEHOUSE_*` variables; a bad value names its variable."""
+        env = os.environ if environ is None else environ
+        known = {PREFIX + f.name.upper(): f for f in fields(cls)}
+        unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in known)
+        if unknown:
+            msg = (
+                f"unknown setting `{unknown[0]}`; known settings are: "
+                + ", ".join(sorted(known))
+            )
+            raise ConfigError(msg)
+        values: dict[str, Any] = {}
+        for var, f in known.items():
+            raw = env.get(var)
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(var, f.name, raw.strip())
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Check cross-field rules; raise `ConfigError` naming the variable."""
+        uri = self.warehouse
+        if "://" in uri and not uri.startswith(("s3://", "file://")):
+            msg = (
+                f"LAKEHOUSE_STORAGE_URI is `{uri}`; use a local folder or `s3://bucket/prefix`"
+            )
+            raise ConfigError(msg)
+        if self.is_s3:
+            bucket = urlsplit(uri).netloc
+            if not bucket:
+                msg = f"LAKEHOUSE_STORAGE_URI is `{uri}`; it needs a bucket: `s3://bucket/prefix`"
+                raise ConfigError(msg)
+            if not self.s3_access_key_id or not self.s3_secret_access_key:
+                msg = (
+                    "LAKEHOUSE_STORAGE_URI is on S3 but LAKEHOUSE_S3_ACCESS_KEY_ID or "
+                    "LAKEHOUSE_S3_SECRET_ACCESS_KEY is not set; set both (credentials are "
+                    "never taken implicitly)"
+                )
+                raise ConfigError(msg)
+        if self.s3_endpoint:
+            parts = urlsplit(self.s3_endpoint)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                msg = (
+                    f"LAKEHOUSE_S3_ENDPOINT is `{self.s3_endpoint}`; "
+                    "give a URL like `http://localhost:9000`"
+                )
+                raise ConfigError(msg)
+        dsn = self.pg_dsn.get()
+        if dsn and not dsn.startswith(("postgresql://", "postgres://")) and "=" not in dsn:
+            msg = (
+                "LAKEHOUSE_PG_DSN is not a Postgres connection string; use "
+                "`postgresql://user:password@host:port/dbname` or `host=... dbname=...`"
+            )
+            raise ConfigError(msg)
+
+
+def _parse(var: str, name: str, raw: str) -> Any:
+    if name in ("batch_rows", "seed", "vacuum_retention_hours"):
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            msg = f"{var} is `{raw}`; it must be a whole number"
+            raise ConfigError(msg) from None
+        low = 1 if name == "batch_rows" else 0
+        if value < low:
+            msg = f"{var} is `{raw}`; it must be at least {low}"
+            raise ConfigError(msg)
+        return value
+    if name in ("s3_secret_access_key", "pg_dsn"):
+        return Secret(raw)
+    if name == "home":
+        return Path(raw).expanduser().resolve()
+    if name == "pg_schema":
+        if not raw.replace("_", "").isalnum() or raw[0].isdigit():
+            msg = f"{var} is `{raw}`; use letters, digits and underscores only"
+            raise ConfigError(msg)
+        return raw
+    return raw

@@ -1,0 +1,1 @@
+"""The source Postgres: schema, embedded cluster, seeding, simulation and extraction."""

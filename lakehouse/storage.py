@@ -1,0 +1,180 @@
+"""Where the Delta tables live: local disk or S3/MinIO, with options built once from settings."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from deltalake import DeltaTable
+from deltalake.exceptions import TableNotFoundError as DeltaTableNotFound
+
+from lakehouse.errors import StorageError, TableNotFoundError
+from lakehouse.settings import Settings
+
+ZONES = ("bronze", "silver", "gold")
+_NAME = re.compile(r"^[a-z_][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Storage:
+    """The root of the lakehouse and the options every Delta call needs."""
+
+    root: str
+    options: dict[str, str]
+    s3: dict[str, str]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Storage:
+        """Build storage options once; credentials come only from settings, never implicitly."""
+        root = settings.warehouse.rstrip("/")
+        if root.startswith("file://"):
+            root = root[len("file://") :]
+        if not settings.is_s3:
+            return cls(root=str(Path(root).resolve()), options={}, s3={})
+        options = {
+            "AWS_REGION": settings.s3_region,
+            "AWS_ACCESS_KEY_ID": settings.s3_access_key_id,
+            "AWS_SECRET_ACCESS_KEY": settings.s3_secret_access_key.get(),
+            # Never AWS_S3_ALLOW_UNSAFE_RENAME: delta-rs 1.x uses conditional puts instead.
+        }
+        s3 = {"region": settings.s3_region}
+        if settings.s3_endpoint:
+            endpoint = settings.s3_endpoint.rstrip("/")
+            options["AWS_ENDPOINT_URL"] = endpoint
+            options["AWS_ALLOW_HTTP"] = "true" if endpoint.startswith("http://") else "false"
+            s3["endpoint"] = endpoint
+        return cls(root=root, options=options, s3=s3)
+
+    @property
+    def is_s3(self) -> bool:
+        """Tell whether the tables are on S3."""
+        return self.root.startswith("s3://")
+
+    def uri(self, zone: str, table: str) -> str:
+        """Return the URI of `zone.table`."""
+        if zone not in ZONES and zone != "_meta":
+            msg = f"unknown zone `{zone}`; use one of {', '.join(ZONES)}"
+            raise TableNotFoundError(msg)
+        if not _NAME.match(table):
+            msg = f"bad table name `{table}`; use lower-case letters, digits and underscores"
+            raise TableNotFoundError(msg)
+        return f"{self.root}/{zone}/{table}"
+
+    def exists(self, zone: str, table: str) -> bool:
+        """Tell whether `zone.table` is a Delta table."""
+        return DeltaTable.is_deltatable(self.uri(zone, table), storage_options=self.options)
+
+    def table(self, zone: str, table: str, *, version: int | None = None) -> DeltaTable:
+        """Open `zone.table`, or raise `TableNotFoundError` saying how to create it."""
+        try:
+            return DeltaTable(
+                self.uri(zone, table), version=version, storage_options=self.options
+            )
+        except DeltaTableNotFound:
+            msg = f"table `{zone}.{table}` does not exist yet; run `lakehouse run` to build it"
+            raise TableNotFoundError(msg) from None
+        except Exception as exc:
+            if version is not None and "version" in str(exc).lower():
+                msg = f"table `{zone}.{table}` has no version {version}: {_first_line(exc)}"
+                raise TableNotFoundError(msg) from None
+            raise StorageError(_explain(exc, self.root)) from exc
+
+    def table_or_none(self, zone: str, table: str) -> DeltaTable | None:
+        """Open `zone.table` if it exists."""
+        try:
+            return self.table(zone, table)
+        except TableNotFoundError:
+            return None
+
+    def list_tables(self) -> list[tuple[str, str]]:
+        """List `(zone, table)` pairs that hold a Delta table."""
+        found: list[tuple[str, str]] = []
+        for zone in ZONES:
+            for name in self._children(zone):
+                if _NAME.match(name) and self.exists(zone, name):
+                    found.append((zone, name))
+        return found
+
+    def _children(self, zone: str) -> list[str]:
+        if not self.is_s3:
+            path = Path(self.root) / zone
+            return sorted(p.name for p in path.iterdir() if p.is_dir()) if path.is_dir() else []
+        bucket, prefix = _split_s3(self.root)
+        client = minio_client(self.s3, self.options)
+        key = f"{prefix}/{zone}/" if prefix else f"{zone}/"
+        names = {
+            obj.object_name[len(key) :].strip("/")
+            for obj in client.list_objects(bucket, prefix=key)
+            if obj.is_dir and obj.object_name
+        }
+        return sorted(names)
+
+    def check(self, *, create_bucket: bool = True) -> None:
+        """Check the object store at start-up: endpoint up, keys valid, bucket present."""
+        if not self.is_s3:
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+            return
+        bucket, _ = _split_s3(self.root)
+        client = minio_client(self.s3, self.options)
+        endpoint = self.s3.get("endpoint", "AWS S3")
+        try:
+            if not client.bucket_exists(bucket):
+                if not create_bucket:
+                    msg = f"bucket `{bucket}` does not exist at {endpoint}; create it first"
+                    raise StorageError(msg)
+                client.make_bucket(bucket, location=self.s3["region"])
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise StorageError(_explain(exc, endpoint)) from exc
+
+
+def minio_client(s3: dict[str, str], options: dict[str, str]) -> Any:
+    """Return a MinIO SDK client for the configured endpoint."""
+    from minio import Minio
+
+    endpoint = s3.get("endpoint", "https://s3.amazonaws.com")
+    parts = urlsplit(endpoint)
+    return Minio(
+        parts.netloc,
+        access_key=options["AWS_ACCESS_KEY_ID"],
+        secret_key=options["AWS_SECRET_ACCESS_KEY"],
+        secure=parts.scheme == "https",
+        region=s3["region"],
+    )
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    parts = urlsplit(uri)
+    return parts.netloc, parts.path.strip("/")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _explain(exc: BaseException, where: str) -> str:
+    """Turn a client error into one line that says what to do."""
+    text = str(exc)
+    lowered = text.lower()
+    code = getattr(exc, "code", "") or ""
+    if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied") or any(
+        s in lowered for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "access denied", "403")
+    ):
+        return (
+            f"S3 at {where} refused the credentials ({code or 'forbidden'}); check "
+            "LAKEHOUSE_S3_ACCESS_KEY_ID and LAKEHOUSE_S3_SECRET_ACCESS_KEY"
+        )
+    if any(
+        s in lowered
+        for s in ("connection refused", "max retries", "failed to connect", "name or service",
+                  "error sending request", "connect error", "timed out")
+    ):
+        return (
+            f"S3 endpoint {where} is not reachable; start it or fix LAKEHOUSE_S3_ENDPOINT"
+        )
+    return f"storage error at {where}: {_first_line(exc)}"

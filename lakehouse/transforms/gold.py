@@ -1,0 +1,174 @@
+"""Gold transforms as DuckDB SQL over silver views; every feature is point-in-time correct.
+
+The SQL reads three relations: `loan_applications` (current state), `applicants_history`
+and `loan_applications_history` (SCD2, `valid_from` inclusive, `valid_to` exclusive).
+"""
+
+from __future__ import annotations
+
+# Per application: its loan attributes and the applicant as they were when it was made
+# (the source's foreign key keeps an applicant alive while they have applications, so the
+# version found is never one that a delete had closed).
+# `rate_spread` compares the rate with the mean rate of the same intent over the 30 days
+# before (every application ever submitted, withdrawn ones included, so later withdrawals
+# cannot change a past feature).
+APPLICATION_FEATURES = """
+WITH submitted AS (
+    SELECT application_id, loan_intent, loan_int_rate, applied_at
+    FROM loan_applications_history
+    QUALIFY row_number() OVER (PARTITION BY application_id ORDER BY valid_from) = 1
+),
+market AS (
+    SELECT application_id,
+           avg(loan_int_rate) OVER (
+               PARTITION BY loan_intent ORDER BY applied_at
+               RANGE BETWEEN INTERVAL 30 DAYS PRECEDING AND INTERVAL 1 MICROSECOND PRECEDING
+           ) AS intent_rate_30d
+    FROM submitted
+),
+joined AS (
+    SELECT l.*, h.* EXCLUDE (applicant_id, updated_at, _batch_id, is_current),
+           m.intent_rate_30d
+    FROM loan_applications l
+    ASOF LEFT JOIN applicants_history h
+        ON l.applicant_id = h.applicant_id AND l.applied_at >= h.valid_from
+    LEFT JOIN market m USING (application_id)
+)
+SELECT
+    application_id,
+    applicant_id,
+    applied_at AS event_timestamp,
+    applied_at,
+    loan_amnt,
+    loan_intent,
+    loan_int_rate,
+    loan_percent_income,
+    person_age,
+    person_gender,
+    person_education,
+    person_income,
+    person_emp_exp,
+    person_home_ownership,
+    cb_person_cred_hist_length,
+    credit_score,
+    previous_loan_defaults_on_file,
+    loan_amnt / nullif(person_income, 0) AS loan_to_income,
+    loan_int_rate - intent_rate_30d AS rate_spread,
+    CASE
+        WHEN credit_score IS NULL THEN NULL
+        WHEN credit_score < 580 THEN 'poor'
+        WHEN credit_score < 670 THEN 'fair'
+        WHEN credit_score < 740 THEN 'good'
+        WHEN credit_score < 800 THEN 'very_good'
+        ELSE 'exceptional'
+    END AS credit_score_band,
+    loan_status
+FROM joined
+ORDER BY application_id
+"""
+
+# Per applicant, one row at each instant its features change. With t an event time:
+#   attributes          the applicant's version valid at t (valid_from <= t < valid_to);
+#   application_count   applications submitted strictly before t (withdrawn ones too);
+#   approved/rejected   of those, decided so as known at t (from application history);
+#   mean_loan_amnt      mean amount of those applications;
+#   days_since_last_application   t minus the latest of their `applied_at`.
+# An application submitted at s counts from s + 1µs; a version stamped v counts from v.
+# So a lookup "as of t" (latest row with event_timestamp <= t) never sees an application
+# made at t or later, nor a decision made after t: no leakage into training rows.
+APPLICANT_FEATURES = """
+WITH versions AS (
+    SELECT applicant_id, applied_at, loan_amnt, loan_status, valid_from,
+           lag(loan_amnt) OVER w AS prev_amnt,
+           lag(loan_status) OVER w AS prev_status,
+           row_number() OVER w AS n
+    FROM loan_applications_history
+    WINDOW w AS (PARTITION BY application_id ORDER BY valid_from)
+),
+deltas AS (
+    SELECT applicant_id,
+           greatest(valid_from, applied_at + INTERVAL 1 MICROSECOND) AS ts,
+           CASE WHEN n = 1 THEN 1 ELSE 0 END AS d_count,
+           loan_amnt - coalesce(prev_amnt, 0) AS d_amount,
+           coalesce((loan_status = 1)::INT, 0) - coalesce((prev_status = 1)::INT, 0) AS d_approved,
+           coalesce((loan_status = 0)::INT, 0) - coalesce((prev_status = 0)::INT, 0) AS d_rejected,
+           CASE WHEN n = 1 THEN applied_at END AS submitted_at
+    FROM versions
+),
+state AS (
+    SELECT DISTINCT ON (applicant_id, ts)
+           applicant_id, ts,
+           sum(d_count) OVER w AS application_count,
+           sum(d_amount) OVER w AS amount_sum,
+           sum(d_approved) OVER w AS approved_count,
+           sum(d_rejected) OVER w AS rejected_count,
+           max(submitted_at) OVER w AS last_applied_at
+    FROM deltas
+    WINDOW w AS (PARTITION BY applicant_id ORDER BY ts
+                 RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+),
+events AS (
+    SELECT applicant_id, valid_from AS ts FROM applicants_history
+    UNION
+    SELECT applicant_id, ts FROM deltas
+),
+joined AS (
+    SELECT e.applicant_id, e.ts, h.* EXCLUDE (applicant_id),
+           s.application_count, s.amount_sum, s.approved_count, s.rejected_count,
+           s.last_applied_at
+    FROM events e
+    ASOF JOIN applicants_history h
+        ON e.applicant_id = h.applicant_id AND e.ts >= h.valid_from
+    ASOF LEFT JOIN state s
+        ON e.applicant_id = s.applicant_id AND e.ts >= s.ts
+    WHERE h.valid_to IS NULL OR h.valid_to > e.ts
+)
+SELECT
+    applicant_id,
+    ts AS event_timestamp,
+    person_age,
+    person_gender,
+    person_education,
+    person_income,
+    person_emp_exp,
+    person_home_ownership,
+    cb_person_cred_hist_length,
+    credit_score,
+    previous_loan_defaults_on_file,
+    coalesce(application_count, 0)::BIGINT AS application_count,
+    coalesce(approved_count, 0)::BIGINT AS approved_count,
+    coalesce(rejected_count, 0)::BIGINT AS rejected_count,
+    amount_sum / nullif(application_count, 0) AS mean_loan_amnt,
+    epoch(ts - last_applied_at) / 86400.0 AS days_since_last_application
+FROM joined
+ORDER BY applicant_id, event_timestamp
+"""
+
+# Analytics mart: per day (UTC) of application and loan intent, how many were decided
+# and approved, over the applications that currently exist.
+APPROVAL_RATE_DAILY = """
+SELECT
+    CAST(applied_at AS DATE) AS day,
+    loan_intent,
+    count(*) AS applications,
+    count(loan_status) AS decided,
+    count(*) FILTER (WHERE loan_status = 1) AS approved,
+    count(*) FILTER (WHERE loan_status = 1) / nullif(count(loan_status), 0) AS approval_rate,
+    max(applied_at) AS event_timestamp
+FROM loan_applications
+GROUP BY ALL
+ORDER BY day, loan_intent
+"""
+
+# Each gold table: its SQL and the silver tables it reads.
+GOLD = {
+    "application_features": (
+        APPLICATION_FEATURES,
+        ("loan_applications", "applicants_history", "loan_applications_history"),
+    ),
+    "applicant_features": (
+        APPLICANT_FEATURES,
+        ("applicants_history", "loan_applications_history"),
+    ),
+    "approval_rate_daily": (APPROVAL_RATE_DAILY, ("loan_applications",)),
+}

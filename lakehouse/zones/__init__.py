@@ -1,0 +1,1 @@
+"""Zone builders: the I/O around the pure transforms (Postgres, Delta tables, DuckDB)."""

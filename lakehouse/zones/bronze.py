@@ -1,0 +1,130 @@
+"""Bronze: append-only Delta copies of the source tables, with lineage, by fenced windows."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import polars as pl
+import psycopg
+import pyarrow as pa
+from deltalake import write_deltalake
+
+from lakehouse.errors import SourceError
+from lakehouse.settings import Settings
+from lakehouse.source import extract
+from lakehouse.source.schema import TABLES, SourceTable
+from lakehouse.storage import Storage
+from lakehouse.zones.commits import app_id, commit_properties, recorded
+
+LINEAGE = {
+    "_batch_id": pl.Int64(),
+    "_source_watermark": pl.Datetime("us", "UTC"),
+    "_extract_mode": pl.Utf8(),
+    "_ingested_at": pl.Datetime("us", "UTC"),
+}
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    """What one ingest did: `batch_id` is None when there was nothing new."""
+
+    table: str
+    mode: str
+    rows: int
+    deletes: int
+    batch_id: int | None
+
+
+def bronze_schema(table: SourceTable) -> pa.Schema:
+    """Return the Arrow schema of `bronze.<table>`."""
+    empty = pl.DataFrame(schema={**extract.extracted_schema(table), **LINEAGE})
+    return empty.to_arrow().schema
+
+
+def watermark(storage: Storage, table: str) -> int | None:
+    """Return the high watermark (µs) of the last batch in `bronze.<table>`, or None."""
+    return recorded(storage.table_or_none("bronze", table), app_id("bronze", table))
+
+
+def is_current(settings: Settings, storage: Storage, table: str) -> bool:
+    """Tell whether bronze already holds every committed source change (cheap)."""
+    lo = watermark(storage, table)
+    from lakehouse.source.schema import connect
+
+    with connect(settings, autocommit=True) as conn:
+        return not extract.has_changes(conn, settings.pg_schema, TABLES[table], lo)
+
+
+def ingest(settings: Settings, storage: Storage, table: str) -> IngestResult:
+    """Append the source rows changed since the last batch as one atomic Delta commit."""
+    from lakehouse.source.schema import connect
+
+    source = TABLES[table]
+    with connect(settings, autocommit=True) as conn:
+        extract.check_can_fence(conn)
+        _lock(conn, table)
+        lo = watermark(storage, table)
+        hi = extract.fence(conn)
+        window = extract.Window(lo, hi)
+        if lo is not None and (hi <= lo or not extract.has_changes(conn, settings.pg_schema, source, lo)):
+            return IngestResult(table, window.mode, 0, 0, None)
+        conn.autocommit = False
+        counts = {"rows": 0, "deletes": 0}
+        batches = _with_lineage(
+            extract.extract(conn, settings.pg_schema, source, window, batch_rows=settings.batch_rows),
+            window,
+            counts,
+        )
+        schema = bronze_schema(source)
+        first = next(batches, None)
+        if first is None:
+            return IngestResult(table, window.mode, 0, 0, None)
+        reader = pa.RecordBatchReader.from_batches(schema, _chain(first, batches))
+        write_deltalake(
+            storage.uri("bronze", table),
+            reader,
+            mode="append",
+            storage_options=storage.options,
+            commit_properties=commit_properties(
+                {app_id("bronze", table): hi},
+                operation="ingest",
+                metadata={"lakehouse.mode": window.mode},
+            ),
+        )
+        conn.commit()
+    return IngestResult(table, window.mode, counts["rows"], counts["deletes"], hi)
+
+
+def _lock(conn: psycopg.Connection, table: str) -> None:
+    row = conn.execute(
+        "SELECT pg_try_advisory_lock(hashtext(%s))", (app_id("bronze", table),)
+    ).fetchone()
+    if not row or not row[0]:
+        msg = f"another ingest of `{table}` is running; wait for it to finish"
+        raise SourceError(msg)
+
+
+def _with_lineage(
+    frames: Iterator[pl.DataFrame], window: extract.Window, counts: dict[str, int]
+) -> Iterator[pa.RecordBatch]:
+    ingested = datetime.now(UTC)
+    lineage = [
+        pl.lit(window.hi_us, pl.Int64).alias("_batch_id"),
+        pl.lit(window.hi_us).cast(pl.Datetime("us", "UTC")).alias("_source_watermark"),
+        pl.lit(window.mode).alias("_extract_mode"),
+        pl.lit(ingested).cast(pl.Datetime("us", "UTC")).alias("_ingested_at"),
+    ]
+    for frame in frames:
+        if frame.height == 0:
+            continue
+        deletes = int((frame["_op"] == "delete").sum())
+        counts["deletes"] += deletes
+        counts["rows"] += frame.height - deletes
+        yield from frame.with_columns(lineage).to_arrow().to_batches()
+
+
+def _chain(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+    yield first
+    yield from rest

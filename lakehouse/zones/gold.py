@@ -1,0 +1,98 @@
+"""Gold: feature tables and marts built with DuckDB SQL from pinned versions of silver."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+from deltalake import write_deltalake
+
+from lakehouse import duck
+from lakehouse.errors import TableNotFoundError
+from lakehouse.settings import Settings
+from lakehouse.storage import Storage
+from lakehouse.transforms.gold import GOLD
+from lakehouse.zones.commits import app_id, commit_properties, recorded
+
+_BATCH = 200_000
+
+
+@dataclass(frozen=True)
+class GoldResult:
+    """What one gold build did."""
+
+    table: str
+    built: bool
+    inputs: dict[str, int]
+
+
+def input_versions(storage: Storage, name: str) -> dict[str, int]:
+    """Return the current version of each silver table that `gold.<name>` reads."""
+    versions: dict[str, int] = {}
+    for source in GOLD[name][1]:
+        dt = storage.table_or_none("silver", source)
+        if dt is None:
+            msg = f"gold.{name} needs `silver.{source}`, which does not exist; run the pipeline"
+            raise TableNotFoundError(msg)
+        versions[source] = dt.version()
+    return versions
+
+
+def is_current(storage: Storage, name: str) -> bool:
+    """Tell whether `gold.<name>` was built from the current silver versions (cheap)."""
+    dt = storage.table_or_none("gold", name)
+    if dt is None:
+        return False
+    try:
+        wanted = input_versions(storage, name)
+    except TableNotFoundError:
+        return False
+    return all(
+        recorded(dt, app_id("gold", name, f"silver.{src}")) == v for src, v in wanted.items()
+    )
+
+
+def build(settings: Settings, storage: Storage, name: str) -> GoldResult:
+    """Rebuild `gold.<name>` from pinned silver versions, recording them in the commit."""
+    versions = input_versions(storage, name)
+    if is_current(storage, name):
+        return GoldResult(name, False, versions)
+    sql, sources = GOLD[name]
+    con = duck.connect(settings, storage)
+    try:
+        for source in sources:
+            con.execute(
+                f"CREATE VIEW {duck.quote(source)} AS SELECT * FROM "
+                + duck.scan(storage.uri("silver", source), versions[source])
+            )
+        reader = con.execute(sql).fetch_record_batch(_BATCH)
+        write_deltalake(
+            storage.uri("gold", name),
+            _normalise(reader),
+            mode="overwrite",
+            schema_mode="overwrite",
+            storage_options=storage.options,
+            commit_properties=commit_properties(
+                {app_id("gold", name, f"silver.{src}"): v for src, v in versions.items()},
+                operation="build-gold",
+            ),
+        )
+    finally:
+        con.close()
+    return GoldResult(name, True, versions)
+
+
+def _normalise(reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
+    """Cast DuckDB's decimals from integer division to doubles (Delta-friendly types)."""
+    fields = []
+    for f in reader.schema:
+        if pa.types.is_decimal(f.type):
+            fields.append(pa.field(f.name, pa.float64()))
+        else:
+            fields.append(f)
+    schema = pa.schema(fields)
+    if schema == reader.schema:
+        return reader
+    return pa.RecordBatchReader.from_batches(
+        schema, (batch.cast(schema) for batch in reader)
+    )
