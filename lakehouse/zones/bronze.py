@@ -79,9 +79,12 @@ def ingest(settings: Settings, storage: Storage, table: str) -> IngestResult:
         )
         schema = bronze_schema(source)
         first = next(batches, None)
-        if first is None:
+        if first is None and lo is not None:
             return IngestResult(table, window.mode, 0, 0, None)
-        reader = pa.RecordBatchReader.from_batches(schema, _chain(first, batches))
+        # A snapshot always commits, even empty, so the table and its watermark exist.
+        reader = pa.RecordBatchReader.from_batches(
+            schema, batches if first is None else _chain(first, batches)
+        )
         write_deltalake(
             storage.uri("bronze", table),
             reader,

@@ -49,7 +49,7 @@ def progress(storage: Storage, table: str) -> dict[str, int | None]:
 def is_current(storage: Storage, table: str) -> bool:
     """Tell whether every silver target of `table` has taken in the last bronze batch (cheap)."""
     last = watermark(storage, table)
-    return last is None or all(v == last for v in progress(storage, table).values())
+    return last is not None and all(v == last for v in progress(storage, table).values())
 
 
 def promote(storage: Storage, table: str) -> PromoteResult:

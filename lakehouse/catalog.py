@@ -1,0 +1,60 @@
+"""`lakehouse tables`: every Delta table with its version, rows, size and last update."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lakehouse.storage import Storage
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """Metadata of one Delta table, read from its log (no data scan)."""
+
+    zone: str
+    name: str
+    version: int
+    rows: int
+    files: int
+    size_bytes: int
+    last_update: datetime | None
+
+
+def describe(storage: Storage) -> list[TableInfo]:
+    """Describe every table in the lakehouse, zone by zone."""
+    infos = []
+    for zone, name in storage.list_tables():
+        dt = storage.table(zone, name)
+        adds = pa.table(dt.get_add_actions(flatten=True))
+        history = dt.history(1)
+        last = (
+            datetime.fromtimestamp(history[0]["timestamp"] / 1000, tz=UTC) if history else None
+        )
+        infos.append(
+            TableInfo(
+                zone=zone,
+                name=name,
+                version=dt.version(),
+                rows=int(pc.sum(adds["num_records"]).as_py() or 0) if adds.num_rows else 0,
+                files=adds.num_rows,
+                size_bytes=int(pc.sum(adds["size_bytes"]).as_py() or 0)
+                if adds.num_rows
+                else 0,
+                last_update=last,
+            )
+        )
+    return infos
+
+
+def human_size(size: int) -> str:
+    """Format a byte count."""
+    value = float(size)
+    for unit in ("B", "KB", "MB", "GB"):
+        if value < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TB"

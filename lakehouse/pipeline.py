@@ -1,0 +1,102 @@
+"""Run the Luigi pipeline in-process, with progress lines and one-line failures."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import luigi
+import luigi.execution_summary
+
+from lakehouse.errors import LakehouseError, PipelineError
+
+
+@dataclass
+class PipelineRun:
+    """Which tasks ran, which were already done, and how long it took."""
+
+    ran: list[str] = field(default_factory=list)
+    already_done: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def run_pipeline(
+    *,
+    workers: int = 1,
+    scheduler_host: str | None = None,
+    scheduler_port: int | None = None,
+    progress: Callable[[str], None] | None = None,
+    debug: bool = False,
+) -> PipelineRun:
+    """Build `tasks.Pipeline`; raise `PipelineError` naming the first failed task."""
+    import tasks
+
+    failures: list[str] = []
+    tasks.COMPLETION_ERRORS.clear()
+    started: dict[str, float] = {}
+
+    def on_start(task: luigi.Task) -> None:
+        started[task.task_id] = time.monotonic()
+
+    def on_success(task: luigi.Task) -> None:
+        if progress and not isinstance(task, luigi.WrapperTask):
+            took = time.monotonic() - started.get(task.task_id, time.monotonic())
+            progress(f"  done  {_label(task)} ({took:.1f}s)")
+
+    def on_failure(task: luigi.Task, exc: BaseException) -> None:
+        reason = str(exc) if isinstance(exc, LakehouseError) else f"{type(exc).__name__}: {exc}"
+        failures.append(f"{_label(task)} failed: {reason}")
+
+    handlers: list[tuple[luigi.Event, Callable[..., Any]]] = [
+        (luigi.Event.START, on_start),
+        (luigi.Event.SUCCESS, on_success),
+        (luigi.Event.FAILURE, on_failure),
+        (luigi.Event.BROKEN_TASK, on_failure),
+    ]
+    for event, handler in handlers:
+        luigi.Task.event_handler(event)(handler)
+    params: dict[str, Any] = {
+        "workers": workers,
+        "detailed_summary": True,
+        "log_level": "DEBUG" if debug else "CRITICAL",
+    }
+    if scheduler_host:
+        params["scheduler_host"] = scheduler_host
+        params["scheduler_port"] = scheduler_port or 8082
+    else:
+        params["local_scheduler"] = True
+    start = time.monotonic()
+    try:
+        result = luigi.build([tasks.Pipeline()], **params)
+    finally:
+        for event, handler in handlers:
+            luigi.Task._event_callbacks.get(luigi.Task, {}).get(event, set()).discard(handler)
+    summary = luigi.execution_summary._summary_dict(result.worker)
+    if tasks.COMPLETION_ERRORS:
+        first = tasks.COMPLETION_ERRORS[0]
+        if isinstance(first, LakehouseError):
+            raise first
+        msg = f"checking what is done failed: {type(first).__name__}: {first}"
+        raise PipelineError(msg)
+    if failures or summary.get("failed") or summary.get("scheduling_error"):
+        detail = failures[0] if failures else result.summary_text.strip().splitlines()[-1]
+        raise PipelineError(detail)
+    if result.status not in (
+        luigi.LuigiStatusCode.SUCCESS,
+        luigi.LuigiStatusCode.SUCCESS_WITH_RETRY,
+    ):
+        msg = f"the pipeline did not finish ({result.status.name}); rerun with --debug for details"
+        raise PipelineError(msg)
+    return PipelineRun(
+        ran=sorted(_label(t) for t in summary.get("completed", set())
+                   if not isinstance(t, luigi.WrapperTask)),
+        already_done=sorted(_label(t) for t in summary.get("already_done", set())),
+        seconds=time.monotonic() - start,
+    )
+
+
+def _label(task: luigi.Task) -> str:
+    params = ",".join(str(v) for v in task.param_kwargs.values())
+    return f"{task.get_task_family()}({params})"

@@ -1,0 +1,1 @@
+"""CDC streaming from Postgres logical replication into bronze (Bytewax); see issue 3."""
