@@ -96,7 +96,10 @@ class Settings:
         """Read settings from `LAKEHOUSE_*` variables; a bad value names its variable."""
         env = os.environ if environ is None else environ
         known = {PREFIX + f.name.upper(): f for f in fields(cls)}
-        unknown = sorted(k for k in env if k.startswith(PREFIX) and k not in known)
+        internal = {PREFIX + "FAILPOINT"}  # fault-injection tests only (lakehouse.failpoints)
+        unknown = sorted(
+            k for k in env if k.startswith(PREFIX) and k not in known and k not in internal
+        )
         if unknown:
             msg = (
                 f"unknown setting `{unknown[0]}`; known settings are: "

@@ -97,12 +97,14 @@ def validate(
     rules: tuple[Rule, ...],
     *,
     known_keys: tuple[str, pl.Series] | None = None,
+    raw: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split upserts into (good rows, rejected rows); deletes always pass.
 
     Rejected rows keep every input column and gain `_rule` (the first rule that failed)
     and `_failed_rules` (all of them). `known_keys=(column, keys)` adds the
-    `applicant_exists` rule: `column` must be one of `keys`.
+    `applicant_exists` rule: `column` must be one of `keys`. With `raw` (the same rows
+    before `clean`), rejected rows carry the raw values, as they arrived.
     """
     checks = [(r.name, r.check) for r in rules]
     if known_keys is not None:
@@ -115,8 +117,13 @@ def validate(
             for name, check in checks
         ]
     ).list.drop_nulls()
-    marked = frame.with_columns(_failed_rules=failed)
-    bad = pl.col("_failed_rules").list.len() > 0
-    good = marked.filter(~bad).drop("_failed_rules")
-    rejected = marked.filter(bad).with_columns(_rule=pl.col("_failed_rules").list.first())
+    failures = frame.select(_failed_rules=failed)
+    bad = failures["_failed_rules"].list.len() > 0
+    good = frame.filter(~bad)
+    source = frame if raw is None else raw
+    rejected = (
+        source.hstack(failures)
+        .filter(bad)
+        .with_columns(_rule=pl.col("_failed_rules").list.first())
+    )
     return good, rejected

@@ -12,6 +12,7 @@ import pyarrow as pa
 from deltalake import write_deltalake
 
 from lakehouse.errors import SourceError
+from lakehouse.failpoints import failpoint
 from lakehouse.settings import Settings
 from lakehouse.source import extract
 from lakehouse.source.schema import TABLES, SourceTable
@@ -126,6 +127,7 @@ def _with_lineage(
         counts["deletes"] += deletes
         counts["rows"] += frame.height - deletes
         yield from frame.with_columns(lineage).to_arrow().to_batches()
+        failpoint("bronze.mid-write")
 
 
 def _chain(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import polars as pl
+import pyarrow as pa
 from deltalake import DeltaTable, write_deltalake
 
 from lakehouse.errors import TableNotFoundError
+from lakehouse.failpoints import failpoint
 from lakehouse.source.schema import TABLES
 from lakehouse.storage import Storage
 from lakehouse.transforms import quality
@@ -18,6 +21,7 @@ from lakehouse.zones.commits import app_id, commit_properties, recorded
 
 # Order matters only for speed of recovery; each target records its own progress.
 TARGETS = ("rejected", "history", "current")
+_BATCH_ROWS = 100_000
 
 
 def target_name(table: str, target: str) -> str:
@@ -63,12 +67,13 @@ def promote(storage: Storage, table: str) -> PromoteResult:
         return result
     key = TABLES[table].key
     start = min(v if v is not None else -1 for v in done.values())
-    changes = _read_bronze(storage, table, after=start, upto=last)
-    changes = quality.clean(changes, table)
+    raw = _read_bronze(storage, table, after=start, upto=last)
     known = None
     if table == "loan_applications":
         known = ("applicant_id", _current_keys(storage, "applicants", "applicant_id"))
-    good, rejected = quality.validate(changes, quality.RULES[table], known_keys=known)
+    good, rejected = quality.validate(
+        quality.clean(raw, table), quality.RULES[table], known_keys=known, raw=raw
+    )
     good = transform.to_silver_types(good, table)
     lineage_drop = ["_source_watermark", "_extract_mode", "_ingested_at"]
     good = good.drop(lineage_drop)
@@ -122,10 +127,23 @@ def _current_keys(storage: Storage, table: str, key: str) -> pl.Series:
     return pl.scan_delta(dt).select(key).collect()[key]
 
 
+def _stream(frame: pl.DataFrame, name: str) -> pa.RecordBatchReader:
+    """Hand a frame to delta-rs as a stream, with a failpoint after its first batch."""
+    table = frame.to_arrow()
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for i, batch in enumerate(table.to_batches(max_chunksize=_BATCH_ROWS)):
+            if i == 1 or (i == 0 and table.num_rows <= _BATCH_ROWS):
+                failpoint(f"silver.{name}.mid-write")
+            yield batch
+
+    return pa.RecordBatchReader.from_batches(table.schema, batches())
+
+
 def _append(storage: Storage, name: str, frame: pl.DataFrame, props: object) -> None:
     write_deltalake(
         storage.uri("silver", name),
-        frame.to_arrow(),
+        _stream(frame, name),
         mode="append",
         storage_options=storage.options,
         commit_properties=props,  # type: ignore[arg-type]
@@ -143,7 +161,7 @@ def _merge_current(
     source = latest.drop("_source_ts")
     (
         dt.merge(
-            source.to_arrow(),
+            _stream(source, name),
             predicate=f's."{key}" = t."{key}"',
             source_alias="s",
             target_alias="t",
@@ -181,7 +199,7 @@ def _merge_history(
     source = pl.concat([new_rows, close_rows], how="diagonal_relaxed")
     (
         dt.merge(
-            source.to_arrow(),
+            _stream(source, name),
             predicate=f't."{key}" = s._close_key AND t.valid_to IS NULL',
             source_alias="s",
             target_alias="t",

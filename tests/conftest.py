@@ -1,0 +1,155 @@
+"""Session services (a real Postgres with wal_level=logical, a real S3 server) and isolation."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from lakehouse.settings import PREFIX, Secret, Settings
+from lakehouse.source import schema
+from lakehouse.source.embedded import EmbeddedPostgres, free_port
+
+S3_KEY = "lakehouse-test-key"
+S3_SECRET = "lakehouse-test-secret"  # noqa: S105 - a throwaway key for the local S3 server
+
+
+def shared_tmp(prefix: str) -> Path:
+    """A temp dir that the `postgres` OS user can traverse (pytest's tmp_path is private)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path.chmod(0o755)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings must never read a developer's shell."""
+    for key in list(os.environ):
+        if key.startswith(PREFIX):
+            monkeypatch.delenv(key)
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """A Postgres cluster for the session (fsync off: it is thrown away); yields its DSN."""
+    home = shared_tmp("lakehouse-pg-")
+    pg = EmbeddedPostgres(
+        Settings(home=home),
+        extra_options={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"},
+    )
+    pg.start()
+    try:
+        yield pg.dsn()
+    finally:
+        pg.stop()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible server over HTTP (moto in server mode) for the session."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    wait_for_port(port)
+    try:
+        yield endpoint
+    finally:
+        server.stop()
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout}s")
+
+
+@pytest.fixture
+def pg_schema(pg_server: str) -> Iterator[str]:
+    """A fresh Postgres schema name for one test, dropped afterwards."""
+    name = "t_" + uuid.uuid4().hex[:10]
+    yield name
+    with psycopg.connect(pg_server, autocommit=True) as conn:
+        schema.drop_schema(conn, name)
+
+
+@pytest.fixture
+def base_settings(pg_server: str, pg_schema: str, tmp_path: Path) -> Settings:
+    """Settings for local storage under tmp_path and this test's own source schema."""
+    return Settings(
+        home=tmp_path / "home",
+        storage_uri=str(tmp_path / "warehouse"),
+        pg_dsn=Secret(pg_server),
+        pg_schema=pg_schema,
+        batch_rows=1000,
+    )
+
+
+def s3_settings(base: Settings, endpoint: str) -> Settings:
+    """The same settings with tables on the session's S3 server, in a bucket of their own."""
+    bucket = "lh-" + uuid.uuid4().hex[:12]
+    return replace(
+        base,
+        storage_uri=f"s3://{bucket}/lakehouse",
+        s3_endpoint=endpoint,
+        s3_access_key_id=S3_KEY,
+        s3_secret_access_key=Secret(S3_SECRET),
+    )
+
+
+@pytest.fixture(params=["local", "s3"])
+def settings(request: pytest.FixtureRequest, base_settings: Settings) -> Iterator[Settings]:
+    """Every storage-touching test runs on local disk and on S3."""
+    if request.param == "local":
+        yield base_settings
+        return
+    endpoint = request.getfixturevalue("s3_endpoint")
+    s3 = s3_settings(base_settings, endpoint)
+    yield s3
+    _empty_bucket(s3)
+
+
+def _empty_bucket(settings: Settings) -> None:
+    from lakehouse.storage import Storage, _split_s3, minio_client
+
+    storage = Storage.from_settings(settings)
+    client = minio_client(storage.s3, storage.options)
+    bucket, _ = _split_s3(storage.root)
+    if client.bucket_exists(bucket):
+        for obj in client.list_objects(bucket, recursive=True):
+            client.remove_object(bucket, obj.object_name)
+        client.remove_bucket(bucket)
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    """Return the LAKEHOUSE_* variables that reproduce `settings` (for CLI and Luigi runs)."""
+    env = {
+        "LAKEHOUSE_HOME": str(settings.home),
+        "LAKEHOUSE_STORAGE_URI": settings.warehouse,
+        "LAKEHOUSE_PG_DSN": settings.pg_dsn.get(),
+        "LAKEHOUSE_PG_SCHEMA": settings.pg_schema,
+        "LAKEHOUSE_BATCH_ROWS": str(settings.batch_rows),
+    }
+    if settings.is_s3:
+        env |= {
+            "LAKEHOUSE_S3_ENDPOINT": settings.s3_endpoint,
+            "LAKEHOUSE_S3_ACCESS_KEY_ID": settings.s3_access_key_id,
+            "LAKEHOUSE_S3_SECRET_ACCESS_KEY": settings.s3_secret_access_key.get(),
+        }
+    return env

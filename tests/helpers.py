@@ -1,0 +1,54 @@
+"""Helpers shared by tests: seeding, running the pipeline, reading tables."""
+
+from __future__ import annotations
+
+import polars as pl
+import psycopg
+
+from lakehouse.settings import Settings
+from lakehouse.source import schema, seed, simulate
+from lakehouse.storage import Storage
+from lakehouse.transforms.gold import GOLD
+from lakehouse.zones import bronze, gold, silver
+
+TABLES = ("applicants", "loan_applications")
+
+
+def seeded(settings: Settings, rows: int = 300) -> Storage:
+    """Seed the test's schema and return checked storage."""
+    with schema.connect(settings) as conn:
+        seed.seed(conn, settings.pg_schema, rows=rows, seed=settings.seed)
+        conn.commit()
+    storage = Storage.from_settings(settings)
+    storage.check()
+    return storage
+
+
+def run_all(settings: Settings, storage: Storage, *, with_gold: bool = True) -> None:
+    """Ingest, promote and (optionally) build gold, in dependency order."""
+    for table in TABLES:
+        bronze.ingest(settings, storage, table)
+        silver.promote(storage, table)
+    if with_gold:
+        for name in GOLD:
+            gold.build(settings, storage, name)
+
+
+def churn(settings: Settings, changes: int = 200, seed_value: int = 7) -> None:
+    """Write a burst of realistic changes to the source."""
+    with schema.connect(settings, autocommit=True) as conn:
+        simulate.simulate(conn, settings.pg_schema, changes=changes, batch_size=40, seed=seed_value)
+
+
+def read(storage: Storage, zone: str, table: str) -> pl.DataFrame:
+    """Read a whole Delta table."""
+    return pl.read_delta(storage.uri(zone, table), storage_options=storage.options)
+
+
+def source_frame(settings: Settings, query: str) -> pl.DataFrame:
+    """Run a query against the source and return a frame."""
+    with psycopg.connect(settings.pg_dsn.get()) as conn:
+        conn.execute("SET TimeZone = 'UTC'")
+        cur = conn.execute(query)
+        cols = [d.name for d in cur.description or []]
+        return pl.DataFrame(cur.fetchall(), schema=cols, orient="row", infer_schema_length=None)

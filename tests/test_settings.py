@@ -1,0 +1,78 @@
+import re
+from pathlib import Path
+
+import pytest
+
+from lakehouse.errors import ConfigError
+from lakehouse.settings import Secret, Settings
+
+
+def test_defaults_need_no_setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    settings = Settings.from_env({})
+    assert settings.home == tmp_path / ".lakehouse"
+    assert settings.warehouse == str(tmp_path / ".lakehouse" / "warehouse")
+    assert settings.embedded_pg
+    assert not settings.is_s3
+    assert settings.batch_rows == 250_000
+
+
+def test_reads_every_variable() -> None:
+    settings = Settings.from_env(
+        {
+            "LAKEHOUSE_HOME": "/tmp/lh-home",
+            "LAKEHOUSE_STORAGE_URI": "s3://bucket/prefix",
+            "LAKEHOUSE_S3_ENDPOINT": "http://localhost:9000",
+            "LAKEHOUSE_S3_REGION": "eu-west-1",
+            "LAKEHOUSE_S3_ACCESS_KEY_ID": "key",
+            "LAKEHOUSE_S3_SECRET_ACCESS_KEY": "secret",
+            "LAKEHOUSE_PG_DSN": "postgresql://u:p@h:5432/db",
+            "LAKEHOUSE_PG_SCHEMA": "lending2",
+            "LAKEHOUSE_BATCH_ROWS": "10_000",
+            "LAKEHOUSE_SEED": "7",
+            "LAKEHOUSE_VACUUM_RETENTION_HOURS": "24",
+        }
+    )
+    assert settings.is_s3 and settings.s3_region == "eu-west-1"
+    assert settings.pg_dsn.get() == "postgresql://u:p@h:5432/db"
+    assert settings.batch_rows == 10_000 and settings.seed == 7
+    assert settings.vacuum_retention_hours == 24 and settings.pg_schema == "lending2"
+
+
+def test_secrets_never_show() -> None:
+    settings = Settings(pg_dsn=Secret("postgresql://u:hunter2@h/db"),
+                        s3_secret_access_key=Secret("topsecret"))
+    assert "hunter2" not in repr(settings)
+    assert "topsecret" not in repr(settings)
+    assert "hunter2" not in str(settings.pg_dsn)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LAKEHOUSE_BATCH_ROWS": "lots"}, "LAKEHOUSE_BATCH_ROWS is `lots`; it must be a whole number"),
+        ({"LAKEHOUSE_BATCH_ROWS": "0"}, "LAKEHOUSE_BATCH_ROWS is `0`; it must be at least 1"),
+        ({"LAKEHOUSE_SEED": "-1"}, "LAKEHOUSE_SEED is `-1`; it must be at least 0"),
+        ({"LAKEHOUSE_BATCH_SIZE": "1"}, "unknown setting `LAKEHOUSE_BATCH_SIZE`"),
+        ({"LAKEHOUSE_STORAGE_URI": "gs://bucket/x"},
+         "LAKEHOUSE_STORAGE_URI is `gs://bucket/x`; use a local folder or `s3://bucket/prefix`"),
+        ({"LAKEHOUSE_STORAGE_URI": "s3://bucket/x"},
+         "LAKEHOUSE_STORAGE_URI is on S3 but LAKEHOUSE_S3_ACCESS_KEY_ID or "
+         "LAKEHOUSE_S3_SECRET_ACCESS_KEY is not set"),
+        ({"LAKEHOUSE_S3_ENDPOINT": "localhost:9000"},
+         "LAKEHOUSE_S3_ENDPOINT is `localhost:9000`; give a URL like `http://localhost:9000`"),
+        ({"LAKEHOUSE_PG_DSN": "not a dsn"},
+         "LAKEHOUSE_PG_DSN is not a Postgres connection string"),
+        ({"LAKEHOUSE_PG_SCHEMA": "drop table"},
+         "LAKEHOUSE_PG_SCHEMA is `drop table`; use letters, digits and underscores only"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Settings.from_env(env)
+
+
+def test_dsn_with_password_is_not_echoed_in_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env({"LAKEHOUSE_PG_DSN": "mysql://u:hunter2@h/db"})
+    assert "hunter2" not in str(info.value)
