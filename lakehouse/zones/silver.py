@@ -132,10 +132,13 @@ def _stream(frame: pl.DataFrame, name: str) -> pa.RecordBatchReader:
     table = frame.to_arrow()
 
     def batches() -> Iterator[pa.RecordBatch]:
-        for i, batch in enumerate(table.to_batches(max_chunksize=_BATCH_ROWS)):
-            if i == 1 or (i == 0 and table.num_rows <= _BATCH_ROWS):
-                failpoint(f"silver.{name}.mid-write")
+        chunks = table.to_batches(max_chunksize=_BATCH_ROWS)
+        for i, batch in enumerate(chunks):
             yield batch
+            if i == 0:
+                failpoint(f"silver.{name}.mid-write")
+        if not chunks:
+            failpoint(f"silver.{name}.mid-write")
 
     return pa.RecordBatchReader.from_batches(table.schema, batches())
 

@@ -1,0 +1,869 @@
+"""Batch pipeline benchmark: our Postgres -> bronze -> silver -> gold against PySpark.
+
+Run by hand (it takes minutes; 10M rows takes tens of minutes)::
+
+    /work/venv/bin/pip install -e '.[bench]'        # pyspark and psutil
+    /work/venv/bin/python benchmarks/batch.py --rows 45000,1000000
+    /work/venv/bin/python benchmarks/batch.py        # 45k, 1M and 10M rows (the default)
+
+For each source size N (N applicants + N loan applications = 2N source rows):
+
+1. A fresh embedded Postgres is started under a temporary home in /tmp (mode 0755, so
+   the `postgres` OS user can reach it when we run as root) and seeded with N rows
+   (fsync off). Seeding is reported but not measured.
+2. **Ours**: bronze ingest of both tables, silver promotion of both, then every gold
+   table, timed wall clock in a fresh subprocess; its peak RSS is `ru_maxrss` at the end
+   (Postgres itself is a separate process and is not counted).
+3. The bronze tables are exported to Parquet (not measured).
+4. **Spark baseline**: the same silver and gold transforms in PySpark `local[2]` over
+   Parquet, in a fresh subprocess: quality rules with rejects, latest-change-wins current
+   state, SCD2 history, then application_features (as-of join of applicant history at
+   `applied_at`, 30-day intent rate), applicant_features (cumulative aggregates) and
+   approval_rate_daily, all written to Parquet. The session start is reported apart and
+   **excluded** from Spark's throughput. Spark's peak memory is the JVM's RSS, sampled.
+5. Row counts and a few sums of every output are compared between ours and Spark, to
+   show the two did the same work.
+
+Throughput is source rows (2N) per second. Ratios are computed within one run (the
+machine is noisy): "ours silver+gold / Spark" compares like with like; "ours end to end /
+Spark" also charges ours for the Postgres extraction (bronze), which Spark does not do.
+A ratio above 1 means ours is faster.
+
+The Markdown report is printed and written to `benchmarks/results/batch-<timestamp>.md`
+(rewritten after each size, so a long run that dies keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+HERE = Path(__file__).resolve()
+RESULTS = HERE.parent / "results"
+DEFAULT_ROWS = (45_000, 1_000_000, 10_000_000)
+SOURCE_TABLES = ("applicants", "loan_applications")
+KEYS = {"applicants": "applicant_id", "loan_applications": "application_id"}
+# Seeding speed only: the benchmark never measures the source's durability.
+FAST_PG = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
+SPARK_CONF = {
+    "spark.master": "local[2]",
+    "spark.driver.memory": "4g",
+    "spark.sql.shuffle.partitions": "8",
+    "spark.sql.session.timeZone": "UTC",
+    "spark.ui.enabled": "false",
+    "spark.ui.showConsoleProgress": "false",
+}
+SILVER_TABLES = (
+    "applicants", "applicants_history", "applicants_rejected",
+    "loan_applications", "loan_applications_history", "loan_applications_rejected",
+)
+GOLD_TABLES = ("application_features", "applicant_features", "approval_rate_daily")
+PERSON_COLUMNS = (
+    "person_age", "person_gender", "person_education", "person_income", "person_emp_exp",
+    "person_home_ownership", "cb_person_cred_hist_length", "credit_score",
+    "previous_loan_defaults_on_file",
+)
+SAMPLE_SECONDS = 0.1
+
+
+def log(message: str) -> None:
+    """Print a progress line to stderr (the report goes to stdout)."""
+    print(f"[{datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
+
+
+# -- memory sampling ------------------------------------------------------------------------
+
+
+class RssSampler:
+    """Sample the summed RSS of some processes in a thread; keep the peak, per stage too."""
+
+    def __init__(self, pids: Callable[[], list[int]], interval: float = SAMPLE_SECONDS) -> None:
+        self._pids = pids
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self.stage = "start"
+        self.peak = 0
+        self.by_stage: dict[str, int] = {}
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self._interval)
+
+    def sample(self) -> None:
+        """Take one sample now."""
+        total = 0
+        for pid in self._pids():
+            with suppress(psutil.Error):
+                total += psutil.Process(pid).memory_info().rss
+        if not total:
+            return
+        self.peak = max(self.peak, total)
+        self.by_stage[self.stage] = max(self.by_stage.get(self.stage, 0), total)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+
+
+def max_rss_bytes() -> int:
+    """Return this process's peak RSS (`ru_maxrss` is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@contextmanager
+def timed(steps: dict[str, float], name: str, sampler: RssSampler | None = None) -> Iterator[None]:
+    """Record the wall-clock seconds of a block under `name` (and tell the sampler)."""
+    if sampler is not None:
+        sampler.stage = name.split(".")[0]
+    log(f"  {name} ...")
+    start = time.perf_counter()
+    yield
+    steps[name] = time.perf_counter() - start
+    log(f"  {name} {steps[name]:.2f}s")
+
+
+# -- workers: each runs in a fresh subprocess and writes its result as JSON -----------------
+
+
+def worker_seed(home: Path, rows: int) -> dict[str, Any]:
+    """Seed the (running) embedded Postgres under `home` with `rows` rows."""
+    from lakehouse.settings import Settings
+    from lakehouse.source.schema import connect
+    from lakehouse.source.seed import seed
+
+    settings = Settings(home=home)
+    start = time.perf_counter()
+    with connect(settings) as conn:
+        result = seed(conn, settings.pg_schema, rows=rows, seed=42)
+        conn.commit()
+    return {"seconds": time.perf_counter() - start, "applicants": result.applicants,
+            "applications": result.applications}
+
+
+def worker_ours(home: Path) -> dict[str, Any]:
+    """Run our pipeline (bronze, silver, gold) against the seeded source; time each step."""
+    from lakehouse.settings import Settings
+    from lakehouse.storage import Storage
+    from lakehouse.transforms.gold import GOLD
+    from lakehouse.zones import bronze, gold, silver
+
+    settings = Settings(home=home)
+    steps: dict[str, float] = {}
+    details: dict[str, Any] = {}
+    with RssSampler(lambda: [os.getpid()]) as sampler:
+        start = time.perf_counter()
+        with timed(steps, "bronze.check", sampler):
+            storage = Storage.from_settings(settings)
+            storage.check()
+        for table in SOURCE_TABLES:
+            with timed(steps, f"bronze.{table}", sampler):
+                ingested = bronze.ingest(settings, storage, table)
+            details[f"bronze.{table}"] = {"rows": ingested.rows, "deletes": ingested.deletes}
+        for table in SOURCE_TABLES:
+            with timed(steps, f"silver.{table}", sampler):
+                promoted = silver.promote(storage, table)
+            details[f"silver.{table}"] = {"rows": promoted.rows,
+                                          "rejects_by_rule": promoted.rejects_by_rule}
+        for name in GOLD:
+            with timed(steps, f"gold.{name}", sampler):
+                gold.build(settings, storage, name)
+        total = time.perf_counter() - start
+    return {
+        "seconds": total,
+        "steps": steps,
+        "stages": {s: sum(v for k, v in steps.items() if k.startswith(s + "."))
+                   for s in ("bronze", "silver", "gold")},
+        "max_rss": max_rss_bytes(),
+        "sampled_rss_by_stage": sampler.by_stage,
+        "details": details,
+    }
+
+
+def worker_export(home: Path, dest: Path) -> dict[str, Any]:
+    """Export the bronze Delta tables to Parquet for Spark (not measured)."""
+    import polars as pl
+
+    from lakehouse.settings import Settings
+    from lakehouse.storage import Storage
+
+    storage = Storage.from_settings(Settings(home=home))
+    start = time.perf_counter()
+    for table in SOURCE_TABLES:
+        (dest / table).mkdir(parents=True, exist_ok=True)
+        pl.scan_delta(storage.uri("bronze", table)).sink_parquet(dest / table / "part-0.parquet")
+    return {"seconds": time.perf_counter() - start}
+
+
+def worker_spark(bronze_dir: Path, out: Path, scratch: Path) -> dict[str, Any]:
+    """Run the Spark baseline: session start, silver, gold; sample the JVM's RSS."""
+    me = psutil.Process()
+
+    def jvm_pids() -> list[int]:
+        return [p.pid for p in me.children(recursive=True) if _is_java(p)]
+
+    steps: dict[str, float] = {}
+    with RssSampler(jvm_pids) as sampler:
+        from pyspark.sql import SparkSession
+
+        with timed(steps, "session", sampler):
+            builder = SparkSession.builder.appName("lakehouse-batch-benchmark")
+            conf = {**SPARK_CONF, "spark.local.dir": str(scratch / "local"),
+                    "spark.sql.warehouse.dir": str(scratch / "warehouse")}
+            for key, value in conf.items():
+                builder = builder.config(key, value)
+            spark = builder.getOrCreate()
+            spark.sparkContext.setLogLevel("ERROR")
+        jvm_args = [" ".join(psutil.Process(pid).cmdline()) for pid in jvm_pids()]
+        try:
+            with timed(steps, "silver", sampler):
+                spark_silver(spark, bronze_dir, out / "silver")
+            with timed(steps, "gold", sampler):
+                spark_gold(spark, out / "silver", out / "gold")
+        finally:
+            spark.stop()
+    return {
+        "session_seconds": steps["session"],
+        "silver_seconds": steps["silver"],
+        "gold_seconds": steps["gold"],
+        "jvm_peak_rss": sampler.peak,
+        "jvm_rss_by_stage": sampler.by_stage,
+        "driver_max_rss": max_rss_bytes(),
+        "jvm_has_4g_heap": any("-Xmx4g" in a for a in jvm_args),
+    }
+
+
+def _is_java(proc: psutil.Process) -> bool:
+    try:
+        return proc.name() == "java"
+    except psutil.Error:
+        return False
+
+
+# -- the Spark baseline: lakehouse/transforms/{quality,silver,gold}.py in PySpark -----------
+
+
+def spark_rules(table: str) -> list[tuple[str, Any]]:
+    """Return the quality rules of `table` as (name, Spark column true for a good row)."""
+    from pyspark.sql import functions as F
+
+    from lakehouse.transforms import quality as q
+
+    c = F.col
+    if table == "applicants":
+        return [
+            ("age_range", c("person_age").between(18, 100)),
+            ("experience_vs_age",
+             (c("person_emp_exp") >= 0) & (c("person_emp_exp") <= c("person_age") - 14)),
+            ("income_positive", c("person_income") > 0),
+            ("income_range", c("person_income") <= 10_000_000),
+            ("credit_history_range", c("cb_person_cred_hist_length").between(0, 80)),
+            ("credit_score_range", c("credit_score").between(300, 850)),
+            ("gender_known", c("person_gender").isin(*q.GENDERS)),
+            ("education_known", c("person_education").isin(*q.EDUCATION)),
+            ("home_ownership_known", c("person_home_ownership").isin(*q.HOME_OWNERSHIP)),
+            ("previous_defaults_known", c("previous_loan_defaults_on_file").isin(*q.YES_NO)),
+        ]
+    return [
+        ("amount_range", c("loan_amnt").between(1, 1_000_000)),
+        ("interest_rate_range", (c("loan_int_rate") > 0) & (c("loan_int_rate") <= 100)),
+        ("percent_income_range", c("loan_percent_income").between(0, 1)),
+        ("intent_known", c("loan_intent").isin(*q.INTENTS)),
+        ("status_known", c("loan_status").isNull() | c("loan_status").isin(0, 1)),
+        ("applied_before_update", c("applied_at") <= c("updated_at")),
+    ]
+
+
+def spark_clean(frame: Any, table: str) -> Any:
+    """Trim text and give categories their canonical case (quality.clean)."""
+    from pyspark.sql import functions as F
+
+    from lakehouse.transforms.quality import EDUCATION
+
+    strings = [f.name for f in frame.schema.fields
+               if f.dataType.simpleString() == "string" and not f.name.startswith("_")]
+    frame = frame.withColumns({name: F.trim(name) for name in strings})
+    if table == "applicants":
+        edu = F.create_map(*[F.lit(x) for e in EDUCATION for x in (e.lower(), e)])
+        lowered = F.lower("person_education")
+        return frame.withColumns({
+            "person_gender": F.lower("person_gender"),
+            "person_home_ownership": F.upper("person_home_ownership"),
+            "person_education": F.coalesce(edu[lowered], lowered),
+            "previous_loan_defaults_on_file": F.initcap("previous_loan_defaults_on_file"),
+        })
+    return frame.withColumn("loan_intent", F.upper("loan_intent"))
+
+
+def spark_silver(spark: Any, bronze_dir: Path, silver_dir: Path) -> None:
+    """Validate, split rejects, write SCD2 history and current state, per source table."""
+    from pyspark import StorageLevel
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    is_upsert = F.col("_op") == "upsert"
+    rank = F.when(F.col("_op") == "delete", 1).otherwise(0)
+    for table in SOURCE_TABLES:
+        key = KEYS[table]
+        frame = spark_clean(spark.read.parquet(str(bronze_dir / table)), table)
+        checks = spark_rules(table)
+        if table == "loan_applications":
+            known = (spark.read.parquet(str(silver_dir / "applicants"))
+                     .select(F.col("applicant_id").alias("_known_id"), F.lit(True).alias("_known")))
+            frame = (frame.join(known, frame["applicant_id"] == known["_known_id"], "left")
+                     .drop("_known_id"))
+            checks.append(("applicant_exists", F.col("_known")))
+        failed = F.array_compact(F.array(*[
+            F.when(is_upsert & ~F.coalesce(check, F.lit(False)), F.lit(name))
+            for name, check in checks
+        ]))
+        marked = (frame.withColumn("_failed_rules", failed).drop("_known")
+                  .persist(StorageLevel.MEMORY_AND_DISK))
+        bad = F.size("_failed_rules") > 0
+        (marked.filter(bad)
+         .withColumns({"_rule": F.col("_failed_rules")[0], "_rejected_at": F.current_timestamp()})
+         .write.mode("overwrite").parquet(str(silver_dir / f"{table}_rejected")))
+        good = marked.filter(~bad).drop(
+            "_failed_rules", "_source_watermark", "_extract_mode", "_ingested_at"
+        )
+        if table == "applicants":
+            yes_no = F.col("previous_loan_defaults_on_file")
+            good = good.withColumn(
+                "previous_loan_defaults_on_file",
+                F.when(yes_no == "Yes", True).when(yes_no == "No", False).cast("boolean"),
+            )
+        order = [F.col("_source_ts"), rank, F.col("_batch_id")]
+        history = (
+            good.withColumns({
+                "valid_from": F.col("_source_ts"),
+                "valid_to": F.lead("_source_ts").over(Window.partitionBy(key).orderBy(*order)),
+            })
+            .filter(is_upsert)
+            .withColumn("is_current", F.col("valid_to").isNull())
+            .drop("_op", "_source_ts")
+        )
+        history.write.mode("overwrite").parquet(str(silver_dir / f"{table}_history"))
+        last = Window.partitionBy(key).orderBy(*[o.desc() for o in order])
+        current = (
+            good.withColumn("_n", F.row_number().over(last))
+            .filter((F.col("_n") == 1) & is_upsert)
+            .drop("_n", "_op", "_source_ts")
+        )
+        current.write.mode("overwrite").parquet(str(silver_dir / table))
+        marked.unpersist()
+
+
+def asof_join(left: Any, right: Any, key: str, left_ts: str, right_ts: str, *,
+              inner: bool) -> Any:
+    """As-of join by the window approach: the latest right row with `right_ts <= left_ts`.
+
+    Both sides are unioned, sorted per key by time (right rows first on ties, since the
+    match is inclusive) and each left row takes the last right row seen so far.
+    """
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    right_cols = [c for c in right.columns if c != key]
+    tagged_right = right.select(
+        key, F.col(right_ts).alias("_asof_ts"), F.lit(0).alias("_asof_side"),
+        F.struct(*right_cols).alias("_asof_right"),
+    )
+    tagged_left = left.withColumns({"_asof_ts": F.col(left_ts), "_asof_side": F.lit(1)})
+    both = tagged_left.unionByName(tagged_right, allowMissingColumns=True)
+    window = (Window.partitionBy(key).orderBy("_asof_ts", "_asof_side")
+              .rowsBetween(Window.unboundedPreceding, Window.currentRow))
+    matched = (both.withColumn("_asof_match", F.last("_asof_right", ignorenulls=True).over(window))
+               .filter(F.col("_asof_side") == 1))
+    if inner:
+        matched = matched.filter(F.col("_asof_match").isNotNull())
+    return matched.select(*left.columns,
+                          *[F.col(f"_asof_match.{c}").alias(c) for c in right_cols])
+
+
+def spark_gold(spark: Any, silver_dir: Path, gold_dir: Path) -> None:
+    """Build the gold tables of lakehouse/transforms/gold.py from silver Parquet."""
+    from pyspark import StorageLevel
+    from pyspark.sql import Window
+    from pyspark.sql import functions as F
+
+    c = F.col
+    loans = spark.read.parquet(str(silver_dir / "loan_applications"))
+    applicant_history = spark.read.parquet(str(silver_dir / "applicants_history"))
+    loan_history = spark.read.parquet(str(silver_dir / "loan_applications_history"))
+    by_version = Window.partitionBy("application_id").orderBy("valid_from")
+
+    # application_features
+    month_us = 30 * 86_400 * 1_000_000
+    submitted = (loan_history.withColumn("_n", F.row_number().over(by_version))
+                 .filter(c("_n") == 1))
+    prior_30d = (Window.partitionBy("loan_intent").orderBy(F.unix_micros("applied_at"))
+                 .rangeBetween(-month_us, -1))
+    market = submitted.select(
+        "application_id", F.avg("loan_int_rate").over(prior_30d).alias("intent_rate_30d")
+    )
+    person = applicant_history.select("applicant_id", "valid_from", *PERSON_COLUMNS)
+    joined = (asof_join(loans, person, "applicant_id", "applied_at", "valid_from", inner=False)
+              .join(market, "application_id", "left"))
+    score = c("credit_score")
+    band = (F.when(score.isNull(), None).when(score < 580, "poor").when(score < 670, "fair")
+            .when(score < 740, "good").when(score < 800, "very_good").otherwise("exceptional"))
+    (joined.select(
+        "application_id", "applicant_id", c("applied_at").alias("event_timestamp"), "applied_at",
+        "loan_amnt", "loan_intent", "loan_int_rate", "loan_percent_income", *PERSON_COLUMNS,
+        F.when(c("person_income") != 0, c("loan_amnt") / c("person_income"))
+        .alias("loan_to_income"),
+        (c("loan_int_rate") - c("intent_rate_30d")).alias("rate_spread"),
+        band.alias("credit_score_band"),
+        "loan_status",
+    ).orderBy("application_id")
+     .write.mode("overwrite").parquet(str(gold_dir / "application_features")))
+
+    # applicant_features
+    def is_status(column: str, value: int) -> Any:
+        return F.coalesce((c(column) == value).cast("int"), F.lit(0))
+
+    versions = loan_history.select(
+        "applicant_id", "applied_at", "loan_amnt", "loan_status", "valid_from",
+        F.lag("loan_amnt").over(by_version).alias("prev_amnt"),
+        F.lag("loan_status").over(by_version).alias("prev_status"),
+        F.row_number().over(by_version).alias("n"),
+    )
+    first = c("n") == 1
+    deltas = versions.select(
+        "applicant_id",
+        F.greatest("valid_from", F.timestamp_micros(F.unix_micros("applied_at") + 1)).alias("ts"),
+        F.when(first, 1).otherwise(0).alias("d_count"),
+        (c("loan_amnt") - F.coalesce(c("prev_amnt"), F.lit(0.0))).alias("d_amount"),
+        (is_status("loan_status", 1) - is_status("prev_status", 1)).alias("d_approved"),
+        (is_status("loan_status", 0) - is_status("prev_status", 0)).alias("d_rejected"),
+        F.when(first, c("applied_at")).alias("submitted_at"),
+    ).persist(StorageLevel.MEMORY_AND_DISK)
+    running = (Window.partitionBy("applicant_id").orderBy("state_ts")
+               .rowsBetween(Window.unboundedPreceding, Window.currentRow))
+    state = (
+        deltas.groupBy("applicant_id", c("ts").alias("state_ts"))
+        .agg(F.sum("d_count").alias("d_count"), F.sum("d_amount").alias("d_amount"),
+             F.sum("d_approved").alias("d_approved"), F.sum("d_rejected").alias("d_rejected"),
+             F.max("submitted_at").alias("submitted_at"))
+        .select(
+            "applicant_id", "state_ts",
+            F.sum("d_count").over(running).alias("application_count"),
+            F.sum("d_amount").over(running).alias("amount_sum"),
+            F.sum("d_approved").over(running).alias("approved_count"),
+            F.sum("d_rejected").over(running).alias("rejected_count"),
+            F.max("submitted_at").over(running).alias("last_applied_at"),
+        )
+    )
+    events = (applicant_history.select("applicant_id", c("valid_from").alias("ts"))
+              .union(deltas.select("applicant_id", "ts")).distinct())
+    attributes = applicant_history.select("applicant_id", "valid_from", "valid_to",
+                                          *PERSON_COLUMNS)
+    features = asof_join(
+        asof_join(events, attributes, "applicant_id", "ts", "valid_from", inner=True)
+        .filter(c("valid_to").isNull() | (c("valid_to") > c("ts"))),
+        state, "applicant_id", "ts", "state_ts", inner=False,
+    )
+    count = F.coalesce(c("application_count"), F.lit(0))
+    (features.select(
+        "applicant_id", c("ts").alias("event_timestamp"), *PERSON_COLUMNS,
+        count.cast("bigint").alias("application_count"),
+        F.coalesce(c("approved_count"), F.lit(0)).cast("bigint").alias("approved_count"),
+        F.coalesce(c("rejected_count"), F.lit(0)).cast("bigint").alias("rejected_count"),
+        F.when(c("application_count") != 0, c("amount_sum") / c("application_count"))
+        .alias("mean_loan_amnt"),
+        ((F.unix_micros("ts") - F.unix_micros("last_applied_at")) / 1e6 / 86_400.0)
+        .alias("days_since_last_application"),
+    ).orderBy("applicant_id", "event_timestamp")
+     .write.mode("overwrite").parquet(str(gold_dir / "applicant_features")))
+    deltas.unpersist()
+
+    # approval_rate_daily
+    decided = c("decided")
+    (loans.groupBy(F.to_date("applied_at").alias("day"), "loan_intent")
+     .agg(F.count(F.lit(1)).alias("applications"), F.count("loan_status").alias("decided"),
+          F.count(F.when(c("loan_status") == 1, 1)).alias("approved"),
+          F.max("applied_at").alias("event_timestamp"))
+     .withColumn("approval_rate", F.when(decided != 0, c("approved") / decided))
+     .orderBy("day", "loan_intent")
+     .write.mode("overwrite").parquet(str(gold_dir / "approval_rate_daily")))
+
+
+WORKERS = ("_seed", "_ours", "_export", "_spark")
+
+
+def run_worker_cli(argv: list[str]) -> int:
+    """Entry point of a worker subprocess: `batch.py _<name> --result FILE ...`."""
+    parser = argparse.ArgumentParser(prog=f"batch.py {argv[0]}")
+    parser.add_argument("--result", type=Path, required=True)
+    parser.add_argument("--home", type=Path)
+    parser.add_argument("--rows", type=int)
+    parser.add_argument("--bronze", type=Path)
+    parser.add_argument("--dest", type=Path)
+    parser.add_argument("--scratch", type=Path)
+    args = parser.parse_args(argv[1:])
+    name = argv[0]
+    if name == "_seed":
+        result = worker_seed(args.home, args.rows)
+    elif name == "_ours":
+        result = worker_ours(args.home)
+    elif name == "_export":
+        result = worker_export(args.home, args.dest)
+    else:
+        result = worker_spark(args.bronze, args.dest, args.scratch)
+    args.result.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+# -- the driver: one size at a time, workers in subprocesses --------------------------------
+
+
+@dataclass
+class WorkerRun:
+    """How a worker subprocess went."""
+
+    ok: bool
+    seconds: float
+    tree_peak_rss: int
+    result: dict[str, Any]
+    error: str = ""
+
+
+def run_worker(name: str, workdir: Path, **options: Path | int) -> WorkerRun:
+    """Run `batch.py <name>` in a fresh interpreter; sample its process tree's RSS."""
+    result_file = workdir / f"{name.strip('_')}.json"
+    log_file = workdir / f"{name.strip('_')}.log"
+    argv = [sys.executable, str(HERE), name, "--result", str(result_file)]
+    for key, value in options.items():
+        argv += [f"--{key}", str(value)]
+    start = time.perf_counter()
+    with log_file.open("w") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+        root = psutil.Process(proc.pid)
+
+        def tree() -> list[int]:
+            with suppress(psutil.Error):
+                return [proc.pid, *(p.pid for p in root.children(recursive=True))]
+            return []
+
+        try:
+            with RssSampler(tree) as sampler:
+                code = proc.wait()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    seconds = time.perf_counter() - start
+    text = log_file.read_text(errors="replace")
+    sys.stderr.write(text)
+    if code != 0 or not result_file.exists():
+        how = f"exit code {code}"
+        if code < 0:
+            how = f"killed by signal {-code}" + (" (out of memory?)" if code == -9 else "")
+        tail = "\n".join(text.strip().splitlines()[-40:])
+        return WorkerRun(False, seconds, sampler.peak, {}, f"{name} failed: {how}\n{tail}")
+    return WorkerRun(True, seconds, sampler.peak, json.loads(result_file.read_text()))
+
+
+@dataclass
+class SizeResult:
+    """Everything measured for one source size."""
+
+    rows: int
+    seed: WorkerRun | None = None
+    ours: WorkerRun | None = None
+    export: WorkerRun | None = None
+    spark: WorkerRun | None = None
+    checks: list[tuple[str, Any, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def output_checks(home: Path, spark_out: Path) -> list[tuple[str, Any, Any]]:
+    """Compare row counts and a few sums of every output table, ours against Spark's."""
+    import polars as pl
+
+    from lakehouse.settings import Settings
+    from lakehouse.storage import Storage
+
+    storage = Storage.from_settings(Settings(home=home))
+    sums = {
+        "application_features": ("rate_spread", "loan_to_income", "person_age"),
+        "applicant_features": ("application_count", "approved_count", "mean_loan_amnt"),
+        "approval_rate_daily": ("applications", "approved", "decided"),
+    }
+    checks: list[tuple[str, Any, Any]] = []
+    for zone, tables in (("silver", SILVER_TABLES), ("gold", GOLD_TABLES)):
+        for table in tables:
+            ours = pl.scan_delta(storage.uri(zone, table))
+            theirs = pl.scan_parquet(spark_out / zone / table / "*.parquet")
+            exprs = [pl.len().alias("rows")] + [pl.col(c).sum() for c in sums.get(table, ())]
+            a = ours.select(exprs).collect().row(0, named=True)
+            b = theirs.select(exprs).collect().row(0, named=True)
+            for name in a:
+                checks.append((f"{zone}.{table} {name if name == 'rows' else 'sum ' + name}",
+                               a[name], b[name]))
+    return checks
+
+
+def matches(a: Any, b: Any) -> bool:
+    """Tell whether two check values agree (floats to a relative 1e-6)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return a is not None and b is not None and abs(a - b) <= 1e-6 * max(1.0, abs(a), abs(b))
+    return bool(a == b)
+
+
+def run_size(rows: int, *, skip_spark: bool) -> SizeResult:
+    """Seed, run ours, export bronze, run Spark, compare; always stop Postgres and clean up."""
+    from lakehouse.settings import Settings
+    from lakehouse.source.embedded import EmbeddedPostgres
+
+    result = SizeResult(rows)
+    scratch = Path(tempfile.mkdtemp(prefix=f"lakehouse-bench-{rows}-", dir="/tmp"))
+    scratch.chmod(0o755)  # as root, the `postgres` OS user must traverse it
+    home = scratch / "home"
+    home.mkdir(mode=0o755)
+    pg = EmbeddedPostgres(Settings(home=home), extra_options=FAST_PG)
+    try:
+        log(f"{rows:,} rows: starting Postgres under {home}")
+        pg.start()
+        log(f"{rows:,} rows: seeding")
+        result.seed = run_worker("_seed", scratch, home=home, rows=rows)
+        if not result.seed.ok:
+            result.errors.append(result.seed.error)
+            return result
+        log(f"{rows:,} rows: seeded in {result.seed.result['seconds']:.1f}s; running ours")
+        result.ours = run_worker("_ours", scratch, home=home)
+        if not result.ours.ok:
+            result.errors.append(result.ours.error)
+        pg.stop()
+        if skip_spark:
+            return result
+        bronze_dir = scratch / "bronze-parquet"
+        log(f"{rows:,} rows: exporting bronze to Parquet")
+        result.export = run_worker("_export", scratch, home=home, dest=bronze_dir)
+        if not result.export.ok:
+            result.errors.append(result.export.error)
+            return result
+        log(f"{rows:,} rows: running Spark")
+        spark_out = scratch / "spark-out"
+        result.spark = run_worker("_spark", scratch, bronze=bronze_dir, dest=spark_out,
+                                  scratch=scratch / "spark-scratch")
+        if not result.spark.ok:
+            result.errors.append(result.spark.error)
+        elif result.ours.ok:
+            try:
+                result.checks = output_checks(home, spark_out)
+            except Exception:
+                result.errors.append("output checks failed:\n" + traceback.format_exc())
+        return result
+    except Exception:
+        result.errors.append(f"{rows:,} rows failed:\n{traceback.format_exc()}")
+        return result
+    finally:
+        try:
+            pg.stop()
+        except Exception as exc:
+            result.errors.append(f"stopping Postgres failed: {exc}")
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# -- the report -----------------------------------------------------------------------------
+
+
+def rate(rows: float, seconds: float | None) -> str:
+    """Format a throughput."""
+    if not seconds:
+        return "n/a"
+    per_s = rows / seconds
+    return f"{per_s / 1e6:.2f} M/s" if per_s >= 1e6 else f"{per_s / 1e3:.0f} k/s"
+
+
+def size(n_bytes: float | None) -> str:
+    """Format a memory size."""
+    if not n_bytes:
+        return "n/a"
+    return f"{n_bytes / 2**30:.2f} GiB" if n_bytes >= 2**30 else f"{n_bytes / 2**20:.0f} MiB"
+
+
+def ratio(ours: float | None, spark: float | None) -> str:
+    """Format a throughput ratio (Spark seconds / our seconds)."""
+    return f"{spark / ours:.2f}x" if ours and spark else "n/a"
+
+
+def machine_info() -> list[str]:
+    """Describe the machine and the library versions."""
+    cpu = "unknown"
+    with suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    java = subprocess.run(["java", "-version"], capture_output=True, text=True, check=False)
+    versions = []
+    for package in ("duckdb", "polars", "deltalake", "pyarrow", "pyspark", "psycopg"):
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{package} (not installed)")
+    return [
+        f"- CPU: {cpu}; {os.cpu_count()} cores "
+        f"({len(os.sched_getaffinity(0))} usable); RAM {size(psutil.virtual_memory().total)}",
+        f"- OS: {platform.platform()}",
+        f"- Python {platform.python_version()}; {', '.join(versions)}",
+        f"- Java: {(java.stderr.strip().splitlines() or ['unknown'])[0]}",
+        f"- Spark: {', '.join(f'{k}={v}' for k, v in SPARK_CONF.items())}",
+    ]
+
+
+def report(results: list[SizeResult], command: str, started: datetime) -> str:
+    """Render the Markdown report."""
+    out = [
+        f"# Batch pipeline benchmark ({started:%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"Command: `{command}`",
+        "",
+        *machine_info(),
+        "",
+        "Rows = N applicants + N loan applications; throughput is 2N source rows per second"
+        " of wall clock. Ratios are Spark seconds / our seconds for the same work (above 1:"
+        " ours faster). *Silver+gold* is like with like (both start from bronze); *end to"
+        " end* also charges ours for extracting Postgres into bronze. Spark's session start"
+        " is excluded from its throughput and shown apart. Peak RSS: ours is `ru_maxrss` of"
+        " the pipeline process (Postgres server not counted); Spark's is the sampled RSS of"
+        " its JVM (local[2] driver).",
+        "",
+        "| rows (N) | ours end to end | ours silver+gold | Spark silver+gold"
+        " | ratio silver+gold | ratio end to end | ours peak RSS | Spark JVM peak RSS"
+        " | ours bronze / silver / gold | Spark silver / gold (+ session) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in results:
+        source = 2 * r.rows
+        ours = r.ours.result if r.ours and r.ours.ok else {}
+        spark = r.spark.result if r.spark and r.spark.ok else {}
+        stages = ours.get("stages", {})
+        e2e = ours.get("seconds")
+        ours_sg = (stages["silver"] + stages["gold"]) if stages else None
+        spark_sg = (spark["silver_seconds"] + spark["gold_seconds"]) if spark else None
+        split = (f"{stages['bronze']:.1f} / {stages['silver']:.1f} / {stages['gold']:.1f} s"
+                 if stages else "failed")
+        spark_split = (f"{spark['silver_seconds']:.1f} / {spark['gold_seconds']:.1f} s"
+                       f" (+{spark['session_seconds']:.1f} s)" if spark else "n/a")
+        out.append(
+            f"| {r.rows:,} | {rate(source, e2e)} | {rate(source, ours_sg)}"
+            f" | {rate(source, spark_sg)} | {ratio(ours_sg, spark_sg)} | {ratio(e2e, spark_sg)}"
+            f" | {size(ours.get('max_rss'))} | {size(spark.get('jvm_peak_rss'))}"
+            f" | {split} | {spark_split} |"
+        )
+    out += ["", "## Details", ""]
+    for r in results:
+        out += [f"### {r.rows:,} rows", ""]
+        if r.seed and r.seed.ok:
+            out.append(f"- Seeding Postgres (not measured): {r.seed.result['seconds']:.1f} s")
+        if r.ours and r.ours.ok:
+            ours = r.ours.result
+            steps = ", ".join(f"{k} {v:.2f}s" for k, v in ours["steps"].items())
+            peaks = ", ".join(f"{k} {size(v)}" for k, v in ours["sampled_rss_by_stage"].items())
+            out += [
+                f"- Ours, per step: {steps}",
+                f"- Ours, sampled RSS peak per stage: {peaks}; ru_maxrss {size(ours['max_rss'])}",
+                f"- Ours, subprocess wall clock incl. imports: {r.ours.seconds:.1f} s",
+            ]
+            for step, detail in ours["details"].items():
+                out.append(f"- Ours, {step}: {json.dumps(detail)}")
+        if r.export and r.export.ok:
+            out.append(f"- Bronze export to Parquet (not measured): "
+                       f"{r.export.result['seconds']:.1f} s")
+        if r.spark and r.spark.ok:
+            spark = r.spark.result
+            peaks = ", ".join(f"{k} {size(v)}" for k, v in spark["jvm_rss_by_stage"].items())
+            out += [
+                f"- Spark: session start {spark['session_seconds']:.1f} s (excluded), silver"
+                f" {spark['silver_seconds']:.1f} s, gold {spark['gold_seconds']:.1f} s;"
+                f" JVM RSS peak per stage: {peaks}; Python driver ru_maxrss"
+                f" {size(spark['driver_max_rss'])}; JVM has -Xmx4g: {spark['jvm_has_4g_heap']}",
+                f"- Spark process tree (Python + JVM) sampled peak: {size(r.spark.tree_peak_rss)}",
+            ]
+        if r.checks:
+            bad = [c for c in r.checks if not matches(c[1], c[2])]
+            out += ["", f"Output checks, ours vs Spark: {len(r.checks) - len(bad)} of"
+                    f" {len(r.checks)} agree.", "", "| check | ours | Spark | agree |",
+                    "|---|---:|---:|---|"]
+            out += [f"| {name} | {a} | {b} | {'yes' if matches(a, b) else '**NO**'} |"
+                    for name, a, b in r.checks]
+        for error in r.errors:
+            out += ["", "Failure:", "", "```", error.strip(), "```"]
+        out.append("")
+    return "\n".join(out)
+
+
+def parse_rows(text: str) -> list[int]:
+    """Parse `45000,1M,10_000_000` (k and M suffixes allowed)."""
+    sizes = []
+    for part in text.split(","):
+        part = part.strip().replace("_", "").lower()
+        scale = {"k": 1_000, "m": 1_000_000}.get(part[-1:], 1)
+        number = part[:-1] if scale > 1 else part
+        try:
+            value = int(float(number) * scale)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad row count `{part}`") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"row count must be positive, not `{part}`")
+        sizes.append(value)
+    return sizes
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark (or, with a `_worker` first argument, one worker)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in WORKERS:
+        return run_worker_cli(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=parse_rows, default=list(DEFAULT_ROWS),
+                        help="comma-separated source sizes (default 45000,1000000,10000000)")
+    parser.add_argument("--skip-spark", action="store_true", help="measure only ours")
+    parser.add_argument("--results", type=Path, default=RESULTS,
+                        help="folder for the Markdown report (default benchmarks/results)")
+    args = parser.parse_args(argv)
+    started = datetime.now(UTC)
+    command = " ".join(["python", "benchmarks/batch.py", *argv])
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"batch-{started:%Y%m%d-%H%M%S}.md"
+    results: list[SizeResult] = []
+    for rows in args.rows:
+        results.append(run_size(rows, skip_spark=args.skip_spark))
+        path.write_text(report(results, command, started))
+        log(f"{rows:,} rows done; report so far in {path}")
+    text = report(results, command, started)
+    print(text)
+    log(f"report written to {path}")
+    return 1 if any(r.errors for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+import json
+import re
+
+import pytest
+
+from lakehouse import sql
+from lakehouse.errors import SqlError, TableNotFoundError
+from lakehouse.settings import Settings
+from lakehouse.storage import Storage
+from tests.helpers import churn, read, run_all, seeded
+
+
+@pytest.fixture
+def lake(settings: Settings) -> Storage:
+    storage = seeded(settings, rows=120)
+    run_all(settings, storage)
+    return storage
+
+
+def test_views_over_every_zone(settings: Settings, lake: Storage) -> None:
+    result = sql.run_query(
+        settings, lake,
+        "SELECT (SELECT count(*) FROM bronze.applicants) AS b,"
+        " (SELECT count(*) FROM silver.applicants) AS s,"
+        " (SELECT count(*) FROM gold.application_features) AS g",
+    )
+    assert result.columns == ["b", "s", "g"]
+    assert result.rows == [(
+        read(lake, "bronze", "applicants").height,
+        read(lake, "silver", "applicants").height,
+        read(lake, "gold", "application_features").height,
+    )]
+
+
+def test_time_travel_reads_an_old_version(settings: Settings, lake: Storage) -> None:
+    before = read(lake, "silver", "loan_applications").height
+    churn(settings, changes=200)
+    run_all(settings, lake)
+    assert lake.table("silver", "loan_applications").version() >= 1
+    old = sql.run_query(settings, lake, "SELECT count(*) FROM silver.loan_applications",
+                        as_of_version=0)
+    new = sql.run_query(settings, lake, "SELECT count(*) FROM silver.loan_applications")
+    assert old.rows == [(before,)]
+    assert new.rows == [(read(lake, "silver", "loan_applications").height,)]
+    assert old.rows != new.rows
+
+
+def test_time_travel_to_a_missing_version(settings: Settings, lake: Storage) -> None:
+    with pytest.raises(TableNotFoundError, match=re.escape(
+        "table `silver.applicants` has no version 9: its latest version is 0"
+    )):
+        sql.run_query(settings, lake, "SELECT * FROM silver.applicants", as_of_version=9)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "INSERT INTO silver.applicants SELECT * FROM silver.applicants",
+        "DELETE FROM silver.applicants",
+        "UPDATE silver.applicants SET credit_score = 0",
+        "CREATE TABLE x AS SELECT 1",
+        "DROP VIEW silver.applicants",
+        "COPY (SELECT 1) TO '/tmp/lakehouse-should-not-exist.csv'",
+        "ATTACH '/tmp/other.duckdb'",
+        "INSTALL spatial",
+        "SET threads = 1",
+    ],
+)
+def test_writes_are_refused(statement: str) -> None:
+    with pytest.raises(SqlError, match=r"^`lakehouse sql` is read-only: a \w+ statement is not allowed"):
+        sql.check_read_only(statement)
+
+
+def test_writes_are_refused_before_touching_tables(settings: Settings, lake: Storage) -> None:
+    version = lake.table("silver", "applicants").version()
+    with pytest.raises(SqlError, match=re.escape(
+        "`lakehouse sql` is read-only: a DELETE statement is not allowed; use SELECT"
+    )):
+        sql.run_query(settings, lake, "DELETE FROM silver.applicants")
+    with pytest.raises(SqlError, match=re.escape("give exactly one statement, not 2")):
+        sql.run_query(settings, lake, "SELECT 1; DELETE FROM silver.applicants")
+    assert lake.table("silver", "applicants").version() == version
+    assert read(lake, "silver", "applicants").height > 0
+
+
+def test_syntax_and_unknown_table_errors(settings: Settings, lake: Storage) -> None:
+    with pytest.raises(SqlError, match=re.escape("SQL error: Binder Error")):
+        sql.run_query(settings, lake, "SELECT no_such_column FROM silver.applicants")
+    with pytest.raises(SqlError, match=re.escape('SQL syntax error: Parser Error: syntax error at or near "SELEC"')):
+        sql.run_query(settings, lake, "SELEC 1")
+    with pytest.raises(TableNotFoundError, match=re.escape(
+        "unknown table `silver.nope`; tables are named zone.table (bronze., silver., gold.)"
+    )):
+        sql.run_query(settings, lake, "SELECT * FROM silver.nope")
+
+
+def test_render_formats(settings: Settings, lake: Storage) -> None:
+    result = sql.run_query(settings, lake, "SELECT applicant_id, person_gender, updated_at "
+                           "FROM silver.applicants ORDER BY applicant_id LIMIT 2")
+    table = sql.render(result)
+    lines = table.splitlines()
+    assert lines[0].split(" | ")[0].strip() == "applicant_id"
+    assert lines[-1] == "(2 rows)"
+    assert len({len(line) for line in lines[2:4]}) == 1  # aligned
+    csv = sql.render(result, "csv").splitlines()
+    assert csv[0] == "applicant_id,person_gender,updated_at"
+    assert len(csv) == 3
+    records = [json.loads(line) for line in sql.render(result, "json").splitlines()]
+    assert [r["applicant_id"] for r in records] == [row[0] for row in result.rows]
+    assert records[0]["updated_at"].endswith("+00:00")
+    assert sql.render(result, max_rows=1).splitlines()[-1] == "(2 rows, 1 shown)"

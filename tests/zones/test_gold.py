@@ -1,0 +1,212 @@
+"""Gold features against a brute-force as-of computation written independently in Python."""
+
+from __future__ import annotations
+
+import bisect
+import random
+from datetime import datetime, timedelta
+
+import polars as pl
+from lakehouse.settings import Settings
+from lakehouse.storage import Storage
+from lakehouse.zones import gold
+from tests.helpers import churn, read, run_all, seeded
+
+ATTRS = (
+    "person_age", "person_gender", "person_education", "person_income", "person_emp_exp",
+    "person_home_ownership", "cb_person_cred_hist_length", "credit_score",
+    "previous_loan_defaults_on_file",
+)
+US = timedelta(microseconds=1)
+
+
+class AsOf:
+    """State of the silver histories at any instant t, computed row by row."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.people: dict[int, list[dict]] = {}
+        for row in read(storage, "silver", "applicants_history").sort("valid_from").iter_rows(named=True):
+            self.people.setdefault(row["applicant_id"], []).append(row)
+        self.loans: dict[int, list[dict]] = {}
+        for row in read(storage, "silver", "loan_applications_history").sort("valid_from").iter_rows(named=True):
+            self.loans.setdefault(row["application_id"], []).append(row)
+        self.loans_of: dict[int, list[int]] = {}
+        for app_id, versions in self.loans.items():
+            self.loans_of.setdefault(versions[0]["applicant_id"], []).append(app_id)
+
+    def person(self, applicant_id: int, t: datetime) -> dict | None:
+        for v in self.people.get(applicant_id, []):
+            if v["valid_from"] <= t and (v["valid_to"] is None or t < v["valid_to"]):
+                return v
+        return None
+
+    def aggregates(self, applicant_id: int, t: datetime) -> dict:
+        """Applications submitted before t (first version known by t), as known at t."""
+        count = approved = rejected = 0
+        amounts: list[float] = []
+        last = None
+        for app_id in self.loans_of.get(applicant_id, []):
+            versions = self.loans[app_id]
+            if not versions[0]["applied_at"] < t:
+                continue
+            known = [v for v in versions if v["valid_from"] <= t]
+            if not known:
+                continue
+            v = known[-1]
+            count += 1
+            approved += v["loan_status"] == 1
+            rejected += v["loan_status"] == 0
+            amounts.append(v["loan_amnt"])
+            applied = versions[0]["applied_at"]
+            last = applied if last is None or applied > last else last
+        return {
+            "application_count": count,
+            "approved_count": approved,
+            "rejected_count": rejected,
+            "mean_loan_amnt": sum(amounts) / count if count else None,
+            "last": last,
+        }
+
+    def intent_rate(self, intent: str, t: datetime) -> float | None:
+        rates = [
+            vs[0]["loan_int_rate"] for vs in self.loans.values()
+            if vs[0]["loan_intent"] == intent and t - timedelta(days=30) <= vs[0]["applied_at"] < t
+        ]
+        return sum(rates) / len(rates) if rates else None
+
+
+def close(a: float | None, b: float | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return abs(a - b) <= 1e-9 * max(1.0, abs(a), abs(b))
+
+
+def test_gold_features_are_point_in_time_correct(settings: Settings) -> None:
+    """One build (seed, then three rounds of changes and incremental runs), four checks."""
+    storage = seeded(settings, rows=150)
+    run_all(settings, storage)
+    for round_ in range(3):
+        churn(settings, changes=200, seed_value=20 + round_)
+        run_all(settings, storage)
+    built = (storage, AsOf(storage))
+    check_application_features_match_brute_force(built)
+    check_applicant_features_match_brute_force_at_every_row(built)
+    check_as_of_lookup_at_any_instant_sees_no_future(built)
+    check_an_application_never_counts_itself(built)
+
+
+def check_application_features_match_brute_force(built: tuple[Storage, AsOf]) -> None:
+    storage, asof = built
+    features = read(storage, "gold", "application_features")
+    current = read(storage, "silver", "loan_applications")
+    assert sorted(features["application_id"]) == sorted(current["application_id"])
+    for row in features.iter_rows(named=True):
+        t = row["applied_at"]
+        assert row["event_timestamp"] == t
+        person = asof.person(row["applicant_id"], t)
+        for attr in ATTRS:
+            assert row[attr] == (person[attr] if person else None), (row["application_id"], attr)
+        if person:
+            assert close(row["loan_to_income"], row["loan_amnt"] / person["person_income"])
+        market = asof.intent_rate(row["loan_intent"], t)
+        assert close(row["rate_spread"], None if market is None else row["loan_int_rate"] - market)
+
+
+def check_applicant_features_match_brute_force_at_every_row(built: tuple[Storage, AsOf]) -> None:
+    storage, asof = built
+    features = read(storage, "gold", "applicant_features")
+    assert features.select("applicant_id", "event_timestamp").is_duplicated().sum() == 0
+    for row in features.iter_rows(named=True):
+        t = row["event_timestamp"]
+        person = asof.person(row["applicant_id"], t)
+        assert person is not None
+        for attr in ATTRS:
+            assert row[attr] == person[attr]
+        agg = asof.aggregates(row["applicant_id"], t)
+        for name in ("application_count", "approved_count", "rejected_count"):
+            assert row[name] == agg[name], (row["applicant_id"], t, name)
+        assert close(row["mean_loan_amnt"], agg["mean_loan_amnt"])
+        days = None if agg["last"] is None else (t - agg["last"]) / timedelta(days=1)
+        assert close(row["days_since_last_application"], days)
+
+
+def check_as_of_lookup_at_any_instant_sees_no_future(built: tuple[Storage, AsOf]) -> None:
+    """Looking up the latest row at or before t (what Feast does) gives the state at t."""
+    storage, asof = built
+    features = read(storage, "gold", "applicant_features").sort("applicant_id", "event_timestamp")
+    rows: dict[int, list[dict]] = {}
+    for row in features.iter_rows(named=True):
+        rows.setdefault(row["applicant_id"], []).append(row)
+    rng = random.Random(5)
+    checked = 0
+    for applicant_id, series in rows.items():
+        times = [r["event_timestamp"] for r in series]
+        # Probe each change instant, one microsecond either side, and random instants.
+        probes = [t + d for t in times for d in (-US, timedelta(0), US)]
+        probes += [times[0] + (times[-1] - times[0]) * rng.random() for _ in range(3)]
+        probes.append(times[-1] + timedelta(days=3))
+        for t in probes:
+            i = bisect.bisect_right(times, t) - 1
+            if i < 0:
+                continue
+            row = series[i]
+            agg = asof.aggregates(applicant_id, t)
+            for name in ("application_count", "approved_count", "rejected_count"):
+                assert row[name] == agg[name], (applicant_id, t, name)
+            assert close(row["mean_loan_amnt"], agg["mean_loan_amnt"])
+            person = asof.person(applicant_id, t)
+            if person is not None:
+                assert all(row[a] == person[a] for a in ATTRS)
+            checked += 1
+    assert checked > 1000
+
+
+def check_an_application_never_counts_itself(built: tuple[Storage, AsOf]) -> None:
+    storage, _ = built
+    apps = read(storage, "gold", "application_features").select("application_id", "applicant_id",
+                                                                "applied_at")
+    feats = read(storage, "gold", "applicant_features").sort("event_timestamp")
+    joined = apps.sort("applicant_id", "applied_at").join_asof(
+        feats, left_on="applied_at", right_on="event_timestamp", by="applicant_id",
+        strategy="backward", check_sortedness=False,
+    )
+    history = read(storage, "silver", "loan_applications_history")
+    first = history.group_by("application_id").agg(pl.col("applied_at").first())
+    for row in joined.filter(pl.col("event_timestamp").is_not_null()).iter_rows(named=True):
+        prior = first.join(history.select("application_id", "applicant_id").unique(),
+                           on="application_id").filter(
+            (pl.col("applicant_id") == row["applicant_id"])
+            & (pl.col("applied_at") < row["applied_at"])
+        )
+        assert row["application_count"] <= prior.height
+
+
+def test_gold_records_its_inputs_and_skips_when_current(settings: Settings) -> None:
+    storage = seeded(settings, rows=60)
+    run_all(settings, storage)
+    assert gold.is_current(storage, "application_features")
+    version = storage.table("gold", "application_features").version()
+    result = gold.build(settings, storage, "application_features")
+    assert not result.built
+    assert storage.table("gold", "application_features").version() == version
+    churn(settings, changes=50)
+    run_all(settings, storage)
+    assert storage.table("gold", "application_features").version() == version + 1
+
+
+def test_approval_rate_daily_matches_silver(settings: Settings) -> None:
+    storage = seeded(settings, rows=300)
+    run_all(settings, storage)
+    mart = read(storage, "gold", "approval_rate_daily")
+    loans = read(storage, "silver", "loan_applications").with_columns(
+        day=pl.col("applied_at").dt.date()
+    )
+    want = loans.group_by("day", "loan_intent").agg(
+        applications=pl.len(),
+        decided=pl.col("loan_status").count(),
+        approved=(pl.col("loan_status") == 1).sum(),
+    )
+    got = mart.select("day", "loan_intent", "applications", "decided", "approved")
+    key = ["day", "loan_intent"]
+    assert got.sort(key).equals(want.sort(key).cast(dict(got.schema)))
+    assert mart["approval_rate"].is_between(0, 1).all()
