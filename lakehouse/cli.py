@@ -165,8 +165,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lakehouse import sql
         from lakehouse.storage import Storage
 
-        result = sql.run_query(settings, Storage.from_settings(settings), args.query,
-                               as_of_version=args.as_of_version)
+        storage = Storage.from_settings(settings)
+        storage.check()
+        result = sql.run_query(settings, storage, args.query, as_of_version=args.as_of_version)
         max_rows = args.max_rows if args.format == "table" else None
         sys.stdout.write(sql.render(result, args.format, max_rows=max_rows))
         return 0
@@ -175,7 +176,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lakehouse.sql import QueryResult, render
         from lakehouse.storage import Storage
 
-        infos = catalog.describe(Storage.from_settings(settings))
+        storage = Storage.from_settings(settings)
+        storage.check()
+        infos = catalog.describe(storage)
         rows = [
             (f"{i.zone}.{i.name}", i.version, i.rows, i.files, catalog.human_size(i.size_bytes),
              i.last_update.strftime("%Y-%m-%d %H:%M:%S UTC") if i.last_update else "")
@@ -192,7 +195,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             else args.retention_hours
         if hours < 0:
             raise UsageError(f"--retention-hours is {hours}; give 0 or more")
-        for r in maintain(Storage.from_settings(settings), retention_hours=hours):
+        storage = Storage.from_settings(settings)
+        storage.check()
+        for r in maintain(storage, retention_hours=hours):
             print(f"{r.table}: compacted {r.files_removed} files into {r.files_added}, "
                   f"vacuumed {r.vacuumed} files, now version {r.version}")
         return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -12,6 +13,7 @@ from urllib.parse import urlsplit
 from lakehouse.errors import ConfigError
 
 PREFIX = "LAKEHOUSE_"
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
 
 class Secret:
@@ -126,8 +128,11 @@ class Settings:
             raise ConfigError(msg)
         if self.is_s3:
             bucket = urlsplit(uri).netloc
-            if not bucket:
-                msg = f"LAKEHOUSE_STORAGE_URI is `{uri}`; it needs a bucket: `s3://bucket/prefix`"
+            if not _BUCKET.match(bucket):
+                msg = (
+                    f"LAKEHOUSE_STORAGE_URI is `{uri}`; the bucket name must be 3-63 lower-case "
+                    "letters, digits, dots or hyphens: `s3://bucket/prefix`"
+                )
                 raise ConfigError(msg)
             if not self.s3_access_key_id or not self.s3_secret_access_key:
                 msg = (

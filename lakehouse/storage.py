@@ -135,16 +135,23 @@ class Storage:
 
 def minio_client(s3: dict[str, str], options: dict[str, str]) -> Any:
     """Return a MinIO SDK client for the configured endpoint."""
+    import urllib3
     from minio import Minio
 
     endpoint = s3.get("endpoint", "https://s3.amazonaws.com")
     parts = urlsplit(endpoint)
+    # Fail fast on a dead endpoint: two quick retries rather than urllib3's long backoff.
+    http = urllib3.PoolManager(
+        timeout=urllib3.Timeout(connect=3, read=30),
+        retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+    )
     return Minio(
         parts.netloc,
         access_key=options["AWS_ACCESS_KEY_ID"],
         secret_key=options["AWS_SECRET_ACCESS_KEY"],
         secure=parts.scheme == "https",
         region=s3["region"],
+        http_client=http,
     )
 
 

@@ -196,6 +196,7 @@ class EmbeddedPostgres:
             for path in (self.data, pwfile, self.root):
                 shutil.chown(path, user=owner)
             self._check_traversable(owner)
+        (self.root / "bin_dir").write_text(f"{find_bin_dir(self.settings.pg_bin)}\n")
         try:
             self._run(
                 ["initdb", "-D", str(self.data), "-U", USER, "--pwfile", str(pwfile),
@@ -203,6 +204,18 @@ class EmbeddedPostgres:
             )
         finally:
             pwfile.unlink(missing_ok=True)
+
+    def _bin_dir(self) -> Path:
+        """Use the binaries that created the cluster (a cluster is tied to its major version)."""
+        recorded = self.root / "bin_dir"
+        if recorded.exists() and not self.settings.pg_bin:
+            path = Path(recorded.read_text().strip())
+            if (path / "pg_ctl").is_file():
+                return path
+        path = find_bin_dir(self.settings.pg_bin)
+        if (self.data / "PG_VERSION").exists() and not recorded.exists():
+            recorded.write_text(f"{path}\n")
+        return path
 
     def _check_traversable(self, owner: str) -> None:
         result = self._run(["test", "-x", str(self.root)], check=False, bare=True)
@@ -236,7 +249,7 @@ class EmbeddedPostgres:
         owner = self._owner()
         cmd = list(argv)
         if not bare:
-            cmd[0] = str(find_bin_dir(self.settings.pg_bin) / argv[0])
+            cmd[0] = str(self._bin_dir() / argv[0])
         if owner is not None:
             cmd = ["runuser", "-u", owner, "--", *cmd]
         result = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd="/")
