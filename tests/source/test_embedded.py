@@ -1,0 +1,66 @@
+"""The embedded cluster: lifecycle through the CLI, as root or not, with system or wheel binaries."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import psycopg
+import pytest
+
+from lakehouse.settings import Settings
+from lakehouse.source.embedded import EmbeddedPostgres, find_bin_dir, pgserver_bin_dir
+from tests.conftest import shared_tmp
+
+
+def cli(home: str, *args: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ["PATH"], "LAKEHOUSE_HOME": home, **(extra or {})}
+    return subprocess.run([sys.executable, "-m", "lakehouse.cli", *args], capture_output=True,
+                          text=True, env=env, timeout=120, check=False)
+
+
+@pytest.mark.parametrize("binaries", ["system", "pgserver"])
+def test_db_lifecycle(binaries: str) -> None:
+    home = shared_tmp("lakehouse-db-")
+    extra = {}
+    if binaries == "pgserver":
+        wheel = pgserver_bin_dir()
+        assert wheel is not None, "pgserver is a dependency: its binaries must be installed"
+        extra["LAKEHOUSE_PG_BIN"] = str(wheel)
+    try:
+        started = cli(str(home), "db", "start", extra=extra)
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.startswith("started: postgresql://lakehouse@127.0.0.1:")
+        assert cli(str(home), "db", "start").stdout.startswith("already running")
+        status = cli(str(home), "db", "status")
+        assert status.returncode == 0 and "wal_level=logical" in status.stdout
+        url = cli(str(home), "db", "url").stdout.strip()
+        assert ":" not in url.split("@")[0].removeprefix("postgresql://")  # no password shown
+        dsn = EmbeddedPostgres(Settings(home=home)).dsn()
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute("SHOW wal_level").fetchone()
+            assert row == ("logical",)
+            version = conn.execute("SHOW server_version_num").fetchone()
+            assert version is not None
+            if binaries == "pgserver":
+                assert version[0].startswith("16")
+        assert (home / "postgres" / "password").stat().st_mode & 0o077 == 0
+        assert cli(str(home), "db", "stop").stdout.strip() == "stopped"
+        stopped = cli(str(home), "db", "status")
+        assert stopped.returncode == 1 and stopped.stdout.startswith("not running")
+    finally:
+        EmbeddedPostgres(Settings(home=home)).destroy()
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def test_finds_system_binaries_first() -> None:
+    assert (find_bin_dir() / "initdb").is_file()
+
+
+def test_runs_as_an_unprivileged_owner_when_root() -> None:
+    if os.geteuid() != 0:
+        assert EmbeddedPostgres(Settings(home=shared_tmp("lh-")))._owner() is None
+        return
+    assert EmbeddedPostgres(Settings(home=shared_tmp("lh-")))._owner() == "postgres"

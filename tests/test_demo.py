@@ -1,0 +1,41 @@
+"""`lakehouse demo` from nothing, on embedded defaults, as the README's first command runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+from lakehouse.settings import Settings
+from lakehouse.source.embedded import EmbeddedPostgres
+from tests.conftest import shared_tmp
+
+
+def demo(cwd: str) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": os.environ["PATH"], "HOME": cwd}
+    return subprocess.run([sys.executable, "-m", "lakehouse.cli", "demo"], cwd=cwd,
+                          capture_output=True, text=True, env=env, timeout=300, check=False)
+
+
+def test_demo_runs_then_reports_what_was_done() -> None:
+    cwd = shared_tmp("lakehouse-demo-")
+    try:
+        first = demo(str(cwd))
+        assert first.returncode == 0, first.stderr[-3000:]
+        out = first.stdout
+        assert "[1/4] Postgres started" in out
+        assert "[2/4] seeded 45,000 applicants and 45,000 applications" in out
+        assert re.search(r"7 tasks ran in [\d.]+s", out)
+        assert re.search(r"^silver\.applicants\s+\|\s+0\s+\|\s+44993\s+\|", out, re.M)
+        assert re.search(r"^applicants\s+\|\s+age_range\s+\|\s+7$", out, re.M)
+        assert "approval_rate" in out
+        second = demo(str(cwd))
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert "[1/4] Postgres already running" in second.stdout
+        assert "source already seeded: 45,000 applicants" in second.stdout
+        assert "nothing to do: bronze, silver and gold are up to date" in second.stdout
+    finally:
+        EmbeddedPostgres(Settings(home=cwd / ".lakehouse")).destroy()
+        shutil.rmtree(cwd, ignore_errors=True)

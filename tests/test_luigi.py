@@ -1,0 +1,93 @@
+"""Luigi runs from the command line: skipping completed work, exit codes, workers, luigid."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from lakehouse.settings import Settings
+from lakehouse.source.embedded import free_port
+from tests.conftest import env_for, wait_for_port
+from tests.helpers import churn, read, seeded
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def luigi(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, **env_for(settings), "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "luigi", "--module", "tasks", "Pipeline", *args],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False,
+    )
+
+
+def test_second_run_does_nothing_and_new_changes_run_again(base_settings: Settings) -> None:
+    storage = seeded(base_settings, rows=200)
+    first = luigi(base_settings, "--local-scheduler")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "8 ran successfully" in first.stderr
+    versions = {t: storage.table("gold", t).version()
+                for t in ("application_features", "applicant_features")}
+    second = luigi(base_settings, "--local-scheduler")
+    assert second.returncode == 0
+    assert "Did not run any tasks" in second.stderr
+    assert {t: storage.table("gold", t).version() for t in versions} == versions
+    churn(base_settings, changes=100)
+    third = luigi(base_settings, "--local-scheduler", "--workers", "2")
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "ran successfully" in third.stderr
+    assert storage.table("gold", "application_features").version() == versions[
+        "application_features"] + 1
+    assert read(storage, "silver", "applicants").height > 190
+
+
+def test_a_failed_run_exits_non_zero(base_settings: Settings) -> None:
+    seeded(base_settings, rows=20)
+    from dataclasses import replace
+
+    from lakehouse.settings import Secret
+
+    broken = replace(base_settings,
+                     pg_dsn=Secret(f"postgresql://nobody:x@127.0.0.1:{free_port()}/none"))
+    result = luigi(broken, "--local-scheduler")
+    assert result.returncode != 0
+    assert "Postgres is not reachable at LAKEHOUSE_PG_DSN" in result.stderr
+
+
+def test_a_failing_task_exits_non_zero(base_settings: Settings) -> None:
+    # A table in the source that the pipeline cannot read: the ingest task itself fails.
+    storage = seeded(base_settings, rows=20)
+    import psycopg
+
+    with psycopg.connect(base_settings.pg_dsn.get(), autocommit=True) as conn:
+        conn.execute(f'ALTER TABLE "{base_settings.pg_schema}".applicants '
+                     "ALTER COLUMN credit_score TYPE text")
+        conn.execute(f'UPDATE "{base_settings.pg_schema}".applicants '
+                     "SET credit_score = 'n/a' WHERE applicant_id = 1")
+    result = luigi(base_settings, "--local-scheduler")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "failed" in result.stderr
+    assert not storage.exists("bronze", "applicants")
+
+
+def test_runs_against_a_central_scheduler(base_settings: Settings, tmp_path: Path) -> None:
+    seeded(base_settings, rows=50)
+    port = free_port()
+    luigid = subprocess.Popen(
+        [str(Path(sys.executable).parent / "luigid"), "--port", str(port),
+         "--logdir", str(tmp_path), "--state-path", str(tmp_path / "state.pickle")],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        result = luigi(base_settings, "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "8 ran successfully" in result.stderr
+        again = luigi(base_settings, "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port))
+        assert again.returncode == 0
+        assert "Did not run any tasks" in again.stderr
+    finally:
+        luigid.terminate()
+        luigid.wait()
