@@ -41,9 +41,7 @@ def describe(storage: Storage) -> list[TableInfo]:
                 version=dt.version(),
                 rows=int(pc.sum(adds["num_records"]).as_py() or 0) if adds.num_rows else 0,
                 files=adds.num_rows,
-                size_bytes=int(pc.sum(adds["size_bytes"]).as_py() or 0)
-                if adds.num_rows
-                else 0,
+                size_bytes=int(pc.sum(adds["size_bytes"]).as_py() or 0) if adds.num_rows else 0,
                 last_update=last,
             )
         )

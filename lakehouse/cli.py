@@ -36,7 +36,8 @@ def _positive_float(text: str) -> float:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise UsageError(f"{self.prog}: {message}")
+        msg = f"{self.prog}: {message}"
+        raise UsageError(msg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("demo", help="start Postgres, seed, run the pipeline, print a summary")
-    p.add_argument("--rows", type=_positive_int, default=45_000, help="rows to seed (default 45,000)")
+    p.add_argument(
+        "--rows", type=_positive_int, default=45_000, help="rows to seed (default 45,000)"
+    )
     p.add_argument("--workers", type=_positive_int, default=1, help="Luigi workers")
 
     p = sub.add_parser("db", help="the embedded Postgres (or check the configured one)")
@@ -57,16 +60,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-password", action="store_true", help="with `url`: include it")
 
     p = sub.add_parser("seed", help="create the lending schema and load the dataset")
-    p.add_argument("--rows", type=_positive_int, default=45_000,
-                   help="rows to load; above 45,000 they are drawn from the dataset")
+    p.add_argument(
+        "--rows",
+        type=_positive_int,
+        default=45_000,
+        help="rows to load; above 45,000 they are drawn from the dataset",
+    )
     p.add_argument("--reset", action="store_true", help="drop and reload the source schema")
 
     p = sub.add_parser("simulate", help="write a realistic change stream to the source")
     p.add_argument("--changes", type=_positive_int, help="how many changes (default 1,000)")
     p.add_argument("--rate", type=_positive_float, help="changes per second (with --duration)")
     p.add_argument("--duration", type=_positive_float, help="seconds to run at --rate")
-    p.add_argument("--batch-size", type=_positive_int, default=100,
-                   help="changes per source transaction")
+    p.add_argument(
+        "--batch-size", type=_positive_int, default=100, help="changes per source transaction"
+    )
 
     p = sub.add_parser("run", help="run the Luigi pipeline (bronze, silver, gold)")
     p.add_argument("--workers", type=_positive_int, default=1)
@@ -77,14 +85,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("query")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
     p.add_argument("--as-of-version", type=int, help="time travel: read version N of each table")
-    p.add_argument("--max-rows", type=_positive_int, default=100,
-                   help="rows shown in table format (default 100)")
+    p.add_argument(
+        "--max-rows",
+        type=_positive_int,
+        default=100,
+        help="rows shown in table format (default 100)",
+    )
 
     sub.add_parser("tables", help="list tables with version, rows, size and last update")
 
     p = sub.add_parser("maintain", help="compact, checkpoint and vacuum every table")
-    p.add_argument("--retention-hours", type=int,
-                   help="time travel to keep (default LAKEHOUSE_VACUUM_RETENTION_HOURS)")
+    p.add_argument(
+        "--retention-hours",
+        type=int,
+        help="time travel to keep (default LAKEHOUSE_VACUUM_RETENTION_HOURS)",
+    )
     return parser
 
 
@@ -120,42 +135,62 @@ def _dispatch(args: argparse.Namespace) -> int:
         from lakehouse.source.seed import seed
 
         with schema.connect(settings) as conn:
-            result = seed(conn, settings.pg_schema, rows=args.rows, seed=settings.seed,
-                          reset=args.reset)
+            result = seed(
+                conn, settings.pg_schema, rows=args.rows, seed=settings.seed, reset=args.reset
+            )
             conn.commit()
         if result.skipped:
-            print(f"source already holds {result.applicants:,} applicants; nothing loaded "
-                  "(use --reset to drop and reload it)")
+            print(
+                f"source already holds {result.applicants:,} applicants; nothing loaded "
+                "(use --reset to drop and reload it)"
+            )
         else:
-            print(f"seeded {result.applicants:,} applicants and {result.applications:,} "
-                  f"applications into schema `{settings.pg_schema}`")
+            print(
+                f"seeded {result.applicants:,} applicants and {result.applications:,} "
+                f"applications into schema `{settings.pg_schema}`"
+            )
         return 0
     if command == "simulate":
         from lakehouse.source import schema
         from lakehouse.source.simulate import simulate
 
         if (args.rate is None) != (args.duration is None):
-            raise UsageError("--rate and --duration go together: give both")
+            msg = "--rate and --duration go together: give both"
+            raise UsageError(msg)
         if args.rate is not None and args.changes is not None:
-            raise UsageError("give either --changes or --rate with --duration, not both")
+            msg = "give either --changes or --rate with --duration, not both"
+            raise UsageError(msg)
         with schema.connect(settings, autocommit=True) as conn:
             if not schema.schema_exists(conn, settings.pg_schema):
                 msg = f"schema `{settings.pg_schema}` has no lending tables; run `lakehouse seed`"
                 raise UsageError(msg)
-            sim = simulate(conn, settings.pg_schema, changes=args.changes, rate=args.rate,
-                           duration=args.duration, batch_size=args.batch_size,
-                           seed=settings.seed)
+            sim = simulate(
+                conn,
+                settings.pg_schema,
+                changes=args.changes,
+                rate=args.rate,
+                duration=args.duration,
+                batch_size=args.batch_size,
+                seed=settings.seed,
+            )
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(sim.counts.items()))
-        print(f"wrote {sim.total:,} changes in {sim.transactions:,} transactions "
-              f"({sim.seconds:.1f}s): {kinds}")
+        print(
+            f"wrote {sim.total:,} changes in {sim.transactions:,} transactions "
+            f"({sim.seconds:.1f}s): {kinds}"
+        )
         return 0
     if command == "run":
         from lakehouse.pipeline import run_pipeline
         from lakehouse.storage import Storage
 
         Storage.from_settings(settings).check()
-        run = run_pipeline(workers=args.workers, scheduler_host=args.scheduler_host,
-                           scheduler_port=args.scheduler_port, progress=print, debug=args.debug)
+        run = run_pipeline(
+            workers=args.workers,
+            scheduler_host=args.scheduler_host,
+            scheduler_port=args.scheduler_port,
+            progress=print,
+            debug=args.debug,
+        )
         if run.ran:
             print(f"{len(run.ran)} tasks ran in {run.seconds:.1f}s")
         else:
@@ -167,9 +202,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         storage = Storage.from_settings(settings)
         storage.check()
-        result = sql.run_query(settings, storage, args.query, as_of_version=args.as_of_version)
+        answer = sql.run_query(settings, storage, args.query, as_of_version=args.as_of_version)
         max_rows = args.max_rows if args.format == "table" else None
-        sys.stdout.write(sql.render(result, args.format, max_rows=max_rows))
+        sys.stdout.write(sql.render(answer, args.format, max_rows=max_rows))
         return 0
     if command == "tables":
         from lakehouse import catalog
@@ -180,28 +215,42 @@ def _dispatch(args: argparse.Namespace) -> int:
         storage.check()
         infos = catalog.describe(storage)
         rows = [
-            (f"{i.zone}.{i.name}", i.version, i.rows, i.files, catalog.human_size(i.size_bytes),
-             i.last_update.strftime("%Y-%m-%d %H:%M:%S UTC") if i.last_update else "")
+            (
+                f"{i.zone}.{i.name}",
+                i.version,
+                i.rows,
+                i.files,
+                catalog.human_size(i.size_bytes),
+                i.last_update.strftime("%Y-%m-%d %H:%M:%S UTC") if i.last_update else "",
+            )
             for i in infos
         ]
-        sys.stdout.write(render(QueryResult(
-            ["table", "version", "rows", "files", "size", "last update"], rows)))
+        sys.stdout.write(
+            render(QueryResult(["table", "version", "rows", "files", "size", "last update"], rows))
+        )
         return 0
     if command == "maintain":
         from lakehouse.maintain import maintain
         from lakehouse.storage import Storage
 
-        hours = settings.vacuum_retention_hours if args.retention_hours is None \
+        hours = (
+            settings.vacuum_retention_hours
+            if args.retention_hours is None
             else args.retention_hours
+        )
         if hours < 0:
-            raise UsageError(f"--retention-hours is {hours}; give 0 or more")
+            msg = f"--retention-hours is {hours}; give 0 or more"
+            raise UsageError(msg)
         storage = Storage.from_settings(settings)
         storage.check()
         for r in maintain(storage, retention_hours=hours):
-            print(f"{r.table}: compacted {r.files_removed} files into {r.files_added}, "
-                  f"vacuumed {r.vacuumed} files, now version {r.version}")
+            print(
+                f"{r.table}: compacted {r.files_removed} files into {r.files_added}, "
+                f"vacuumed {r.vacuumed} files, now version {r.version}"
+            )
         return 0
-    raise UsageError(f"unknown command `{command}`")
+    msg = f"unknown command `{command}`"
+    raise UsageError(msg)
 
 
 def _db(settings: Settings, action: str, *, show_password: bool) -> int:
@@ -210,8 +259,10 @@ def _db(settings: Settings, action: str, *, show_password: bool) -> int:
 
     if not settings.embedded_pg:
         if action in ("start", "stop"):
-            print(f"LAKEHOUSE_PG_DSN is set: `db {action}` manages only the embedded cluster; "
-                  "checking the configured server instead")
+            print(
+                f"LAKEHOUSE_PG_DSN is set: `db {action}` manages only the embedded cluster; "
+                "checking the configured server instead"
+            )
         if action == "url":
             print(settings.pg_dsn.get() if show_password else "(LAKEHOUSE_PG_DSN is set)")
             return 0
@@ -219,8 +270,9 @@ def _db(settings: Settings, action: str, *, show_password: bool) -> int:
     pg = EmbeddedPostgres(settings)
     if action == "start":
         started = pg.start()
-        print(f"{'started' if started else 'already running'}: {pg.public_url()} "
-              f"(data in {pg.data})")
+        print(
+            f"{'started' if started else 'already running'}: {pg.public_url()} (data in {pg.data})"
+        )
         return 0
     if action == "stop":
         print("stopped" if pg.stop() else "not running")
@@ -233,8 +285,9 @@ def _db(settings: Settings, action: str, *, show_password: bool) -> int:
         return 1
     with schema.connect(settings, autocommit=True) as conn:
         info = server_info(conn)
-    print(f"running: {pg.public_url()}, PostgreSQL {info['version']}, "
-          f"wal_level={info['wal_level']}")
+    print(
+        f"running: {pg.public_url()}, PostgreSQL {info['version']}, wal_level={info['wal_level']}"
+    )
     return 0
 
 

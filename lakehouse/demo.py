@@ -50,11 +50,15 @@ def demo(
         seeded = seed(conn, settings.pg_schema, rows=rows, seed=settings.seed)
         conn.commit()
     if seeded.skipped:
-        say(f"[2/4] source already seeded: {seeded.applicants:,} applicants, "
-            f"{seeded.applications:,} applications (use `lakehouse seed --reset` to reload)")
+        say(
+            f"[2/4] source already seeded: {seeded.applicants:,} applicants, "
+            f"{seeded.applications:,} applications (use `lakehouse seed --reset` to reload)"
+        )
     else:
-        say(f"[2/4] seeded {seeded.applicants:,} applicants and {seeded.applications:,} "
-            f"applications with COPY ({time.monotonic() - step:.1f}s)")
+        say(
+            f"[2/4] seeded {seeded.applicants:,} applicants and {seeded.applications:,} "
+            f"applications with COPY ({time.monotonic() - step:.1f}s)"
+        )
     say("[3/4] running the Luigi pipeline (bronze -> silver -> gold)")
     run = run_pipeline(workers=workers, progress=say, debug=debug)
     if run.ran:
@@ -66,8 +70,10 @@ def demo(
     tables = catalog.describe(storage)
     result = sql.QueryResult(
         ["table", "version", "rows", "size"],
-        [(f"{t.zone}.{t.name}", t.version, t.rows, catalog.human_size(t.size_bytes))
-         for t in tables],
+        [
+            (f"{t.zone}.{t.name}", t.version, t.rows, catalog.human_size(t.size_bytes))
+            for t in tables
+        ],
     )
     say(sql.render(result).rstrip())
     say("")
@@ -85,5 +91,7 @@ def demo(
     say("Sample query: approval rate by loan intent (gold.approval_rate_daily)")
     say(sql.render(sql.run_query(settings, storage, SAMPLE_QUERY)).rstrip())
     say("")
-    say(f"Done in {time.monotonic() - t0:.1f}s. Try: lakehouse sql \"SELECT * FROM "
-        "gold.application_features LIMIT 5\"")
+    say(
+        f'Done in {time.monotonic() - t0:.1f}s. Try: lakehouse sql "SELECT * FROM '
+        'gold.application_features LIMIT 5"'
+    )

@@ -49,7 +49,7 @@ def run_pipeline(
         reason = str(exc) if isinstance(exc, LakehouseError) else f"{type(exc).__name__}: {exc}"
         failures.append(f"{_label(task)} failed: {reason}")
 
-    handlers: list[tuple[luigi.Event, Callable[..., Any]]] = [
+    handlers: list[tuple[str, Callable[..., Any]]] = [
         (luigi.Event.START, on_start),
         (luigi.Event.SUCCESS, on_success),
         (luigi.Event.FAILURE, on_failure),
@@ -90,8 +90,11 @@ def run_pipeline(
         msg = f"the pipeline did not finish ({result.status.name}); rerun with --debug for details"
         raise PipelineError(msg)
     return PipelineRun(
-        ran=sorted(_label(t) for t in summary.get("completed", set())
-                   if not isinstance(t, luigi.WrapperTask)),
+        ran=sorted(
+            _label(t)
+            for t in summary.get("completed", set())
+            if not isinstance(t, luigi.WrapperTask)
+        ),
         already_done=sorted(_label(t) for t in summary.get("already_done", set())),
         seconds=time.monotonic() - start,
     )

@@ -103,10 +103,7 @@ class Settings:
             k for k in env if k.startswith(PREFIX) and k not in known and k not in internal
         )
         if unknown:
-            msg = (
-                f"unknown setting `{unknown[0]}`; known settings are: "
-                + ", ".join(sorted(known))
-            )
+            msg = f"unknown setting `{unknown[0]}`; known settings are: " + ", ".join(sorted(known))
             raise ConfigError(msg)
         values: dict[str, Any] = {}
         for var, f in known.items():
@@ -122,9 +119,7 @@ class Settings:
         """Check cross-field rules; raise `ConfigError` naming the variable."""
         uri = self.warehouse
         if "://" in uri and not uri.startswith(("s3://", "file://")):
-            msg = (
-                f"LAKEHOUSE_STORAGE_URI is `{uri}`; use a local folder or `s3://bucket/prefix`"
-            )
+            msg = f"LAKEHOUSE_STORAGE_URI is `{uri}`; use a local folder or `s3://bucket/prefix`"
             raise ConfigError(msg)
         if self.is_s3:
             bucket = urlsplit(uri).netloc

@@ -35,7 +35,8 @@ def check_read_only(query: str) -> None:
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.ParserException as exc:
-        raise SqlError(f"SQL syntax error: {_one_line(exc)}") from None
+        msg = f"SQL syntax error: {_one_line(exc)}"
+        raise SqlError(msg) from None
     if len(statements) != 1:
         msg = f"give exactly one statement, not {len(statements)}; `lakehouse sql` runs one query"
         raise SqlError(msg)
@@ -93,7 +94,8 @@ def run_query(
         text = _one_line(exc)
         match = re.search(r"Table with name (\w+) does not exist", text)
         if not match:
-            raise SqlError(f"SQL error: {text}") from None
+            msg = f"SQL error: {text}"
+        raise SqlError(msg) from None
         name = _qualified(query, match.group(1))
         if name in missing:
             msg = f"table `{name}` has no version {as_of_version}: {missing[name]}"
@@ -104,9 +106,11 @@ def run_query(
         )
         raise TableNotFoundError(msg) from None
     except duckdb.ParserException as exc:
-        raise SqlError(f"SQL syntax error: {_one_line(exc)}") from None
+        msg = f"SQL syntax error: {_one_line(exc)}"
+        raise SqlError(msg) from None
     except duckdb.Error as exc:
-        raise SqlError(f"SQL error: {_one_line(exc)}") from None
+        msg = f"SQL error: {_one_line(exc)}"
+        raise SqlError(msg) from None
     finally:
         con.close()
 
@@ -144,9 +148,7 @@ def render(result: QueryResult, fmt: Format = "table", *, max_rows: int | None =
         writer.writerows([["" if v is None else _plain(v) for v in r] for r in rows])
         return buf.getvalue()
     cells = [["NULL" if v is None else str(_plain(v)) for v in r] for r in rows]
-    widths = [
-        max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(result.columns)
-    ]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(result.columns)]
     numeric = [
         all(isinstance(r[i], int | float | Decimal) or r[i] is None for r in rows) and bool(rows)
         for i in range(len(result.columns))

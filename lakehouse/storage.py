@@ -71,9 +71,7 @@ class Storage:
     def table(self, zone: str, table: str, *, version: int | None = None) -> DeltaTable:
         """Open `zone.table`, or raise `TableNotFoundError` saying how to create it."""
         try:
-            return DeltaTable(
-                self.uri(zone, table), version=version, storage_options=self.options
-            )
+            return DeltaTable(self.uri(zone, table), version=version, storage_options=self.options)
         except DeltaTableNotFound:
             msg = f"table `{zone}.{table}` does not exist yet; run `lakehouse run` to build it"
             raise TableNotFoundError(msg) from None
@@ -171,7 +169,8 @@ def _explain(exc: BaseException, where: str) -> str:
     lowered = text.lower()
     code = getattr(exc, "code", "") or ""
     if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied") or any(
-        s in lowered for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "access denied", "403")
+        s in lowered
+        for s in ("invalidaccesskeyid", "signaturedoesnotmatch", "access denied", "403")
     ):
         return (
             f"S3 at {where} refused the credentials ({code or 'forbidden'}); check "
@@ -179,10 +178,15 @@ def _explain(exc: BaseException, where: str) -> str:
         )
     if any(
         s in lowered
-        for s in ("connection refused", "max retries", "failed to connect", "name or service",
-                  "error sending request", "connect error", "timed out")
-    ):
-        return (
-            f"S3 endpoint {where} is not reachable; start it or fix LAKEHOUSE_S3_ENDPOINT"
+        for s in (
+            "connection refused",
+            "max retries",
+            "failed to connect",
+            "name or service",
+            "error sending request",
+            "connect error",
+            "timed out",
         )
+    ):
+        return f"S3 endpoint {where} is not reachable; start it or fix LAKEHOUSE_S3_ENDPOINT"
     return f"storage error at {where}: {_first_line(exc)}"

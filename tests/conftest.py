@@ -22,7 +22,7 @@ from lakehouse.source import schema
 from lakehouse.source.embedded import EmbeddedPostgres, free_port
 
 S3_KEY = "lakehouse-test-key"
-S3_SECRET = "lakehouse-test-secret"  # noqa: S105 - a throwaway key for the local S3 server
+S3_SECRET = "lakehouse-test-secret"
 
 
 def shared_tmp(prefix: str) -> Path:

@@ -19,8 +19,12 @@ from tests.conftest import env_for, shared_tmp, wait_for_port
 from tests.helpers import read, run_all, seeded
 
 
-def run_cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-            env: dict[str, str], *argv: str) -> tuple[int, str, str]:
+def run_cli(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    *argv: str,
+) -> tuple[int, str, str]:
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     code = main(list(argv))
@@ -43,19 +47,23 @@ def cli(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]):  #
 
 
 def test_postgres_unreachable(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    env = {"LAKEHOUSE_HOME": str(tmp_path),
-           "LAKEHOUSE_PG_DSN": f"postgresql://u:secretpw@127.0.0.1:{free_port()}/db"}
+    env = {
+        "LAKEHOUSE_HOME": str(tmp_path),
+        "LAKEHOUSE_PG_DSN": f"postgresql://u:secretpw@127.0.0.1:{free_port()}/db",
+    }
     code, _, err = cli(env, "seed")
-    assert_one_line_error(code, err, "Postgres is not reachable at LAKEHOUSE_PG_DSN; start the "
-                                     "server or fix the DSN")
+    assert_one_line_error(
+        code, err, "Postgres is not reachable at LAKEHOUSE_PG_DSN; start the server or fix the DSN"
+    )
     assert "secretpw" not in err
 
 
 def test_embedded_postgres_not_started(cli) -> None:  # type: ignore[no-untyped-def]
     home = shared_tmp("lakehouse-cli-")
     code, _, err = cli({"LAKEHOUSE_HOME": str(home)}, "seed")
-    assert_one_line_error(code, err, "the embedded Postgres has never been started; run "
-                                     "`lakehouse db start`")
+    assert_one_line_error(
+        code, err, "the embedded Postgres has never been started; run `lakehouse db start`"
+    )
 
 
 def test_wrong_password(cli, pg_server: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -63,20 +71,30 @@ def test_wrong_password(cli, pg_server: str, tmp_path: Path) -> None:  # type: i
         conn.execute("DROP ROLE IF EXISTS lh_pw_test")
         conn.execute("CREATE ROLE lh_pw_test LOGIN PASSWORD 'right-password'")
     port = pg_server.split("@")[1].split("/")[0]
-    env = {"LAKEHOUSE_HOME": str(tmp_path),
-           "LAKEHOUSE_PG_DSN": f"postgresql://lh_pw_test:wrong-password@{port}/lakehouse"}
+    env = {
+        "LAKEHOUSE_HOME": str(tmp_path),
+        "LAKEHOUSE_PG_DSN": f"postgresql://lh_pw_test:wrong-password@{port}/lakehouse",
+    }
     code, _, err = cli(env, "seed")
-    assert_one_line_error(code, err, "Postgres rejected the password (LAKEHOUSE_PG_DSN); fix the "
-                                     "password in LAKEHOUSE_PG_DSN")
+    assert_one_line_error(
+        code,
+        err,
+        "Postgres rejected the password (LAKEHOUSE_PG_DSN); fix the password in LAKEHOUSE_PG_DSN",
+    )
     assert "wrong-password" not in err
 
 
 @pytest.fixture(scope="module")
 def replica_server() -> Iterator[str]:
     home = shared_tmp("lakehouse-replica-")
-    pg = EmbeddedPostgres(Settings(home=home), extra_options={"wal_level": "replica",
-                                                              "max_wal_senders": "2",
-                                                              "max_replication_slots": "0"})
+    pg = EmbeddedPostgres(
+        Settings(home=home),
+        extra_options={
+            "wal_level": "replica",
+            "max_wal_senders": "2",
+            "max_replication_slots": "0",
+        },
+    )
     pg.start()
     try:
         yield pg.dsn()
@@ -87,26 +105,36 @@ def replica_server() -> Iterator[str]:
 def test_wal_level_not_logical(cli, replica_server: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     env = {"LAKEHOUSE_HOME": str(tmp_path), "LAKEHOUSE_PG_DSN": replica_server}
     code, _, err = cli(env, "db", "status")
-    assert_one_line_error(code, err, "wal_level is `replica`; logical replication (CDC) needs "
-                                     "`logical`: set wal_level = logical in postgresql.conf and "
-                                     "restart the server")
+    assert_one_line_error(
+        code,
+        err,
+        "wal_level is `replica`; logical replication (CDC) needs "
+        "`logical`: set wal_level = logical in postgresql.conf and "
+        "restart the server",
+    )
 
 
 def test_configured_server_status(cli, pg_server: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    code, out, _ = cli({"LAKEHOUSE_HOME": str(tmp_path), "LAKEHOUSE_PG_DSN": pg_server},
-                       "db", "status")
+    code, out, _ = cli(
+        {"LAKEHOUSE_HOME": str(tmp_path), "LAKEHOUSE_PG_DSN": pg_server}, "db", "status"
+    )
     assert code == 0
     assert "wal_level=logical" in out
 
 
 def test_s3_endpoint_down(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     endpoint = f"http://127.0.0.1:{free_port()}"
-    env = {"LAKEHOUSE_HOME": str(tmp_path), "LAKEHOUSE_STORAGE_URI": "s3://lakehouse/x",
-           "LAKEHOUSE_S3_ENDPOINT": endpoint, "LAKEHOUSE_S3_ACCESS_KEY_ID": "k",
-           "LAKEHOUSE_S3_SECRET_ACCESS_KEY": "s3cr3t-value"}
+    env = {
+        "LAKEHOUSE_HOME": str(tmp_path),
+        "LAKEHOUSE_STORAGE_URI": "s3://lakehouse/x",
+        "LAKEHOUSE_S3_ENDPOINT": endpoint,
+        "LAKEHOUSE_S3_ACCESS_KEY_ID": "k",
+        "LAKEHOUSE_S3_SECRET_ACCESS_KEY": "s3cr3t-value",
+    }
     code, _, err = cli(env, "tables")
-    assert_one_line_error(code, err, f"S3 endpoint {endpoint} is not reachable; start it or fix "
-                                     "LAKEHOUSE_S3_ENDPOINT")
+    assert_one_line_error(
+        code, err, f"S3 endpoint {endpoint} is not reachable; start it or fix LAKEHOUSE_S3_ENDPOINT"
+    )
     assert "s3cr3t-value" not in err
 
 
@@ -116,8 +144,10 @@ def strict_s3() -> Iterator[str]:
     port = free_port()
     env = {"INITIAL_NO_AUTH_ACTION_COUNT": "0", "PATH": "/usr/bin:/bin"}
     server = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-p", str(port)], env=env,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [sys.executable, "-m", "moto.server", "-p", str(port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port(port)
@@ -128,9 +158,13 @@ def strict_s3() -> Iterator[str]:
 
 
 def test_s3_bad_keys(cli, strict_s3: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    env = {"LAKEHOUSE_HOME": str(tmp_path), "LAKEHOUSE_STORAGE_URI": "s3://lakehouse/x",
-           "LAKEHOUSE_S3_ENDPOINT": strict_s3, "LAKEHOUSE_S3_ACCESS_KEY_ID": "nobody",
-           "LAKEHOUSE_S3_SECRET_ACCESS_KEY": "wrong"}
+    env = {
+        "LAKEHOUSE_HOME": str(tmp_path),
+        "LAKEHOUSE_STORAGE_URI": "s3://lakehouse/x",
+        "LAKEHOUSE_S3_ENDPOINT": strict_s3,
+        "LAKEHOUSE_S3_ACCESS_KEY_ID": "nobody",
+        "LAKEHOUSE_S3_SECRET_ACCESS_KEY": "wrong",
+    }
     code, _, err = cli(env, "run")
     assert_one_line_error(code, err, f"S3 at {strict_s3} refused the credentials")
     assert "check LAKEHOUSE_S3_ACCESS_KEY_ID and LAKEHOUSE_S3_SECRET_ACCESS_KEY" in err
@@ -147,8 +181,10 @@ def test_bad_setting(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-de
     [
         (["seed", "--rows", "abc"], "lakehouse seed: argument --rows: `abc` is not a whole number"),
         (["seed", "--rows", "0"], "lakehouse seed: argument --rows: `0` must be at least 1"),
-        (["seed", "--rows", "200000000"], "--rows is 200000000; give a whole number from 1 to "
-                                          "100,000,000"),
+        (
+            ["seed", "--rows", "200000000"],
+            "--rows is 200000000; give a whole number from 1 to 100,000,000",
+        ),
         (["simulate", "--rate", "10"], "--rate and --duration go together: give both"),
         (["sql", "DROP TABLE silver.applicants"], "`lakehouse sql` is read-only: a DROP statement"),
         (["frobnicate"], "lakehouse: argument command: invalid choice: 'frobnicate'"),
@@ -195,8 +231,9 @@ def test_debug_shows_the_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 def test_console_script_exit_code(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "lakehouse.cli", "sql", "INSERT INTO x VALUES (1)"],
-        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin",
-                                             "LAKEHOUSE_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "LAKEHOUSE_HOME": str(tmp_path)},
         check=False,
     )
     assert result.returncode == 1

@@ -24,8 +24,9 @@ SILVER = ("applicants", "applicants_history", "applicants_rejected")
 def run_until_failpoint(settings: Settings, code: str, failpoint: str) -> None:
     """Run `code` in a child process, wait for it to reach `failpoint`, then SIGKILL it."""
     env = {**os.environ, **env_for(settings), "LAKEHOUSE_FAILPOINT": failpoint}
-    child = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE,
-                             text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True
+    )
     assert child.stderr is not None
     deadline = time.monotonic() + 120
     try:

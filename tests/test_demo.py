@@ -15,8 +15,15 @@ from tests.conftest import shared_tmp
 
 def demo(cwd: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ["PATH"], "HOME": cwd}
-    return subprocess.run([sys.executable, "-m", "lakehouse.cli", "demo"], cwd=cwd,
-                          capture_output=True, text=True, env=env, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "lakehouse.cli", "demo"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
 
 
 def test_demo_runs_then_reports_what_was_done() -> None:

@@ -19,7 +19,12 @@ def luigi(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **env_for(settings), "PYTHONPATH": str(ROOT)}
     return subprocess.run(
         [sys.executable, "-m", "luigi", "--module", "tasks", "Pipeline", *args],
-        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=300,
+        check=False,
     )
 
 
@@ -28,8 +33,10 @@ def test_second_run_does_nothing_and_new_changes_run_again(base_settings: Settin
     first = luigi(base_settings, "--local-scheduler")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "8 ran successfully" in first.stderr
-    versions = {t: storage.table("gold", t).version()
-                for t in ("application_features", "applicant_features")}
+    versions = {
+        t: storage.table("gold", t).version()
+        for t in ("application_features", "applicant_features")
+    }
     second = luigi(base_settings, "--local-scheduler")
     assert second.returncode == 0
     assert "Did not run any tasks" in second.stderr
@@ -38,8 +45,10 @@ def test_second_run_does_nothing_and_new_changes_run_again(base_settings: Settin
     third = luigi(base_settings, "--local-scheduler", "--workers", "2")
     assert third.returncode == 0, third.stderr[-3000:]
     assert "ran successfully" in third.stderr
-    assert storage.table("gold", "application_features").version() == versions[
-        "application_features"] + 1
+    assert (
+        storage.table("gold", "application_features").version()
+        == versions["application_features"] + 1
+    )
     assert read(storage, "silver", "applicants").height > 190
 
 
@@ -49,8 +58,9 @@ def test_a_failed_run_exits_non_zero(base_settings: Settings) -> None:
 
     from lakehouse.settings import Secret
 
-    broken = replace(base_settings,
-                     pg_dsn=Secret(f"postgresql://nobody:x@127.0.0.1:{free_port()}/none"))
+    broken = replace(
+        base_settings, pg_dsn=Secret(f"postgresql://nobody:x@127.0.0.1:{free_port()}/none")
+    )
     result = luigi(broken, "--local-scheduler")
     assert result.returncode != 0
     assert "Postgres is not reachable at LAKEHOUSE_PG_DSN" in result.stderr
@@ -62,10 +72,14 @@ def test_a_failing_task_exits_non_zero(base_settings: Settings) -> None:
     import psycopg
 
     with psycopg.connect(base_settings.pg_dsn.get(), autocommit=True) as conn:
-        conn.execute(f'ALTER TABLE "{base_settings.pg_schema}".applicants '
-                     "ALTER COLUMN credit_score TYPE text")
-        conn.execute(f'UPDATE "{base_settings.pg_schema}".applicants '
-                     "SET credit_score = 'n/a' WHERE applicant_id = 1")
+        conn.execute(
+            f'ALTER TABLE "{base_settings.pg_schema}".applicants '
+            "ALTER COLUMN credit_score TYPE text"
+        )
+        conn.execute(
+            f'UPDATE "{base_settings.pg_schema}".applicants '
+            "SET credit_score = 'n/a' WHERE applicant_id = 1"
+        )
     result = luigi(base_settings, "--local-scheduler")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "failed" in result.stderr
@@ -76,13 +90,23 @@ def test_runs_against_a_central_scheduler(base_settings: Settings, tmp_path: Pat
     seeded(base_settings, rows=50)
     port = free_port()
     luigid = subprocess.Popen(
-        [str(Path(sys.executable).parent / "luigid"), "--port", str(port),
-         "--logdir", str(tmp_path), "--state-path", str(tmp_path / "state.pickle")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            str(Path(sys.executable).parent / "luigid"),
+            "--port",
+            str(port),
+            "--logdir",
+            str(tmp_path),
+            "--state-path",
+            str(tmp_path / "state.pickle"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         wait_for_port(port)
-        result = luigi(base_settings, "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port))
+        result = luigi(
+            base_settings, "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port)
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         assert "8 ran successfully" in result.stderr
         again = luigi(base_settings, "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port))

@@ -40,8 +40,9 @@ def test_reads_every_variable() -> None:
 
 
 def test_secrets_never_show() -> None:
-    settings = Settings(pg_dsn=Secret("postgresql://u:hunter2@h/db"),
-                        s3_secret_access_key=Secret("topsecret"))
+    settings = Settings(
+        pg_dsn=Secret("postgresql://u:hunter2@h/db"), s3_secret_access_key=Secret("topsecret")
+    )
     assert "hunter2" not in repr(settings)
     assert "topsecret" not in repr(settings)
     assert "hunter2" not in str(settings.pg_dsn)
@@ -50,21 +51,31 @@ def test_secrets_never_show() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"LAKEHOUSE_BATCH_ROWS": "lots"}, "LAKEHOUSE_BATCH_ROWS is `lots`; it must be a whole number"),
+        (
+            {"LAKEHOUSE_BATCH_ROWS": "lots"},
+            "LAKEHOUSE_BATCH_ROWS is `lots`; it must be a whole number",
+        ),
         ({"LAKEHOUSE_BATCH_ROWS": "0"}, "LAKEHOUSE_BATCH_ROWS is `0`; it must be at least 1"),
         ({"LAKEHOUSE_SEED": "-1"}, "LAKEHOUSE_SEED is `-1`; it must be at least 0"),
         ({"LAKEHOUSE_BATCH_SIZE": "1"}, "unknown setting `LAKEHOUSE_BATCH_SIZE`"),
-        ({"LAKEHOUSE_STORAGE_URI": "gs://bucket/x"},
-         "LAKEHOUSE_STORAGE_URI is `gs://bucket/x`; use a local folder or `s3://bucket/prefix`"),
-        ({"LAKEHOUSE_STORAGE_URI": "s3://bucket/x"},
-         "LAKEHOUSE_STORAGE_URI is on S3 but LAKEHOUSE_S3_ACCESS_KEY_ID or "
-         "LAKEHOUSE_S3_SECRET_ACCESS_KEY is not set"),
-        ({"LAKEHOUSE_S3_ENDPOINT": "localhost:9000"},
-         "LAKEHOUSE_S3_ENDPOINT is `localhost:9000`; give a URL like `http://localhost:9000`"),
-        ({"LAKEHOUSE_PG_DSN": "not a dsn"},
-         "LAKEHOUSE_PG_DSN is not a Postgres connection string"),
-        ({"LAKEHOUSE_PG_SCHEMA": "drop table"},
-         "LAKEHOUSE_PG_SCHEMA is `drop table`; use letters, digits and underscores only"),
+        (
+            {"LAKEHOUSE_STORAGE_URI": "gs://bucket/x"},
+            "LAKEHOUSE_STORAGE_URI is `gs://bucket/x`; use a local folder or `s3://bucket/prefix`",
+        ),
+        (
+            {"LAKEHOUSE_STORAGE_URI": "s3://bucket/x"},
+            "LAKEHOUSE_STORAGE_URI is on S3 but LAKEHOUSE_S3_ACCESS_KEY_ID or "
+            "LAKEHOUSE_S3_SECRET_ACCESS_KEY is not set",
+        ),
+        (
+            {"LAKEHOUSE_S3_ENDPOINT": "localhost:9000"},
+            "LAKEHOUSE_S3_ENDPOINT is `localhost:9000`; give a URL like `http://localhost:9000`",
+        ),
+        ({"LAKEHOUSE_PG_DSN": "not a dsn"}, "LAKEHOUSE_PG_DSN is not a Postgres connection string"),
+        (
+            {"LAKEHOUSE_PG_SCHEMA": "drop table"},
+            "LAKEHOUSE_PG_SCHEMA is `drop table`; use letters, digits and underscores only",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:

@@ -19,17 +19,20 @@ def lake(settings: Settings) -> Storage:
 
 def test_views_over_every_zone(settings: Settings, lake: Storage) -> None:
     result = sql.run_query(
-        settings, lake,
+        settings,
+        lake,
         "SELECT (SELECT count(*) FROM bronze.applicants) AS b,"
         " (SELECT count(*) FROM silver.applicants) AS s,"
         " (SELECT count(*) FROM gold.application_features) AS g",
     )
     assert result.columns == ["b", "s", "g"]
-    assert result.rows == [(
-        read(lake, "bronze", "applicants").height,
-        read(lake, "silver", "applicants").height,
-        read(lake, "gold", "application_features").height,
-    )]
+    assert result.rows == [
+        (
+            read(lake, "bronze", "applicants").height,
+            read(lake, "silver", "applicants").height,
+            read(lake, "gold", "application_features").height,
+        )
+    ]
 
 
 def test_time_travel_reads_an_old_version(settings: Settings, lake: Storage) -> None:
@@ -37,8 +40,9 @@ def test_time_travel_reads_an_old_version(settings: Settings, lake: Storage) -> 
     churn(settings, changes=200)
     run_all(settings, lake)
     assert lake.table("silver", "loan_applications").version() >= 1
-    old = sql.run_query(settings, lake, "SELECT count(*) FROM silver.loan_applications",
-                        as_of_version=0)
+    old = sql.run_query(
+        settings, lake, "SELECT count(*) FROM silver.loan_applications", as_of_version=0
+    )
     new = sql.run_query(settings, lake, "SELECT count(*) FROM silver.loan_applications")
     assert old.rows == [(before,)]
     assert new.rows == [(read(lake, "silver", "loan_applications").height,)]
@@ -46,9 +50,10 @@ def test_time_travel_reads_an_old_version(settings: Settings, lake: Storage) -> 
 
 
 def test_time_travel_to_a_missing_version(settings: Settings, lake: Storage) -> None:
-    with pytest.raises(TableNotFoundError, match=re.escape(
-        "table `silver.applicants` has no version 9: its latest version is 0"
-    )):
+    with pytest.raises(
+        TableNotFoundError,
+        match=re.escape("table `silver.applicants` has no version 9: its latest version is 0"),
+    ):
         sql.run_query(settings, lake, "SELECT * FROM silver.applicants", as_of_version=9)
 
 
@@ -67,15 +72,20 @@ def test_time_travel_to_a_missing_version(settings: Settings, lake: Storage) -> 
     ],
 )
 def test_writes_are_refused(statement: str) -> None:
-    with pytest.raises(SqlError, match=r"^`lakehouse sql` is read-only: a \w+ statement is not allowed"):
+    with pytest.raises(
+        SqlError, match=r"^`lakehouse sql` is read-only: a \w+ statement is not allowed"
+    ):
         sql.check_read_only(statement)
 
 
 def test_writes_are_refused_before_touching_tables(settings: Settings, lake: Storage) -> None:
     version = lake.table("silver", "applicants").version()
-    with pytest.raises(SqlError, match=re.escape(
-        "`lakehouse sql` is read-only: a DELETE statement is not allowed; use SELECT"
-    )):
+    with pytest.raises(
+        SqlError,
+        match=re.escape(
+            "`lakehouse sql` is read-only: a DELETE statement is not allowed; use SELECT"
+        ),
+    ):
         sql.run_query(settings, lake, "DELETE FROM silver.applicants")
     with pytest.raises(SqlError, match=re.escape("give exactly one statement, not 2")):
         sql.run_query(settings, lake, "SELECT 1; DELETE FROM silver.applicants")
@@ -86,17 +96,26 @@ def test_writes_are_refused_before_touching_tables(settings: Settings, lake: Sto
 def test_syntax_and_unknown_table_errors(settings: Settings, lake: Storage) -> None:
     with pytest.raises(SqlError, match=re.escape("SQL error: Binder Error")):
         sql.run_query(settings, lake, "SELECT no_such_column FROM silver.applicants")
-    with pytest.raises(SqlError, match=re.escape('SQL syntax error: Parser Error: syntax error at or near "SELEC"')):
+    with pytest.raises(
+        SqlError, match=re.escape('SQL syntax error: Parser Error: syntax error at or near "SELEC"')
+    ):
         sql.run_query(settings, lake, "SELEC 1")
-    with pytest.raises(TableNotFoundError, match=re.escape(
-        "unknown table `silver.nope`; tables are named zone.table (bronze., silver., gold.)"
-    )):
+    with pytest.raises(
+        TableNotFoundError,
+        match=re.escape(
+            "unknown table `silver.nope`; tables are named zone.table (bronze., silver., gold.)"
+        ),
+    ):
         sql.run_query(settings, lake, "SELECT * FROM silver.nope")
 
 
 def test_render_formats(settings: Settings, lake: Storage) -> None:
-    result = sql.run_query(settings, lake, "SELECT applicant_id, person_gender, updated_at "
-                           "FROM silver.applicants ORDER BY applicant_id LIMIT 2")
+    result = sql.run_query(
+        settings,
+        lake,
+        "SELECT applicant_id, person_gender, updated_at "
+        "FROM silver.applicants ORDER BY applicant_id LIMIT 2",
+    )
     table = sql.render(result)
     lines = table.splitlines()
     assert lines[0].split(" | ")[0].strip() == "applicant_id"

@@ -102,10 +102,7 @@ class EmbeddedPostgres:
     def dsn(self) -> str:
         """Return the DSN of the running cluster (holds the password: never print it)."""
         password = self._secret_file.read_text().strip() if self._secret_file.exists() else ""
-        return (
-            f"postgresql://{USER}:{password}@127.0.0.1:{self.port()}/{DATABASE}"
-            "?sslmode=disable"
-        )
+        return f"postgresql://{USER}:{password}@127.0.0.1:{self.port()}/{DATABASE}?sslmode=disable"
 
     def public_url(self) -> str:
         """Return the DSN without its password, for display."""
@@ -144,8 +141,19 @@ class EmbeddedPostgres:
             self.log.touch()
             shutil.chown(self.log, user=owner)
         result = self._run(
-            ["pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(self.log),
-             "-o", opts],
+            [
+                "pg_ctl",
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                str(self.data),
+                "-l",
+                str(self.log),
+                "-o",
+                opts,
+            ],
             check=False,
         )
         if result.returncode != 0:
@@ -199,8 +207,20 @@ class EmbeddedPostgres:
         (self.root / "bin_dir").write_text(f"{find_bin_dir(self.settings.pg_bin)}\n")
         try:
             self._run(
-                ["initdb", "-D", str(self.data), "-U", USER, "--pwfile", str(pwfile),
-                 "--auth=scram-sha-256", "-E", "UTF8", "--locale=C", "--no-sync"]
+                [
+                    "initdb",
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    USER,
+                    "--pwfile",
+                    str(pwfile),
+                    "--auth=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-sync",
+                ]
             )
         finally:
             pwfile.unlink(missing_ok=True)

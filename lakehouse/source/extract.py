@@ -75,7 +75,9 @@ def check_can_fence(conn: psycopg.Connection) -> None:
         raise SourceError(msg)
 
 
-def has_changes(conn: psycopg.Connection, schema: str, table: SourceTable, lo_us: int | None) -> bool:
+def has_changes(
+    conn: psycopg.Connection, schema: str, table: SourceTable, lo_us: int | None
+) -> bool:
     """Tell whether anything changed at or after `lo_us` (cheap: uses the timestamp indexes)."""
     if lo_us is None:
         return True
@@ -104,8 +106,8 @@ def _query(schema: str, table: SourceTable, window: Window) -> sql.Composable:
     lo = sql.Literal(window.lo_us)
     hi = sql.Literal(window.hi_us)
     in_window = sql.SQL(
-        "{c} < to_timestamp({hi} / 1e6)" + (" AND {c} >= to_timestamp({lo} / 1e6)"
-                                             if window.lo_us is not None else "")
+        "{c} < to_timestamp({hi} / 1e6)"
+        + (" AND {c} >= to_timestamp({lo} / 1e6)" if window.lo_us is not None else "")
     )
     return sql.SQL(
         "SELECT {cols}, 'upsert', (extract(epoch FROM updated_at) * 1000000)::bigint FROM {t}"
@@ -180,9 +182,7 @@ def _row_boundary(buf: bytearray) -> int:
 def _parse(
     data: bytes, raw: dict[str, pl.DataType], target: dict[str, pl.DataType]
 ) -> pl.DataFrame:
-    frame = pl.read_csv(
-        io.BytesIO(data), has_header=False, new_columns=list(raw), schema=raw
-    )
+    frame = pl.read_csv(io.BytesIO(data), has_header=False, new_columns=list(raw), schema=raw)
     return frame.with_columns(
         pl.col(name).cast(dtype) for name, dtype in target.items() if isinstance(dtype, pl.Datetime)
     )

@@ -202,7 +202,5 @@ def drop_schema(conn: psycopg.Connection, schema: str) -> None:
 
 def count_rows(conn: psycopg.Connection, schema: str, table: str) -> int:
     """Count the rows of a source table."""
-    row = conn.execute(
-        sql.SQL("SELECT count(*) FROM {}").format(ident(schema, table))
-    ).fetchone()
+    row = conn.execute(sql.SQL("SELECT count(*) FROM {}").format(ident(schema, table))).fetchone()
     return int(row[0]) if row else 0

@@ -20,7 +20,6 @@ from lakehouse.source.schema import (
     create_schema,
     drop_schema,
     ident,
-    schema_exists,
 )
 
 DATASET_ROWS = 45_000
@@ -36,7 +35,9 @@ def load_dataset() -> pl.DataFrame:
         return pl.read_csv(csv)
 
 
-def synthesize(rows: int, *, seed: int, now: datetime | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
+def synthesize(
+    rows: int, *, seed: int, now: datetime | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Build `rows` applicants and applications: the dataset's rows, then rows drawn from it.
 
     Rows beyond the dataset are whole dataset rows sampled with replacement, so the joint
@@ -58,10 +59,12 @@ def synthesize(rows: int, *, seed: int, now: datetime | None = None) -> tuple[pl
         income = np.round(drawn["person_income"].to_numpy() * rng.lognormal(0.0, 0.1, extra), 0)
         amount = np.clip(
             np.round(drawn["loan_amnt"].to_numpy() * rng.lognormal(0.0, 0.1, extra) / 25) * 25,
-            500, 35_000,
+            500,
+            35_000,
         )
-        rate = np.clip(np.round(drawn["loan_int_rate"].to_numpy() + rng.normal(0, 0.3, extra), 2),
-                       5.42, 20.0)
+        rate = np.clip(
+            np.round(drawn["loan_int_rate"].to_numpy() + rng.normal(0, 0.3, extra), 2), 5.42, 20.0
+        )
         score = np.clip(drawn["credit_score"].to_numpy() + rng.integers(-15, 16, extra), 390, 850)
         drawn = drawn.with_columns(
             person_income=pl.Series(income),

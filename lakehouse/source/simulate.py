@@ -24,8 +24,14 @@ MIX = {
 }
 
 _PERSON = (
-    "person_age", "person_gender", "person_education", "person_income", "person_emp_exp",
-    "person_home_ownership", "cb_person_cred_hist_length", "credit_score",
+    "person_age",
+    "person_gender",
+    "person_education",
+    "person_income",
+    "person_emp_exp",
+    "person_home_ownership",
+    "cb_person_cred_hist_length",
+    "credit_score",
     "previous_loan_defaults_on_file",
 )
 _PG_TYPES = ("int", "text", "text", "float8", "int", "text", "int", "int", "text")
@@ -84,15 +90,16 @@ class Simulator:
 
     def _new_applications(self, n: int) -> tuple[int, int]:
         cols = self._sample(n)
-        unnest = sql.SQL(", ").join(
-            sql.SQL("%s::{}[]").format(sql.SQL(t)) for t in _PG_TYPES
-        )
+        unnest = sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(t)) for t in _PG_TYPES)
         person = sql.SQL(", ").join(ident(c) for c in _PERSON)
         ids = self.conn.execute(
             sql.SQL("INSERT INTO {} ({}) SELECT * FROM unnest({}) RETURNING applicant_id").format(
                 self._t("applicants"), person, unnest
             ),
-            [[int(v) if t == "int" else v for v in cols[c]] for c, t in zip(_PERSON, _PG_TYPES, strict=True)],
+            [
+                [int(v) if t == "int" else v for v in cols[c]]  # type: ignore[call-overload]
+                for c, t in zip(_PERSON, _PG_TYPES, strict=True)
+            ],
         ).fetchall()
         applicant_ids = [r[0] for r in ids]
         return len(applicant_ids), self._insert_applications(applicant_ids, cols)
@@ -189,7 +196,7 @@ def simulate(
     batch_size: int = 100,
     seed: int = 42,
 ) -> SimulationResult:
-    """Write changes: `changes` of them as fast as possible, or `rate` per second for `duration` s."""
+    """Write `changes` changes as fast as possible, or `rate` a second for `duration` seconds."""
     if changes is None and rate is None:
         changes = 1_000
     if changes is not None and changes < 1:

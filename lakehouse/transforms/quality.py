@@ -10,7 +10,12 @@ GENDERS = ("female", "male")
 EDUCATION = ("High School", "Associate", "Bachelor", "Master", "Doctorate")
 HOME_OWNERSHIP = ("RENT", "OWN", "MORTGAGE", "OTHER")
 INTENTS = (
-    "PERSONAL", "EDUCATION", "MEDICAL", "VENTURE", "HOMEIMPROVEMENT", "DEBTCONSOLIDATION",
+    "PERSONAL",
+    "EDUCATION",
+    "MEDICAL",
+    "VENTURE",
+    "HOMEIMPROVEMENT",
+    "DEBTCONSOLIDATION",
 )
 YES_NO = ("Yes", "No")
 
@@ -37,37 +42,65 @@ APPLICANT_RULES: tuple[Rule, ...] = (
     ),
     Rule("income_positive", "person_income is above 0", pl.col("person_income") > 0),
     Rule(
-        "income_range", "person_income is at most 10,000,000",
+        "income_range",
+        "person_income is at most 10,000,000",
         pl.col("person_income") <= 10_000_000,
     ),
     Rule(
-        "credit_history_range", "cb_person_cred_hist_length is between 0 and 80",
+        "credit_history_range",
+        "cb_person_cred_hist_length is between 0 and 80",
         _between("cb_person_cred_hist_length", 0, 80),
     ),
-    Rule("credit_score_range", "credit_score is between 300 and 850",
-         _between("credit_score", 300, 850)),
-    Rule("gender_known", f"person_gender is one of {GENDERS}",
-         pl.col("person_gender").is_in(GENDERS)),
-    Rule("education_known", f"person_education is one of {EDUCATION}",
-         pl.col("person_education").is_in(EDUCATION)),
-    Rule("home_ownership_known", f"person_home_ownership is one of {HOME_OWNERSHIP}",
-         pl.col("person_home_ownership").is_in(HOME_OWNERSHIP)),
-    Rule("previous_defaults_known", "previous_loan_defaults_on_file is Yes or No",
-         pl.col("previous_loan_defaults_on_file").is_in(YES_NO)),
+    Rule(
+        "credit_score_range",
+        "credit_score is between 300 and 850",
+        _between("credit_score", 300, 850),
+    ),
+    Rule(
+        "gender_known", f"person_gender is one of {GENDERS}", pl.col("person_gender").is_in(GENDERS)
+    ),
+    Rule(
+        "education_known",
+        f"person_education is one of {EDUCATION}",
+        pl.col("person_education").is_in(EDUCATION),
+    ),
+    Rule(
+        "home_ownership_known",
+        f"person_home_ownership is one of {HOME_OWNERSHIP}",
+        pl.col("person_home_ownership").is_in(HOME_OWNERSHIP),
+    ),
+    Rule(
+        "previous_defaults_known",
+        "previous_loan_defaults_on_file is Yes or No",
+        pl.col("previous_loan_defaults_on_file").is_in(YES_NO),
+    ),
 )
 
 LOAN_RULES: tuple[Rule, ...] = (
-    Rule("amount_range", "loan_amnt is between 1 and 1,000,000",
-         _between("loan_amnt", 1, 1_000_000)),
-    Rule("interest_rate_range", "loan_int_rate is between 0 and 100 (percent)",
-         (pl.col("loan_int_rate") > 0) & (pl.col("loan_int_rate") <= 100)),
-    Rule("percent_income_range", "loan_percent_income is between 0 and 1",
-         _between("loan_percent_income", 0, 1)),
+    Rule(
+        "amount_range", "loan_amnt is between 1 and 1,000,000", _between("loan_amnt", 1, 1_000_000)
+    ),
+    Rule(
+        "interest_rate_range",
+        "loan_int_rate is between 0 and 100 (percent)",
+        (pl.col("loan_int_rate") > 0) & (pl.col("loan_int_rate") <= 100),
+    ),
+    Rule(
+        "percent_income_range",
+        "loan_percent_income is between 0 and 1",
+        _between("loan_percent_income", 0, 1),
+    ),
     Rule("intent_known", f"loan_intent is one of {INTENTS}", pl.col("loan_intent").is_in(INTENTS)),
-    Rule("status_known", "loan_status is empty (pending), 0 or 1",
-         pl.col("loan_status").is_null() | pl.col("loan_status").is_in((0, 1))),
-    Rule("applied_before_update", "applied_at is set and not after updated_at",
-         pl.col("applied_at") <= pl.col("updated_at")),
+    Rule(
+        "status_known",
+        "loan_status is empty (pending), 0 or 1",
+        pl.col("loan_status").is_null() | pl.col("loan_status").is_in((0, 1)),
+    ),
+    Rule(
+        "applied_before_update",
+        "applied_at is set and not after updated_at",
+        pl.col("applied_at") <= pl.col("updated_at"),
+    ),
 )
 
 APPLICANT_EXISTS = "applicant_exists"
@@ -122,8 +155,6 @@ def validate(
     good = frame.filter(~bad)
     source = frame if raw is None else raw
     rejected = (
-        source.hstack(failures)
-        .filter(bad)
-        .with_columns(_rule=pl.col("_failed_rules").list.first())
+        source.hstack(failures).filter(bad).with_columns(_rule=pl.col("_failed_rules").list.first())
     )
     return good, rejected

@@ -21,8 +21,10 @@ def to_silver_types(frame: pl.DataFrame, table: str) -> pl.DataFrame:
 
 def ordered(changes: pl.DataFrame, key: str) -> pl.DataFrame:
     """Sort changes per key in source order: timestamp, then upsert before delete, then batch."""
-    return changes.with_columns(_rank=_OP_RANK).sort([key, "_source_ts", "_rank", "_batch_id"]).drop(
-        "_rank"
+    return (
+        changes.with_columns(_rank=_OP_RANK)
+        .sort([key, "_source_ts", "_rank", "_batch_id"])
+        .drop("_rank")
     )
 
 

@@ -69,12 +69,16 @@ def ingest(settings: Settings, storage: Storage, table: str) -> IngestResult:
         lo = watermark(storage, table)
         hi = extract.fence(conn)
         window = extract.Window(lo, hi)
-        if lo is not None and (hi <= lo or not extract.has_changes(conn, settings.pg_schema, source, lo)):
+        if lo is not None and (
+            hi <= lo or not extract.has_changes(conn, settings.pg_schema, source, lo)
+        ):
             return IngestResult(table, window.mode, 0, 0, None)
         conn.autocommit = False
         counts = {"rows": 0, "deletes": 0}
         batches = _with_lineage(
-            extract.extract(conn, settings.pg_schema, source, window, batch_rows=settings.batch_rows),
+            extract.extract(
+                conn, settings.pg_schema, source, window, batch_rows=settings.batch_rows
+            ),
             window,
             counts,
         )

@@ -93,6 +93,4 @@ def _normalise(reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
     schema = pa.schema(fields)
     if schema == reader.schema:
         return reader
-    return pa.RecordBatchReader.from_batches(
-        schema, (batch.cast(schema) for batch in reader)
-    )
+    return pa.RecordBatchReader.from_batches(schema, (batch.cast(schema) for batch in reader))

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import polars as pl
 import pyarrow as pa
-from deltalake import DeltaTable, write_deltalake
+from deltalake import CommitProperties, DeltaTable, write_deltalake
 
 from lakehouse.errors import TableNotFoundError
 from lakehouse.failpoints import failpoint
@@ -89,16 +89,16 @@ def promote(storage: Storage, table: str) -> PromoteResult:
         props = commit_properties(
             {app_id("silver", name, f"bronze.{table}"): last},
             operation=f"promote-{target}",
-            metadata={"lakehouse.bronze_batch_from": str(done[target]),
-                      "lakehouse.bronze_batch_to": str(last)},
+            metadata={
+                "lakehouse.bronze_batch_from": str(done[target]),
+                "lakehouse.bronze_batch_to": str(last),
+            },
         )
         if target == "rejected":
             frame = since(rejected, target).with_columns(
                 _rejected_at=pl.lit(datetime.now(UTC)).cast(pl.Datetime("us", "UTC"))
             )
-            result.rejects_by_rule = dict(
-                frame.group_by("_rule").len().sort("_rule").iter_rows()
-            )
+            result.rejects_by_rule = dict(frame.group_by("_rule").len().sort("_rule").iter_rows())
             _append(storage, name, frame, props)
         elif target == "history":
             versions, closings = transform.scd2(since(good, target), key)
@@ -143,18 +143,18 @@ def _stream(frame: pl.DataFrame, name: str) -> pa.RecordBatchReader:
     return pa.RecordBatchReader.from_batches(table.schema, batches())
 
 
-def _append(storage: Storage, name: str, frame: pl.DataFrame, props: object) -> None:
+def _append(storage: Storage, name: str, frame: pl.DataFrame, props: CommitProperties) -> None:
     write_deltalake(
         storage.uri("silver", name),
         _stream(frame, name),
         mode="append",
         storage_options=storage.options,
-        commit_properties=props,  # type: ignore[arg-type]
+        commit_properties=props,
     )
 
 
 def _merge_current(
-    storage: Storage, name: str, key: str, latest: pl.DataFrame, props: object
+    storage: Storage, name: str, key: str, latest: pl.DataFrame, props: CommitProperties
 ) -> None:
     dt = storage.table_or_none("silver", name)
     if dt is None:
@@ -168,7 +168,7 @@ def _merge_current(
             predicate=f's."{key}" = t."{key}"',
             source_alias="s",
             target_alias="t",
-            commit_properties=props,  # type: ignore[arg-type]
+            commit_properties=props,
         )
         .when_matched_delete(predicate="s._op = 'delete'")
         .when_matched_update_all(
@@ -185,7 +185,7 @@ def _merge_history(
     key: str,
     versions: pl.DataFrame,
     closings: pl.DataFrame,
-    props: object,
+    props: CommitProperties,
 ) -> None:
     dt = storage.table_or_none("silver", name)
     if dt is None:
@@ -193,9 +193,7 @@ def _merge_history(
         return
     # One MERGE closes the open versions (rows with `_close_key`) and inserts the new ones
     # (rows without), so history never shows two open versions of a key.
-    close_rows = closings.select(
-        pl.col(key).alias("_close_key"), pl.col("_close_at")
-    )
+    close_rows = closings.select(pl.col(key).alias("_close_key"), pl.col("_close_at"))
     new_rows = versions.with_columns(
         _close_key=pl.lit(None, pl.Int64), _close_at=pl.lit(None, pl.Datetime("us", "UTC"))
     )
@@ -206,7 +204,7 @@ def _merge_history(
             predicate=f't."{key}" = s._close_key AND t.valid_to IS NULL',
             source_alias="s",
             target_alias="t",
-            commit_properties=props,  # type: ignore[arg-type]
+            commit_properties=props,
         )
         .when_matched_update({"valid_to": "s._close_at", "is_current": "false"})
         .when_not_matched_insert_all(

@@ -1,4 +1,4 @@
-"""The embedded cluster: lifecycle through the CLI, as root or not, with system or wheel binaries."""
+"""The embedded cluster: lifecycle through the CLI, with system or pgserver binaries."""
 
 from __future__ import annotations
 
@@ -15,10 +15,18 @@ from lakehouse.source.embedded import EmbeddedPostgres, find_bin_dir, pgserver_b
 from tests.conftest import shared_tmp
 
 
-def cli(home: str, *args: str, extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    home: str, *args: str, extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ["PATH"], "LAKEHOUSE_HOME": home, **(extra or {})}
-    return subprocess.run([sys.executable, "-m", "lakehouse.cli", *args], capture_output=True,
-                          text=True, env=env, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "lakehouse.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
 
 
 @pytest.mark.parametrize("binaries", ["system", "pgserver"])

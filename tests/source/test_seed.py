@@ -26,7 +26,7 @@ def test_seed_loads_the_whole_dataset(base_settings: Settings) -> None:
     data = seed.load_dataset()
     src = source_frame(
         base_settings,
-        f'SELECT a.person_age, a.person_income, a.credit_score, l.loan_amnt, l.loan_status, '
+        f"SELECT a.person_age, a.person_income, a.credit_score, l.loan_amnt, l.loan_status, "
         f'l.applied_at, a.updated_at AS profile_at FROM "{base_settings.pg_schema}".applicants a '
         f'JOIN "{base_settings.pg_schema}".loan_applications l USING (applicant_id) '
         "ORDER BY applicant_id",
@@ -52,9 +52,14 @@ def test_seed_is_reproducible_and_scales_from_the_distributions() -> None:
     assert extra["loan_int_rate"].is_between(5.42, 20.0).all()
     assert set(extra["loan_intent"]) == set(data["loan_intent"])
     # The label keeps its dependence on prior defaults (drawn as whole rows).
-    joined = a1.slice(45_000).select("previous_loan_defaults_on_file").hstack(
-        extra.select("loan_status"))
-    assert joined.filter(pl.col("previous_loan_defaults_on_file") == "Yes")["loan_status"].max() == 0
+    joined = (
+        a1.slice(45_000)
+        .select("previous_loan_defaults_on_file")
+        .hstack(extra.select("loan_status"))
+    )
+    assert (
+        joined.filter(pl.col("previous_loan_defaults_on_file") == "Yes")["loan_status"].max() == 0
+    )
     approval = extra["loan_status"].mean()
     assert approval is not None and abs(approval - 10_000 / 45_000) < 0.02
 
@@ -81,20 +86,31 @@ def test_simulate_writes_every_kind_of_change(base_settings: Settings) -> None:
         conn.commit()
     with schema.connect(base_settings, autocommit=True) as conn:
         result = simulate(conn, base_settings.pg_schema, changes=500, batch_size=50)
-    assert set(result.counts) == {"new_applicant", "new_application", "returning_application",
-                                  "decision", "applicant_update", "withdrawal"}
+    assert set(result.counts) == {
+        "new_applicant",
+        "new_application",
+        "returning_application",
+        "decision",
+        "applicant_update",
+        "withdrawal",
+    }
     assert all(v > 0 for v in result.counts.values())
     assert result.transactions == 10
     s = f'"{base_settings.pg_schema}"'
     assert count(base_settings, "applicants") == 200 + result.counts["new_applicant"]
     assert count(base_settings, "loan_applications") == (
-        200 + result.counts["new_application"] + result.counts["returning_application"]
-        - result.counts["withdrawal"])
+        200
+        + result.counts["new_application"]
+        + result.counts["returning_application"]
+        - result.counts["withdrawal"]
+    )
     tombstones = source_frame(base_settings, f"SELECT count(*) AS n FROM {s}.deleted_rows")
     assert tombstones["n"][0] == result.counts["withdrawal"]
     # Every update re-stamped updated_at; returning applicants have several applications.
-    multi = source_frame(base_settings, f"SELECT applicant_id FROM {s}.loan_applications "
-                                        "GROUP BY 1 HAVING count(*) > 1")
+    multi = source_frame(
+        base_settings,
+        f"SELECT applicant_id FROM {s}.loan_applications GROUP BY 1 HAVING count(*) > 1",
+    )
     assert multi.height > 0
 
 

@@ -9,15 +9,30 @@ T0 = datetime(2026, 1, 1, tzinfo=UTC)
 T1 = datetime(2026, 1, 2, tzinfo=UTC)
 
 GOOD_APPLICANT = {
-    "applicant_id": 1, "person_age": 30, "person_gender": "female",
-    "person_education": "Master", "person_income": 50_000.0, "person_emp_exp": 5,
-    "person_home_ownership": "RENT", "cb_person_cred_hist_length": 4, "credit_score": 650,
-    "previous_loan_defaults_on_file": "No", "updated_at": T0, "_op": "upsert",
+    "applicant_id": 1,
+    "person_age": 30,
+    "person_gender": "female",
+    "person_education": "Master",
+    "person_income": 50_000.0,
+    "person_emp_exp": 5,
+    "person_home_ownership": "RENT",
+    "cb_person_cred_hist_length": 4,
+    "credit_score": 650,
+    "previous_loan_defaults_on_file": "No",
+    "updated_at": T0,
+    "_op": "upsert",
 }
 GOOD_LOAN = {
-    "application_id": 1, "applicant_id": 1, "loan_amnt": 10_000.0, "loan_intent": "MEDICAL",
-    "loan_int_rate": 11.5, "loan_percent_income": 0.2, "loan_status": None,
-    "applied_at": T0, "updated_at": T1, "_op": "upsert",
+    "application_id": 1,
+    "applicant_id": 1,
+    "loan_amnt": 10_000.0,
+    "loan_intent": "MEDICAL",
+    "loan_int_rate": 11.5,
+    "loan_percent_income": 0.2,
+    "loan_status": None,
+    "applied_at": T0,
+    "updated_at": T1,
+    "_op": "upsert",
 }
 
 
@@ -72,7 +87,8 @@ def test_each_applicant_rule_rejects_with_its_name(change: dict[str, object], ru
 def test_each_loan_rule_rejects_with_its_name(change: dict[str, object], rule: str) -> None:
     rows = frame({**GOOD_LOAN, **change})
     good, rejected = quality.validate(
-        quality.clean(rows, "loan_applications"), quality.LOAN_RULES,
+        quality.clean(rows, "loan_applications"),
+        quality.LOAN_RULES,
         known_keys=("applicant_id", pl.Series([1], dtype=pl.Int64)),
     )
     assert good.height == 0
@@ -97,8 +113,10 @@ def test_applicant_exists_rule() -> None:
 
 def test_good_rows_pass_and_all_failures_are_listed() -> None:
     rows = pl.concat(
-        [frame(GOOD_APPLICANT), frame({**GOOD_APPLICANT, "applicant_id": 2, "person_age": 150,
-                                       "credit_score": 10})]
+        [
+            frame(GOOD_APPLICANT),
+            frame({**GOOD_APPLICANT, "applicant_id": 2, "person_age": 150, "credit_score": 10}),
+        ]
     )
     good, rejected = quality.validate(rows, quality.APPLICANT_RULES)
     assert good["applicant_id"].to_list() == [1]
@@ -115,8 +133,15 @@ def test_deletes_are_never_rejected() -> None:
 
 
 def test_clean_normalises_categories() -> None:
-    rows = frame({**GOOD_APPLICANT, "person_gender": " Female ", "person_education": "high school",
-                  "person_home_ownership": "rent", "previous_loan_defaults_on_file": "yes"})
+    rows = frame(
+        {
+            **GOOD_APPLICANT,
+            "person_gender": " Female ",
+            "person_education": "high school",
+            "person_home_ownership": "rent",
+            "previous_loan_defaults_on_file": "yes",
+        }
+    )
     cleaned = quality.clean(rows, "applicants")
     assert cleaned["person_gender"].to_list() == ["female"]
     assert cleaned["person_education"].to_list() == ["High School"]

@@ -22,20 +22,33 @@ def changes(rows: list[tuple[int, str, int, int | None]]) -> pl.DataFrame:
 
 
 def test_latest_change_wins_including_deletes() -> None:
-    frame = changes([(1, "upsert", 2, 20), (1, "upsert", 1, 10), (2, "upsert", 1, 5),
-                     (2, "delete", 3, None), (3, "upsert", 4, 7)])
+    frame = changes(
+        [
+            (1, "upsert", 2, 20),
+            (1, "upsert", 1, 10),
+            (2, "upsert", 1, 5),
+            (2, "delete", 3, None),
+            (3, "upsert", 4, 7),
+        ]
+    )
     latest = silver.latest(frame, "id").sort("id")
     assert latest.select("id", "_op", "value").rows() == [
-        (1, "upsert", 20), (2, "delete", None), (3, "upsert", 7)
+        (1, "upsert", 20),
+        (2, "delete", None),
+        (3, "upsert", 7),
     ]
 
 
 def test_scd2_versions_and_closings() -> None:
-    frame = changes([(1, "upsert", 1, 10), (1, "upsert", 5, 11), (1, "delete", 9, None),
-                     (2, "upsert", 3, 1)])
+    frame = changes(
+        [(1, "upsert", 1, 10), (1, "upsert", 5, 11), (1, "delete", 9, None), (2, "upsert", 3, 1)]
+    )
     versions, closings = silver.scd2(frame, "id")
-    got = versions.sort("id", "valid_from").select("id", "value", "valid_from", "valid_to",
-                                                     "is_current").rows()
+    got = (
+        versions.sort("id", "valid_from")
+        .select("id", "value", "valid_from", "valid_to", "is_current")
+        .rows()
+    )
     assert got == [
         (1, 10, T + timedelta(minutes=1), T + timedelta(minutes=5), False),
         (1, 11, T + timedelta(minutes=5), T + timedelta(minutes=9), False),

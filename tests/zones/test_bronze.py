@@ -1,4 +1,3 @@
-
 import polars as pl
 import psycopg
 import pytest
@@ -28,8 +27,10 @@ def test_snapshot_carries_lineage(settings: Settings) -> None:
     # The values are the source's, column by column.
     src = source_frame(settings, f'SELECT * FROM "{settings.pg_schema}".applicants')
     cols = [c for c in src.columns]
-    assert rows.select(cols).sort("applicant_id").equals(
-        src.select(cols).sort("applicant_id").cast(dict(rows.select(cols).schema))
+    assert (
+        rows.select(cols)
+        .sort("applicant_id")
+        .equals(src.select(cols).sort("applicant_id").cast(dict(rows.select(cols).schema)))
     )
     assert bronze.watermark(storage, "applicants") == result.batch_id
 
@@ -48,7 +49,7 @@ def test_incremental_takes_updates_inserts_and_deletes_once(settings: Settings) 
     # Every delete in the source shows up once, as a key-only tombstone.
     deleted = source_frame(
         settings,
-        f"SELECT row_id FROM \"{settings.pg_schema}\".deleted_rows "
+        f'SELECT row_id FROM "{settings.pg_schema}".deleted_rows '
         "WHERE table_name = 'loan_applications'",
     )
     tombstones = new.filter(pl.col("_op") == "delete")
@@ -67,7 +68,9 @@ def test_open_transaction_is_not_skipped_by_the_watermark(settings: Settings) ->
     bronze.ingest(settings, storage, "applicants")
     table = sql.Identifier(settings.pg_schema, "applicants")
     with psycopg.connect(settings.pg_dsn.get()) as writer:
-        writer.execute(sql.SQL("UPDATE {} SET credit_score = 701 WHERE applicant_id = 1").format(table))
+        writer.execute(
+            sql.SQL("UPDATE {} SET credit_score = 701 WHERE applicant_id = 1").format(table)
+        )
         # Uncommitted: the ingest must not move its watermark past this row's timestamp.
         churn(settings, changes=50)
         during = bronze.ingest(settings, storage, "applicants")
@@ -98,9 +101,16 @@ def test_extraction_streams_in_bounded_batches(base_settings: Settings) -> None:
     with schema.connect(settings) as conn:
         window = extract.Window(None, extract.fence(conn))
         conn.commit()
-        sizes = [f.height for f in extract.extract(conn, settings.pg_schema,
-                                                  schema.TABLES["applicants"], window,
-                                                  batch_rows=settings.batch_rows)]
+        sizes = [
+            f.height
+            for f in extract.extract(
+                conn,
+                settings.pg_schema,
+                schema.TABLES["applicants"],
+                window,
+                batch_rows=settings.batch_rows,
+            )
+        ]
     assert sum(sizes) == 3000
     assert len(sizes) > 3 and max(sizes) < 3000
 
@@ -111,13 +121,16 @@ def test_text_with_quotes_and_newlines_survives(base_settings: Settings) -> None
     with psycopg.connect(base_settings.pg_dsn.get(), autocommit=True) as conn:
         conn.execute(
             sql.SQL("UPDATE {} SET person_education = %s WHERE applicant_id = 2").format(
-                sql.Identifier(base_settings.pg_schema, "applicants")), (weird,))
+                sql.Identifier(base_settings.pg_schema, "applicants")
+            ),
+            (weird,),
+        )
         conn.execute(
             sql.SQL("UPDATE {} SET person_gender = '' WHERE applicant_id = 3").format(
-                sql.Identifier(base_settings.pg_schema, "applicants")))
+                sql.Identifier(base_settings.pg_schema, "applicants")
+            )
+        )
     bronze.ingest(base_settings, storage, "applicants")
     rows = read(storage, "bronze", "applicants").sort("applicant_id")
     assert rows.filter(pl.col("applicant_id") == 2)["person_education"].to_list() == [weird]
     assert rows.filter(pl.col("applicant_id") == 3)["person_gender"].to_list() == [""]
-
-

@@ -7,14 +7,21 @@ import random
 from datetime import datetime, timedelta
 
 import polars as pl
+
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 from lakehouse.zones import gold
 from tests.helpers import churn, read, run_all, seeded
 
 ATTRS = (
-    "person_age", "person_gender", "person_education", "person_income", "person_emp_exp",
-    "person_home_ownership", "cb_person_cred_hist_length", "credit_score",
+    "person_age",
+    "person_gender",
+    "person_education",
+    "person_income",
+    "person_emp_exp",
+    "person_home_ownership",
+    "cb_person_cred_hist_length",
+    "credit_score",
     "previous_loan_defaults_on_file",
 )
 US = timedelta(microseconds=1)
@@ -25,10 +32,16 @@ class AsOf:
 
     def __init__(self, storage: Storage) -> None:
         self.people: dict[int, list[dict]] = {}
-        for row in read(storage, "silver", "applicants_history").sort("valid_from").iter_rows(named=True):
+        for row in (
+            read(storage, "silver", "applicants_history").sort("valid_from").iter_rows(named=True)
+        ):
             self.people.setdefault(row["applicant_id"], []).append(row)
         self.loans: dict[int, list[dict]] = {}
-        for row in read(storage, "silver", "loan_applications_history").sort("valid_from").iter_rows(named=True):
+        for row in (
+            read(storage, "silver", "loan_applications_history")
+            .sort("valid_from")
+            .iter_rows(named=True)
+        ):
             self.loans.setdefault(row["application_id"], []).append(row)
         self.loans_of: dict[int, list[int]] = {}
         for app_id, versions in self.loans.items():
@@ -69,7 +82,8 @@ class AsOf:
 
     def intent_rate(self, intent: str, t: datetime) -> float | None:
         rates = [
-            vs[0]["loan_int_rate"] for vs in self.loans.values()
+            vs[0]["loan_int_rate"]
+            for vs in self.loans.values()
             if vs[0]["loan_intent"] == intent and t - timedelta(days=30) <= vs[0]["applied_at"] < t
         ]
         return sum(rates) / len(rates) if rates else None
@@ -163,18 +177,24 @@ def check_as_of_lookup_at_any_instant_sees_no_future(built: tuple[Storage, AsOf]
 
 def check_an_application_never_counts_itself(built: tuple[Storage, AsOf]) -> None:
     storage, _ = built
-    apps = read(storage, "gold", "application_features").select("application_id", "applicant_id",
-                                                                "applied_at")
+    apps = read(storage, "gold", "application_features").select(
+        "application_id", "applicant_id", "applied_at"
+    )
     feats = read(storage, "gold", "applicant_features").sort("event_timestamp")
     joined = apps.sort("applicant_id", "applied_at").join_asof(
-        feats, left_on="applied_at", right_on="event_timestamp", by="applicant_id",
-        strategy="backward", check_sortedness=False,
+        feats,
+        left_on="applied_at",
+        right_on="event_timestamp",
+        by="applicant_id",
+        strategy="backward",
+        check_sortedness=False,
     )
     history = read(storage, "silver", "loan_applications_history")
     first = history.group_by("application_id").agg(pl.col("applied_at").first())
     for row in joined.filter(pl.col("event_timestamp").is_not_null()).iter_rows(named=True):
-        prior = first.join(history.select("application_id", "applicant_id").unique(),
-                           on="application_id").filter(
+        prior = first.join(
+            history.select("application_id", "applicant_id").unique(), on="application_id"
+        ).filter(
             (pl.col("applicant_id") == row["applicant_id"])
             & (pl.col("applied_at") < row["applied_at"])
         )

@@ -69,8 +69,10 @@ def test_rejects_hold_rule_and_raw_values(settings: Settings) -> None:
     )
     assert rejected.height == src.height > 0
     assert set(rejected["_rule"]) == {"age_range"}
-    assert rejected.sort("applicant_id")["person_age"].to_list() == src.sort("applicant_id")[
-        "person_age"].to_list()
+    assert (
+        rejected.sort("applicant_id")["person_age"].to_list()
+        == src.sort("applicant_id")["person_age"].to_list()
+    )
     # Their applications are rejected too, since their applicant never reached silver.
     loans = read(storage, "silver", "loan_applications_rejected")
     assert sorted(loans["applicant_id"]) == sorted(src["applicant_id"])
@@ -87,8 +89,10 @@ def test_history_is_a_consistent_scd2(settings: Settings) -> None:
         churn(settings, changes=300, seed_value=10 + round_)
         run_all(settings, storage, with_gold=False)
     with psycopg.connect(settings.pg_dsn.get(), autocommit=True) as conn:
-        conn.execute(f'DELETE FROM "{settings.pg_schema}".loan_applications '
-                     "WHERE application_id IN (10, 11, 12)")
+        conn.execute(
+            f'DELETE FROM "{settings.pg_schema}".loan_applications '
+            "WHERE application_id IN (10, 11, 12)"
+        )
     run_all(settings, storage, with_gold=False)
     for table, key in (("applicants", "applicant_id"), ("loan_applications", "application_id")):
         history = read(storage, "silver", f"{table}_history").sort(key, "valid_from")
@@ -98,8 +102,12 @@ def test_history_is_a_consistent_scd2(settings: Settings) -> None:
             pl.col("next_from").is_not_null() & (pl.col("valid_to") != pl.col("next_from"))
         )
         assert gaps.height == 0
-        assert (history.filter(pl.col("valid_to").is_not_null())
-                .filter(pl.col("valid_to") <= pl.col("valid_from")).height == 0)
+        assert (
+            history.filter(pl.col("valid_to").is_not_null())
+            .filter(pl.col("valid_to") <= pl.col("valid_from"))
+            .height
+            == 0
+        )
         # Exactly one open version per live key, and it equals the current row.
         open_ = history.filter(pl.col("valid_to").is_null())
         assert open_[key].is_unique().all()
@@ -117,8 +125,10 @@ def test_history_is_a_consistent_scd2(settings: Settings) -> None:
 def test_rerun_is_a_no_op(settings: Settings) -> None:
     storage = seeded(settings, rows=100)
     run_all(settings, storage, with_gold=False)
-    versions = {t: storage.table("silver", t).version()
-                for t in ("applicants", "applicants_history", "applicants_rejected")}
+    versions = {
+        t: storage.table("silver", t).version()
+        for t in ("applicants", "applicants_history", "applicants_rejected")
+    }
     assert silver.is_current(storage, "applicants")
     result = silver.promote(storage, "applicants")
     assert result.rows == {}
