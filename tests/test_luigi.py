@@ -28,21 +28,21 @@ def luigi(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_second_run_does_nothing_and_new_changes_run_again(base_settings: Settings) -> None:
-    storage = seeded(base_settings, rows=200)
-    first = luigi(base_settings, "--local-scheduler")
+def test_second_run_does_nothing_and_new_changes_run_again(settings: Settings) -> None:
+    storage = seeded(settings, rows=200)
+    first = luigi(settings, "--local-scheduler")
     assert first.returncode == 0, first.stderr[-3000:]
     assert "8 ran successfully" in first.stderr
     versions = {
         t: storage.table("gold", t).version()
         for t in ("application_features", "applicant_features")
     }
-    second = luigi(base_settings, "--local-scheduler")
+    second = luigi(settings, "--local-scheduler")
     assert second.returncode == 0
     assert "Did not run any tasks" in second.stderr
     assert {t: storage.table("gold", t).version() for t in versions} == versions
-    churn(base_settings, changes=100)
-    third = luigi(base_settings, "--local-scheduler", "--workers", "2")
+    churn(settings, changes=100)
+    third = luigi(settings, "--local-scheduler", "--workers", "2")
     assert third.returncode == 0, third.stderr[-3000:]
     assert "ran successfully" in third.stderr
     assert (
@@ -66,21 +66,21 @@ def test_a_failed_run_exits_non_zero(base_settings: Settings) -> None:
     assert "Postgres is not reachable at LAKEHOUSE_PG_DSN" in result.stderr
 
 
-def test_a_failing_task_exits_non_zero(base_settings: Settings) -> None:
+def test_a_failing_task_exits_non_zero(settings: Settings) -> None:
     # A table in the source that the pipeline cannot read: the ingest task itself fails.
-    storage = seeded(base_settings, rows=20)
+    storage = seeded(settings, rows=20)
     import psycopg
 
-    with psycopg.connect(base_settings.pg_dsn.get(), autocommit=True) as conn:
+    with psycopg.connect(settings.pg_dsn.get(), autocommit=True) as conn:
         conn.execute(
-            f'ALTER TABLE "{base_settings.pg_schema}".applicants '
+            f'ALTER TABLE "{settings.pg_schema}".applicants '
             "ALTER COLUMN credit_score TYPE text"
         )
         conn.execute(
-            f'UPDATE "{base_settings.pg_schema}".applicants '
+            f'UPDATE "{settings.pg_schema}".applicants '
             "SET credit_score = 'n/a' WHERE applicant_id = 1"
         )
-    result = luigi(base_settings, "--local-scheduler")
+    result = luigi(settings, "--local-scheduler")
     assert result.returncode == 2, result.stderr[-2000:]
     assert "failed" in result.stderr
     assert not storage.exists("bronze", "applicants")
