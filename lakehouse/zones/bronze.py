@@ -55,7 +55,16 @@ def is_current(settings: Settings, storage: Storage, table: str) -> bool:
     from lakehouse.source.schema import connect
 
     with connect(settings, autocommit=True) as conn:
+        _require_source(conn, settings.pg_schema)
         return not extract.has_changes(conn, settings.pg_schema, TABLES[table], lo)
+
+
+def _require_source(conn: psycopg.Connection, schema: str) -> None:
+    from lakehouse.source.schema import schema_exists
+
+    if not schema_exists(conn, schema):
+        msg = f"the source has no lending tables in schema `{schema}`; run `lakehouse seed`"
+        raise SourceError(msg)
 
 
 def ingest(settings: Settings, storage: Storage, table: str) -> IngestResult:
@@ -64,6 +73,7 @@ def ingest(settings: Settings, storage: Storage, table: str) -> IngestResult:
 
     source = TABLES[table]
     with connect(settings, autocommit=True) as conn:
+        _require_source(conn, settings.pg_schema)
         extract.check_can_fence(conn)
         _lock(conn, table)
         lo = watermark(storage, table)
