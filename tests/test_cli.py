@@ -117,7 +117,8 @@ def test_wal_level_not_logical(cli, replica_server: str, tmp_path: Path) -> None
 def test_run_before_seed(cli, base_settings: Settings) -> None:  # type: ignore[no-untyped-def]
     code, _, err = cli(env_for(base_settings), "run")
     assert_one_line_error(
-        code, err,
+        code,
+        err,
         f"the source has no lending tables in schema `{base_settings.pg_schema}`; run "
         "`lakehouse seed`",
     )

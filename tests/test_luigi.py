@@ -73,8 +73,7 @@ def test_a_failing_task_exits_non_zero(settings: Settings) -> None:
 
     with psycopg.connect(settings.pg_dsn.get(), autocommit=True) as conn:
         conn.execute(
-            f'ALTER TABLE "{settings.pg_schema}".applicants '
-            "ALTER COLUMN credit_score TYPE text"
+            f'ALTER TABLE "{settings.pg_schema}".applicants ALTER COLUMN credit_score TYPE text'
         )
         conn.execute(
             f'UPDATE "{settings.pg_schema}".applicants '
