@@ -105,6 +105,7 @@ class RssSampler:
         self.stage = "start"
         self.peak = 0
         self.by_stage: dict[str, int] = {}
+        self.loads: list[float] = []
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -112,7 +113,8 @@ class RssSampler:
             self._stop.wait(self._interval)
 
     def sample(self) -> None:
-        """Take one sample now."""
+        """Take one sample now (and the machine's 1-minute load average)."""
+        self.loads.append(os.getloadavg()[0])
         total = 0
         for pid in self._pids():
             with suppress(psutil.Error):
@@ -137,16 +139,48 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-@contextmanager
-def timed(steps: dict[str, float], name: str, sampler: RssSampler | None = None) -> Iterator[None]:
-    """Record the wall-clock seconds of a block under `name` (and tell the sampler)."""
-    if sampler is not None:
-        sampler.stage = name.split(".")[0]
-    log(f"  {name} ...")
-    start = time.perf_counter()
-    yield
-    steps[name] = time.perf_counter() - start
-    log(f"  {name} {steps[name]:.2f}s")
+class Stopwatch:
+    """Time named steps (`stage.detail`): wall clock and CPU seconds of the measured process.
+
+    CPU seconds (user + system, all threads) are less sensitive than wall clock to other
+    load on the machine, so the report shows both.
+    """
+
+    def __init__(self, sampler: RssSampler, cpu: Callable[[], float]) -> None:
+        self.sampler = sampler
+        self.cpu = cpu
+        self.wall: dict[str, float] = {}
+        self.cpu_seconds: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Time the block under `name`; the RSS sampler attributes samples to its stage."""
+        self.sampler.stage = name.split(".")[0]
+        log(f"  {name} ...")
+        start, cpu = time.perf_counter(), self.cpu()
+        yield
+        self.wall[name] = time.perf_counter() - start
+        self.cpu_seconds[name] = self.cpu() - cpu
+        log(f"  {name} {self.wall[name]:.2f}s (cpu {self.cpu_seconds[name]:.1f}s)")
+
+    def stages(self, seconds: dict[str, float]) -> dict[str, float]:
+        """Sum steps per stage."""
+        out: dict[str, float] = {}
+        for name, value in seconds.items():
+            stage = name.split(".")[0]
+            out[stage] = out.get(stage, 0.0) + value
+        return out
+
+    def result(self) -> dict[str, Any]:
+        """Return steps and per-stage sums, wall clock and CPU."""
+        return {"steps": self.wall, "stages": self.stages(self.wall),
+                "cpu_steps": self.cpu_seconds, "cpu_stages": self.stages(self.cpu_seconds)}
+
+
+def own_cpu_seconds() -> float:
+    """Return this process's user + system CPU seconds (all threads)."""
+    times = os.times()
+    return times.user + times.system
 
 
 # -- workers: each runs in a fresh subprocess and writes its result as JSON -----------------
@@ -175,31 +209,29 @@ def worker_ours(home: Path) -> dict[str, Any]:
     from lakehouse.zones import bronze, gold, silver
 
     settings = Settings(home=home)
-    steps: dict[str, float] = {}
     details: dict[str, Any] = {}
     with RssSampler(lambda: [os.getpid()]) as sampler:
+        watch = Stopwatch(sampler, own_cpu_seconds)
         start = time.perf_counter()
-        with timed(steps, "bronze.check", sampler):
+        with watch.step("bronze.check"):
             storage = Storage.from_settings(settings)
             storage.check()
         for table in SOURCE_TABLES:
-            with timed(steps, f"bronze.{table}", sampler):
+            with watch.step(f"bronze.{table}"):
                 ingested = bronze.ingest(settings, storage, table)
             details[f"bronze.{table}"] = {"rows": ingested.rows, "deletes": ingested.deletes}
         for table in SOURCE_TABLES:
-            with timed(steps, f"silver.{table}", sampler):
+            with watch.step(f"silver.{table}"):
                 promoted = silver.promote(storage, table)
             details[f"silver.{table}"] = {"rows": promoted.rows,
                                           "rejects_by_rule": promoted.rejects_by_rule}
         for name in GOLD:
-            with timed(steps, f"gold.{name}", sampler):
+            with watch.step(f"gold.{name}"):
                 gold.build(settings, storage, name)
         total = time.perf_counter() - start
     return {
         "seconds": total,
-        "steps": steps,
-        "stages": {s: sum(v for k, v in steps.items() if k.startswith(s + "."))
-                   for s in ("bronze", "silver", "gold")},
+        **watch.result(),
         "max_rss": max_rss_bytes(),
         "sampled_rss_by_stage": sampler.by_stage,
         "details": details,
@@ -228,11 +260,19 @@ def worker_spark(bronze_dir: Path, out: Path, scratch: Path) -> dict[str, Any]:
     def jvm_pids() -> list[int]:
         return [p.pid for p in me.children(recursive=True) if _is_java(p)]
 
-    steps: dict[str, float] = {}
+    def jvm_cpu_seconds() -> float:
+        total = 0.0
+        for pid in jvm_pids():
+            with suppress(psutil.Error):
+                times = psutil.Process(pid).cpu_times()
+                total += times.user + times.system
+        return total
+
     with RssSampler(jvm_pids) as sampler:
         from pyspark.sql import SparkSession
 
-        with timed(steps, "session", sampler):
+        watch = Stopwatch(sampler, jvm_cpu_seconds)
+        with watch.step("session"):
             builder = SparkSession.builder.appName("lakehouse-batch-benchmark")
             conf = {**SPARK_CONF, "spark.local.dir": str(scratch / "local"),
                     "spark.sql.warehouse.dir": str(scratch / "warehouse")}
@@ -243,18 +283,19 @@ def worker_spark(bronze_dir: Path, out: Path, scratch: Path) -> dict[str, Any]:
         jvm_args = [" ".join(psutil.Process(pid).cmdline()) for pid in jvm_pids()]
         try:
             for table in SOURCE_TABLES:
-                with timed(steps, f"silver.{table}", sampler):
+                with watch.step(f"silver.{table}"):
                     spark_silver(spark, bronze_dir, out / "silver", table)
             for name, build in SPARK_GOLD.items():
-                with timed(steps, f"gold.{name}", sampler):
+                with watch.step(f"gold.{name}"):
                     build(spark, out / "silver", out / "gold")
         finally:
             spark.stop()
+    stages = watch.stages(watch.wall)
     return {
-        "session_seconds": steps["session"],
-        "silver_seconds": sum(v for k, v in steps.items() if k.startswith("silver.")),
-        "gold_seconds": sum(v for k, v in steps.items() if k.startswith("gold.")),
-        "steps": steps,
+        "session_seconds": stages["session"],
+        "silver_seconds": stages["silver"],
+        "gold_seconds": stages["gold"],
+        **watch.result(),
         "jvm_peak_rss": sampler.peak,
         "jvm_rss_by_stage": sampler.by_stage,
         "driver_max_rss": max_rss_bytes(),
@@ -601,6 +642,7 @@ class WorkerRun:
     ok: bool
     seconds: float
     tree_peak_rss: int
+    load_avg: float
     result: dict[str, Any]
     error: str = ""
 
@@ -630,6 +672,7 @@ def run_worker(name: str, workdir: Path, **options: Path | int) -> WorkerRun:
                 proc.kill()
                 proc.wait()
     seconds = time.perf_counter() - start
+    load = sum(sampler.loads) / max(1, len(sampler.loads))
     text = log_file.read_text(errors="replace")
     sys.stderr.write(text)
     if code != 0 or not result_file.exists():
@@ -637,8 +680,8 @@ def run_worker(name: str, workdir: Path, **options: Path | int) -> WorkerRun:
         if code < 0:
             how = f"killed by signal {-code}" + (" (out of memory?)" if code == -9 else "")
         tail = "\n".join(text.strip().splitlines()[-40:])
-        return WorkerRun(False, seconds, sampler.peak, {}, f"{name} failed: {how}\n{tail}")
-    return WorkerRun(True, seconds, sampler.peak, json.loads(result_file.read_text()))
+        return WorkerRun(False, seconds, sampler.peak, load, {}, f"{name} failed: {how}\n{tail}")
+    return WorkerRun(True, seconds, sampler.peak, load, json.loads(result_file.read_text()))
 
 
 @dataclass
@@ -831,6 +874,34 @@ def report(results: list[SizeResult], command: str, started: datetime) -> str:
             f" | {size(ours.get('max_rss'))} | {size(spark.get('jvm_peak_rss'))}"
             f" | {split} | {spark_split} |"
         )
+    out += [
+        "",
+        "CPU seconds (user + system, all threads) of the same runs: less sensitive to other"
+        " load on the machine than wall clock. Ours is the pipeline process (not the Postgres"
+        " server); Spark's is its JVM. Load average is the machine's 1-minute load, averaged"
+        " over the run (2 cores: above ~2 means the measurement shared the CPU).",
+        "",
+        "| rows (N) | ours CPU bronze / silver / gold | Spark CPU silver / gold"
+        " | CPU ratio silver+gold | load avg during ours / Spark |",
+        "|---:|---|---|---:|---|",
+    ]
+    for r in results:
+        ours = r.ours.result if r.ours and r.ours.ok else {}
+        spark = r.spark.result if r.spark and r.spark.ok else {}
+        cpu = ours.get("cpu_stages", {})
+        spark_cpu = spark.get("cpu_stages", {})
+        ours_sg = cpu["silver"] + cpu["gold"] if cpu else None
+        spark_sg = spark_cpu["silver"] + spark_cpu["gold"] if spark_cpu else None
+        out.append(
+            f"| {r.rows:,} | "
+            + (f"{cpu['bronze']:.1f} / {cpu['silver']:.1f} / {cpu['gold']:.1f} s" if cpu
+               else "n/a")
+            + " | "
+            + (f"{spark_cpu['silver']:.1f} / {spark_cpu['gold']:.1f} s" if spark_cpu else "n/a")
+            + f" | {ratio(ours_sg, spark_sg)} | "
+            + (f"{r.ours.load_avg:.1f}" if r.ours else "n/a") + " / "
+            + (f"{r.spark.load_avg:.1f}" if r.spark else "n/a") + " |"
+        )
     out += ["", "## Details", ""]
     for r in results:
         out += [f"### {r.rows:,} rows", ""]
@@ -838,7 +909,8 @@ def report(results: list[SizeResult], command: str, started: datetime) -> str:
             out.append(f"- Seeding Postgres (not measured): {r.seed.result['seconds']:.1f} s")
         if r.ours and r.ours.ok:
             ours = r.ours.result
-            steps = ", ".join(f"{k} {v:.2f}s" for k, v in ours["steps"].items())
+            steps = ", ".join(f"{k} {v:.2f}s (cpu {ours['cpu_steps'][k]:.1f}s)"
+                              for k, v in ours["steps"].items())
             peaks = ", ".join(f"{k} {size(v)}" for k, v in ours["sampled_rss_by_stage"].items())
             out += [
                 f"- Ours, per step: {steps}",
@@ -859,7 +931,8 @@ def report(results: list[SizeResult], command: str, started: datetime) -> str:
                 f" JVM RSS peak per stage: {peaks}; Python driver ru_maxrss"
                 f" {size(spark['driver_max_rss'])}; JVM has -Xmx4g: {spark['jvm_has_4g_heap']}",
                 "- Spark, per step: "
-                + ", ".join(f"{k} {v:.2f}s" for k, v in spark["steps"].items()),
+                + ", ".join(f"{k} {v:.2f}s (cpu {spark['cpu_steps'][k]:.1f}s)"
+                            for k, v in spark["steps"].items()),
                 f"- Spark process tree (Python + JVM) sampled peak: {size(r.spark.tree_peak_rss)}",
             ]
         if r.checks:

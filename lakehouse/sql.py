@@ -95,7 +95,7 @@ def run_query(
         match = re.search(r"Table with name (\w+) does not exist", text)
         if not match:
             msg = f"SQL error: {text}"
-        raise SqlError(msg) from None
+            raise SqlError(msg) from None
         name = _qualified(query, match.group(1))
         if name in missing:
             msg = f"table `{name}` has no version {as_of_version}: {missing[name]}"

@@ -245,6 +245,15 @@ class EmbeddedPostgres:
                 "set LAKEHOUSE_HOME to a folder others can traverse"
             )
             raise SourceError(msg)
+        initdb = self._bin_dir() / "initdb"
+        result = self._run(["test", "-x", str(initdb)], check=False, bare=True)
+        if result.returncode != 0:
+            msg = (
+                f"OS user `{owner}` cannot run {initdb} (a parent folder is private, e.g. a "
+                "virtualenv under /root); install the system's PostgreSQL or set "
+                "LAKEHOUSE_PG_BIN to binaries others can run"
+            )
+            raise SourceError(msg)
 
     def _ensure_database(self) -> None:
         base = self.dsn().rsplit("/", 1)[0] + "/postgres?sslmode=disable"
