@@ -11,7 +11,7 @@ import psycopg
 from psycopg import sql
 
 from lakehouse.errors import UsageError
-from lakehouse.source.schema import ident
+from lakehouse.source.schema import APPLICANTS, ident
 from lakehouse.source.seed import load_dataset
 
 # Share of each kind of change; they sum to 1.
@@ -23,19 +23,11 @@ MIX = {
     "withdrawal": 0.10,
 }
 
-_PERSON = (
-    "person_age",
-    "person_gender",
-    "person_education",
-    "person_income",
-    "person_emp_exp",
-    "person_home_ownership",
-    "cb_person_cred_hist_length",
-    "credit_score",
-    "previous_loan_defaults_on_file",
+# The applicant's own columns (no key, no timestamp) and how to cast them in unnest().
+_PERSON = tuple(name for name, _ in APPLICANTS.columns[1:-1])
+_PG_TYPES = tuple(
+    {"integer": "int", "double precision": "float8"}.get(t, t) for _, t in APPLICANTS.columns[1:-1]
 )
-_PG_TYPES = ("int", "text", "text", "float8", "int", "text", "int", "int", "text")
-_LOAN = ("loan_amnt", "loan_intent", "loan_int_rate", "loan_percent_income")
 
 
 @dataclass

@@ -9,21 +9,12 @@ from datetime import datetime, timedelta
 import polars as pl
 
 from lakehouse.settings import Settings
+from lakehouse.source.schema import APPLICANTS
 from lakehouse.storage import Storage
 from lakehouse.zones import gold
 from tests.helpers import churn, read, run_all, seeded
 
-ATTRS = (
-    "person_age",
-    "person_gender",
-    "person_education",
-    "person_income",
-    "person_emp_exp",
-    "person_home_ownership",
-    "cb_person_cred_hist_length",
-    "credit_score",
-    "previous_loan_defaults_on_file",
-)
+ATTRS = tuple(APPLICANTS.column_names[1:-1])  # the applicant attributes
 US = timedelta(microseconds=1)
 
 
