@@ -18,13 +18,33 @@ WITH submitted AS (
     FROM loan_applications_history
     QUALIFY row_number() OVER (PARTITION BY application_id ORDER BY valid_from) = 1
 ),
-market AS (
-    SELECT application_id,
-           avg(loan_int_rate) OVER (
-               PARTITION BY loan_intent ORDER BY applied_at
-               RANGE BETWEEN INTERVAL 30 DAYS PRECEDING AND INTERVAL 1 MICROSECOND PRECEDING
-           ) AS intent_rate_30d
+-- The mean over [t - 30 days, t) as a difference of running sums found by ASOF joins:
+-- the same value as a RANGE window frame, at a fraction of its cost on millions of rows.
+per_instant AS (
+    SELECT loan_intent, applied_at, sum(loan_int_rate) AS s, count(*) AS c
+    FROM submitted GROUP BY ALL
+),
+running AS (
+    SELECT loan_intent, applied_at,
+           sum(s) OVER w AS cum_rate, sum(c) OVER w AS cum_count
+    FROM per_instant
+    WINDOW w AS (PARTITION BY loan_intent ORDER BY applied_at ROWS UNBOUNDED PRECEDING)
+),
+bounds AS (
+    SELECT application_id, loan_intent, applied_at,
+           applied_at - INTERVAL 30 DAYS AS window_start
     FROM submitted
+),
+market AS (
+    SELECT b.application_id,
+           (coalesce(hi.cum_rate, 0) - coalesce(lo.cum_rate, 0))
+               / nullif(coalesce(hi.cum_count, 0) - coalesce(lo.cum_count, 0), 0)
+               AS intent_rate_30d
+    FROM bounds b
+    ASOF LEFT JOIN running hi
+        ON b.loan_intent = hi.loan_intent AND b.applied_at > hi.applied_at
+    ASOF LEFT JOIN running lo
+        ON b.loan_intent = lo.loan_intent AND b.window_start > lo.applied_at
 ),
 joined AS (
     SELECT l.*, h.* EXCLUDE (applicant_id, updated_at, _batch_id, is_current),
@@ -95,17 +115,22 @@ deltas AS (
            CASE WHEN n = 1 THEN applied_at END AS submitted_at
     FROM versions
 ),
+per_instant AS (
+    SELECT applicant_id, ts,
+           sum(d_count) AS d_count, sum(d_amount) AS d_amount,
+           sum(d_approved) AS d_approved, sum(d_rejected) AS d_rejected,
+           max(submitted_at) AS submitted_at
+    FROM deltas GROUP BY ALL
+),
 state AS (
-    SELECT DISTINCT ON (applicant_id, ts)
-           applicant_id, ts,
+    SELECT applicant_id, ts,
            sum(d_count) OVER w AS application_count,
            sum(d_amount) OVER w AS amount_sum,
            sum(d_approved) OVER w AS approved_count,
            sum(d_rejected) OVER w AS rejected_count,
            max(submitted_at) OVER w AS last_applied_at
-    FROM deltas
-    WINDOW w AS (PARTITION BY applicant_id ORDER BY ts
-                 RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+    FROM per_instant
+    WINDOW w AS (PARTITION BY applicant_id ORDER BY ts ROWS UNBOUNDED PRECEDING)
 ),
 events AS (
     SELECT applicant_id, valid_from AS ts FROM applicants_history

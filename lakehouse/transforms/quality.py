@@ -144,17 +144,19 @@ def validate(
         column, keys = known_keys
         checks.append((APPLICANT_EXISTS, pl.col(column).is_in(keys.implode())))
     is_upsert = pl.col("_op") == "upsert"
-    failed = pl.concat_list(
-        [
-            pl.when(is_upsert & ~check.fill_null(False)).then(pl.lit(name)).otherwise(pl.lit(None))
-            for name, check in checks
-        ]
-    ).list.drop_nulls()
-    failures = frame.select(_failed_rules=failed)
-    bad = failures["_failed_rules"].list.len() > 0
+    # One boolean per rule; the list of rule names is built only for the (few) bad rows.
+    flags = frame.select(
+        [(is_upsert & ~check.fill_null(False)).alias(name) for name, check in checks]
+    )
+    bad = flags.select(pl.any_horizontal(pl.all())).to_series()
     good = frame.filter(~bad)
     source = frame if raw is None else raw
+    failed = flags.filter(bad).select(
+        _failed_rules=pl.concat_list(
+            [pl.when(pl.col(name)).then(pl.lit(name)) for name, _ in checks]
+        ).list.drop_nulls()
+    )
     rejected = (
-        source.hstack(failures).filter(bad).with_columns(_rule=pl.col("_failed_rules").list.first())
+        source.filter(bad).hstack(failed).with_columns(_rule=pl.col("_failed_rules").list.first())
     )
     return good, rejected

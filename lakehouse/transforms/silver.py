@@ -28,9 +28,14 @@ def ordered(changes: pl.DataFrame, key: str) -> pl.DataFrame:
     )
 
 
+def _last_of_key(key: str) -> pl.Expr:
+    """On rows sorted by key: true for each key's last row."""
+    return pl.col(key) != pl.col(key).shift(-1).fill_null(pl.col(key) + 1)
+
+
 def latest(changes: pl.DataFrame, key: str) -> pl.DataFrame:
     """Keep each key's last change (an upsert or a delete): latest change wins."""
-    return ordered(changes, key).unique(subset=[key], keep="last", maintain_order=True)
+    return ordered(changes, key).filter(_last_of_key(key))
 
 
 def scd2(changes: pl.DataFrame, key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -40,14 +45,17 @@ def scd2(changes: pl.DataFrame, key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     delete). `closings` has one row per key: `valid_to` for the key's open version in
     the existing history, which is the time of the key's first change here.
     """
+    # Sorted by key, so "the key's next change" is the next row when it has the same key
+    # (cheaper than a window over millions of one-row groups).
     rows = ordered(changes, key).with_columns(
         valid_from=pl.col("_source_ts"),
-        valid_to=pl.col("_source_ts").shift(-1).over(key),
+        valid_to=pl.when(_last_of_key(key)).then(None).otherwise(pl.col("_source_ts").shift(-1)),
     )
     versions = (
         rows.filter(pl.col("_op") == "upsert")
         .with_columns(is_current=pl.col("valid_to").is_null())
         .drop("_op", "_source_ts")
     )
-    closings = rows.group_by(key, maintain_order=True).agg(_close_at=pl.col("_source_ts").first())
+    first = pl.col(key) != pl.col(key).shift(1).fill_null(pl.col(key) - 1)
+    closings = rows.filter(first).select(key, _close_at=pl.col("_source_ts"))
     return versions, closings
