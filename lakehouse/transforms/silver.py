@@ -33,12 +33,15 @@ def _last_of_key(key: str) -> pl.Expr:
     return pl.col(key) != pl.col(key).shift(-1).fill_null(pl.col(key) + 1)
 
 
-def latest(changes: pl.DataFrame, key: str) -> pl.DataFrame:
+def latest(changes: pl.DataFrame, key: str, *, is_ordered: bool = False) -> pl.DataFrame:
     """Keep each key's last change (an upsert or a delete): latest change wins."""
-    return ordered(changes, key).filter(_last_of_key(key))
+    rows = changes if is_ordered else ordered(changes, key)
+    return rows.filter(_last_of_key(key))
 
 
-def scd2(changes: pl.DataFrame, key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+def scd2(
+    changes: pl.DataFrame, key: str, *, is_ordered: bool = False
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Turn changes into SCD2 rows: (new versions, closings of the versions they supersede).
 
     A version is valid from its `updated_at` until the key's next change (an update or a
@@ -47,7 +50,7 @@ def scd2(changes: pl.DataFrame, key: str) -> tuple[pl.DataFrame, pl.DataFrame]:
     """
     # Sorted by key, so "the key's next change" is the next row when it has the same key
     # (cheaper than a window over millions of one-row groups).
-    rows = ordered(changes, key).with_columns(
+    rows = (changes if is_ordered else ordered(changes, key)).with_columns(
         valid_from=pl.col("_source_ts"),
         valid_to=pl.when(_last_of_key(key)).then(None).otherwise(pl.col("_source_ts").shift(-1)),
     )

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 
 from lakehouse.errors import TableNotFoundError
@@ -22,6 +26,9 @@ from lakehouse.zones.commits import app_id, commit_properties, recorded
 # Order matters only for speed of recovery; each target records its own progress.
 TARGETS = ("rejected", "history", "current")
 _BATCH_ROWS = 100_000
+# Bronze rows promoted per key partition: bounds memory (~1 GB per million rows).
+_PARTITION_ROWS = 1_500_000
+_BRONZE_ONLY = ["_source_watermark", "_extract_mode", "_ingested_at"]
 
 
 def target_name(table: str, target: str) -> str:
@@ -57,67 +64,125 @@ def is_current(storage: Storage, table: str) -> bool:
 
 
 def promote(storage: Storage, table: str) -> PromoteResult:
-    """Promote the bronze batches after each target's last one; a rerun is a no-op."""
+    """Promote the bronze batches after each target's last one; a rerun is a no-op.
+
+    A large backlog (a first load of millions of rows) is processed in key partitions of
+    about `_PARTITION_ROWS` rows, spooled to local Parquet, then written to each target
+    in one commit: memory stays bounded by a partition, and each target still changes
+    atomically.
+    """
     last = watermark(storage, table)
     result = PromoteResult(table, last)
     if last is None:
         return result
     done = progress(storage, table)
-    if all(v == last for v in done.values()):
+    pending = [t for t in TARGETS if done[t] != last]
+    if not pending:
         return result
     key = TABLES[table].key
     start = min(v if v is not None else -1 for v in done.values())
-    raw = _read_bronze(storage, table, after=start, upto=last)
+    existing = {t: storage.table_or_none("silver", target_name(table, t)) for t in pending}
     known = None
     if table == "loan_applications":
         known = ("applicant_id", _current_keys(storage, "applicants", "applicant_id"))
-    good, rejected = quality.validate(
-        quality.clean(raw, table), quality.RULES[table], known_keys=known, raw=raw
-    )
-    good = transform.to_silver_types(good, table)
-    lineage_drop = ["_source_watermark", "_extract_mode", "_ingested_at"]
-    good = good.drop(lineage_drop)
-
-    def since(frame: pl.DataFrame, target: str) -> pl.DataFrame:
-        after = done[target]
-        return frame if after is None else frame.filter(pl.col("_batch_id") > after)
-
-    for target in TARGETS:
-        if done[target] == last:
-            continue
-        name = target_name(table, target)
-        props = commit_properties(
-            {app_id("silver", name, f"bronze.{table}"): last},
-            operation=f"promote-{target}",
-            metadata={
-                "lakehouse.bronze_batch_from": str(done[target]),
-                "lakehouse.bronze_batch_to": str(last),
-            },
-        )
-        if target == "rejected":
-            frame = since(rejected, target).with_columns(
-                _rejected_at=pl.lit(datetime.now(UTC)).cast(pl.Datetime("us", "UTC"))
+    parts = max(1, -(-_count_bronze(storage, table, after=start, upto=last) // _PARTITION_ROWS))
+    rejects: Counter[str] = Counter()
+    with _Spool(spill=parts > 1) as spool:
+        for part in range(parts):
+            raw = _read_bronze(storage, table, after=start, upto=last, part=(part, parts))
+            good, rejected = quality.validate(
+                quality.clean(raw, table), quality.RULES[table], known_keys=known, raw=raw
             )
-            result.rejects_by_rule = dict(frame.group_by("_rule").len().sort("_rule").iter_rows())
-            _append(storage, name, frame, props)
-        elif target == "history":
-            versions, closings = transform.scd2(since(good, target), key)
-            _merge_history(storage, name, key, versions, closings, props)
-            frame = versions
-        else:
-            frame = transform.latest(since(good, target), key)
-            _merge_current(storage, name, key, frame, props)
-        result.rows[name] = frame.height
+            del raw  # at millions of rows, every frame held on to counts
+            # Sorted once; history and current state both read the same order.
+            good = transform.ordered(transform.to_silver_types(good.drop(_BRONZE_ONLY), table), key)
+            for target in pending:
+                after = done[target]
+                rows = good if target != "rejected" else rejected
+                if after is not None:
+                    rows = rows.filter(pl.col("_batch_id") > after)
+                out, count = _prepare(target, rows, key, exists=existing[target] is not None)
+                if target == "rejected":
+                    rejects.update(dict(out.group_by("_rule").len().iter_rows()))
+                spool.add(target, out)
+                name = target_name(table, target)
+                result.rows[name] = result.rows.get(name, 0) + count
+        for target in pending:
+            name = target_name(table, target)
+            props = commit_properties(
+                {app_id("silver", name, f"bronze.{table}"): last},
+                operation=f"promote-{target}",
+                metadata={
+                    "lakehouse.bronze_batch_from": str(done[target]),
+                    "lakehouse.bronze_batch_to": str(last),
+                },
+            )
+            source = spool.reader(target, failpoint_name=f"silver.{name}.mid-write")
+            dt = existing[target]
+            if dt is None or target == "rejected":
+                write_deltalake(
+                    storage.uri("silver", name),
+                    source,
+                    mode="append",
+                    storage_options=storage.options,
+                    commit_properties=props,
+                )
+            elif target == "history":
+                _merge_history(dt, key, source, props)
+            else:
+                _merge_current(dt, key, source, props)
+    result.rejects_by_rule = dict(sorted(rejects.items()))
     return result
 
 
-def _read_bronze(storage: Storage, table: str, *, after: int, upto: int) -> pl.DataFrame:
+def _prepare(
+    target: str, rows: pl.DataFrame, key: str, *, exists: bool
+) -> tuple[pl.DataFrame, int]:
+    """Return what to write to one target (and how many rows that is, for the report)."""
+    if target == "rejected":
+        out = rows.with_columns(
+            _rejected_at=pl.lit(datetime.now(UTC)).cast(pl.Datetime("us", "UTC"))
+        )
+        return out, out.height
+    if target == "history":
+        versions, closings = transform.scd2(rows, key, is_ordered=True)
+        if not exists:
+            return versions, versions.height
+        # One MERGE closes the open versions (rows with `_close_key`) and inserts the new
+        # ones (rows without), so history never shows two open versions of a key.
+        close_rows = closings.select(pl.col(key).alias("_close_key"), pl.col("_close_at"))
+        new_rows = versions.with_columns(
+            _close_key=pl.lit(None, pl.Int64), _close_at=pl.lit(None, pl.Datetime("us", "UTC"))
+        )
+        return pl.concat([new_rows, close_rows], how="diagonal_relaxed"), versions.height
+    latest = transform.latest(rows, key, is_ordered=True)
+    if not exists:
+        return latest.filter(pl.col("_op") == "upsert").drop("_op", "_source_ts"), latest.height
+    return latest.drop("_source_ts"), latest.height
+
+
+def _count_bronze(storage: Storage, table: str, *, after: int, upto: int) -> int:
     dt = storage.table("bronze", table)
-    return (
+    batch = pl.col("_batch_id")
+    return int(
         pl.scan_delta(dt)
-        .filter((pl.col("_batch_id") > after) & (pl.col("_batch_id") <= upto))
+        .filter((batch > after) & (batch <= upto))
+        .select(pl.len())
         .collect()
+        .item()
     )
+
+
+def _read_bronze(
+    storage: Storage, table: str, *, after: int, upto: int, part: tuple[int, int]
+) -> pl.DataFrame:
+    dt = storage.table("bronze", table)
+    batch = pl.col("_batch_id")
+    rows = pl.scan_delta(dt).filter((batch > after) & (batch <= upto))
+    index, parts = part
+    if parts > 1:
+        rows = rows.filter(pl.col(TABLES[table].key).fill_null(0) % parts == index)
+    return rows.collect()
 
 
 def _current_keys(storage: Storage, table: str, key: str) -> pl.Series:
@@ -127,44 +192,67 @@ def _current_keys(storage: Storage, table: str, key: str) -> pl.Series:
     return pl.scan_delta(dt).select(key).collect()[key]
 
 
-def _stream(frame: pl.DataFrame, name: str) -> pa.RecordBatchReader:
-    """Hand a frame to delta-rs as a stream, with a failpoint after its first batch."""
-    table = frame.to_arrow()
+class _Spool:
+    """Per-target outputs of each partition: kept in memory, or spilled to Parquet."""
 
-    def batches() -> Iterator[pa.RecordBatch]:
-        chunks = table.to_batches(max_chunksize=_BATCH_ROWS)
-        for i, batch in enumerate(chunks):
-            yield batch
-            if i == 0:
-                failpoint(f"silver.{name}.mid-write")
-        if not chunks:
-            failpoint(f"silver.{name}.mid-write")
+    def __init__(self, *, spill: bool) -> None:
+        self.spill = spill
+        self.frames: dict[str, list[pl.DataFrame]] = {}
+        self.files: dict[str, list[Path]] = {}
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
 
-    return pa.RecordBatchReader.from_batches(table.schema, batches())
+    def __enter__(self) -> _Spool:
+        if self.spill:
+            self._dir = tempfile.TemporaryDirectory(prefix="lakehouse-silver-")
+        return self
 
+    def __exit__(self, *exc: object) -> None:
+        if self._dir is not None:
+            self._dir.cleanup()
 
-def _append(storage: Storage, name: str, frame: pl.DataFrame, props: CommitProperties) -> None:
-    write_deltalake(
-        storage.uri("silver", name),
-        _stream(frame, name),
-        mode="append",
-        storage_options=storage.options,
-        commit_properties=props,
-    )
+    def add(self, target: str, frame: pl.DataFrame) -> None:
+        if self._dir is None:
+            self.frames.setdefault(target, []).append(frame)
+            return
+        files = self.files.setdefault(target, [])
+        path = Path(self._dir.name) / f"{target}-{len(files)}.parquet"
+        frame.write_parquet(path, compression="lz4")
+        files.append(path)
+
+    def reader(self, target: str, *, failpoint_name: str) -> pa.RecordBatchReader:
+        """Stream one target's rows to delta-rs, with a failpoint after the first batch."""
+        if self._dir is None:
+            tables = [f.to_arrow() for f in self.frames[target]]
+            schema = tables[0].schema
+            chunks: Iterator[pa.RecordBatch] = (
+                b for t in tables for b in t.to_batches(max_chunksize=_BATCH_ROWS)
+            )
+        else:
+            paths = self.files[target]
+            schema = pq.read_schema(paths[0])
+            chunks = (
+                b for p in paths for b in pq.ParquetFile(p).iter_batches(batch_size=_BATCH_ROWS)
+            )
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            first = True
+            for batch in chunks:
+                yield batch
+                if first:
+                    failpoint(failpoint_name)
+                    first = False
+            if first:
+                failpoint(failpoint_name)
+
+        return pa.RecordBatchReader.from_batches(schema, batches())
 
 
 def _merge_current(
-    storage: Storage, name: str, key: str, latest: pl.DataFrame, props: CommitProperties
+    dt: DeltaTable, key: str, source: pa.RecordBatchReader, props: CommitProperties
 ) -> None:
-    dt = storage.table_or_none("silver", name)
-    if dt is None:
-        rows = latest.filter(pl.col("_op") == "upsert").drop("_op", "_source_ts")
-        _append(storage, name, rows, props)
-        return
-    source = latest.drop("_source_ts")
     (
         dt.merge(
-            _stream(source, name),
+            source,
             predicate=f's."{key}" = t."{key}"',
             source_alias="s",
             target_alias="t",
@@ -180,27 +268,11 @@ def _merge_current(
 
 
 def _merge_history(
-    storage: Storage,
-    name: str,
-    key: str,
-    versions: pl.DataFrame,
-    closings: pl.DataFrame,
-    props: CommitProperties,
+    dt: DeltaTable, key: str, source: pa.RecordBatchReader, props: CommitProperties
 ) -> None:
-    dt = storage.table_or_none("silver", name)
-    if dt is None:
-        _append(storage, name, versions, props)
-        return
-    # One MERGE closes the open versions (rows with `_close_key`) and inserts the new ones
-    # (rows without), so history never shows two open versions of a key.
-    close_rows = closings.select(pl.col(key).alias("_close_key"), pl.col("_close_at"))
-    new_rows = versions.with_columns(
-        _close_key=pl.lit(None, pl.Int64), _close_at=pl.lit(None, pl.Datetime("us", "UTC"))
-    )
-    source = pl.concat([new_rows, close_rows], how="diagonal_relaxed")
     (
         dt.merge(
-            _stream(source, name),
+            source,
             predicate=f't."{key}" = s._close_key AND t.valid_to IS NULL',
             source_alias="s",
             target_alias="t",

@@ -1,5 +1,6 @@
 import polars as pl
 import psycopg
+import pytest
 
 from lakehouse.settings import Settings
 from lakehouse.zones import silver
@@ -148,3 +149,21 @@ def test_promotion_reads_only_new_batches(settings: Settings) -> None:
     assert 0 < result.rows["applicants"] <= new.rows
     progress = silver.progress(storage, "applicants")
     assert set(progress.values()) == {new.batch_id}
+
+
+def test_large_backlogs_are_promoted_in_partitions(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Spilled key partitions give the same silver as one in-memory pass."""
+    monkeypatch.setattr(silver, "_PARTITION_ROWS", 70)  # 400 rows -> 6 partitions
+    storage = seeded(settings, rows=400)
+    run_all(settings, storage, with_gold=False)
+    churn(settings, changes=300, seed_value=3)
+    run_all(settings, storage, with_gold=False)
+    applicants, loans = expected(settings)
+    assert_same_rows(read(storage, "silver", "applicants"), applicants, "applicant_id")
+    assert_same_rows(read(storage, "silver", "loan_applications"), loans, "application_id")
+    history = read(storage, "silver", "applicants_history")
+    assert history.filter(pl.col("valid_to").is_null())["applicant_id"].is_unique().all()
+    # One commit per target, however many partitions.
+    assert storage.table("silver", "applicants").version() == 1
