@@ -43,7 +43,13 @@ def connect(settings: Settings, storage: Storage) -> duckdb.DuckDBPyConnection:
     """Open an in-memory DuckDB that can read the lakehouse's Delta tables."""
     ext_dir = settings.home / "duckdb_extensions"
     ext_dir.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect(config={"extension_directory": str(ext_dir)})
+    con = duckdb.connect(
+        config={
+            "extension_directory": str(ext_dir),
+            "memory_limit": settings.duckdb_memory,
+            "temp_directory": str(settings.home / "duckdb_tmp"),
+        }
+    )
     try:
         con.execute("SET TimeZone = 'UTC'")
         extensions = ["delta"] + (["httpfs", "aws"] if storage.is_s3 else [])

@@ -77,6 +77,8 @@ class Settings:
     """Random seed for `lakehouse seed` and `lakehouse simulate`."""
     vacuum_retention_hours: int = 168
     """`lakehouse maintain` keeps this much time travel."""
+    duckdb_memory: str = "2GB"
+    """DuckDB's memory limit; larger queries spill to `<home>/duckdb_tmp`."""
 
     @property
     def warehouse(self) -> str:
@@ -167,6 +169,11 @@ def _parse(var: str, name: str, raw: str) -> Any:
         return value
     if name in ("s3_secret_access_key", "pg_dsn"):
         return Secret(raw)
+    if name == "duckdb_memory":
+        if not re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)", raw, re.IGNORECASE):
+            msg = f"{var} is `{raw}`; give a size like `2GB` or `512MB`"
+            raise ConfigError(msg)
+        return raw
     if name == "home":
         return Path(raw).expanduser().resolve()
     if name == "pg_schema":

@@ -31,12 +31,14 @@ def test_reads_every_variable() -> None:
             "LAKEHOUSE_BATCH_ROWS": "10_000",
             "LAKEHOUSE_SEED": "7",
             "LAKEHOUSE_VACUUM_RETENTION_HOURS": "24",
+            "LAKEHOUSE_DUCKDB_MEMORY": "512MB",
         }
     )
     assert settings.is_s3 and settings.s3_region == "eu-west-1"
     assert settings.pg_dsn.get() == "postgresql://u:p@h:5432/db"
     assert settings.batch_rows == 10_000 and settings.seed == 7
     assert settings.vacuum_retention_hours == 24 and settings.pg_schema == "lending2"
+    assert settings.duckdb_memory == "512MB"
 
 
 def test_secrets_never_show() -> None:
@@ -57,6 +59,10 @@ def test_secrets_never_show() -> None:
         ),
         ({"LAKEHOUSE_BATCH_ROWS": "0"}, "LAKEHOUSE_BATCH_ROWS is `0`; it must be at least 1"),
         ({"LAKEHOUSE_SEED": "-1"}, "LAKEHOUSE_SEED is `-1`; it must be at least 0"),
+        (
+            {"LAKEHOUSE_DUCKDB_MEMORY": "lots"},
+            "LAKEHOUSE_DUCKDB_MEMORY is `lots`; give a size like `2GB` or `512MB`",
+        ),
         ({"LAKEHOUSE_BATCH_SIZE": "1"}, "unknown setting `LAKEHOUSE_BATCH_SIZE`"),
         (
             {"LAKEHOUSE_STORAGE_URI": "gs://bucket/x"},

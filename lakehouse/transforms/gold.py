@@ -84,7 +84,6 @@ SELECT
     END AS credit_score_band,
     loan_status
 FROM joined
-ORDER BY application_id
 """
 
 # Per applicant, one row at each instant its features change. With t an event time:
@@ -115,12 +114,15 @@ deltas AS (
            CASE WHEN n = 1 THEN applied_at END AS submitted_at
     FROM versions
 ),
-per_instant AS (
-    SELECT applicant_id, ts,
-           sum(d_count) AS d_count, sum(d_amount) AS d_amount,
-           sum(d_approved) AS d_approved, sum(d_rejected) AS d_rejected,
-           max(submitted_at) AS submitted_at
-    FROM deltas GROUP BY ALL
+-- One stream per applicant: application deltas and applicant versions, in time order.
+-- A single window pass then gives, at every instant, the running aggregates and the
+-- version in force (the last one started), without a join per feature.
+stream AS (
+    SELECT * FROM deltas
+    UNION ALL BY NAME
+    SELECT applicant_id, valid_from AS ts, person_age, person_gender, person_education, person_income, person_emp_exp, person_home_ownership, cb_person_cred_hist_length, credit_score, previous_loan_defaults_on_file,
+           coalesce(valid_to, 'infinity'::TIMESTAMPTZ) AS version_end
+    FROM applicants_history
 ),
 state AS (
     SELECT applicant_id, ts,
@@ -128,25 +130,27 @@ state AS (
            sum(d_amount) OVER w AS amount_sum,
            sum(d_approved) OVER w AS approved_count,
            sum(d_rejected) OVER w AS rejected_count,
-           max(submitted_at) OVER w AS last_applied_at
-    FROM per_instant
-    WINDOW w AS (PARTITION BY applicant_id ORDER BY ts ROWS UNBOUNDED PRECEDING)
-),
-events AS (
-    SELECT applicant_id, valid_from AS ts FROM applicants_history
-    UNION
-    SELECT applicant_id, ts FROM deltas
+           max(submitted_at) OVER w AS last_applied_at,
+           last_value(person_age IGNORE NULLS) OVER w AS person_age,
+           last_value(person_gender IGNORE NULLS) OVER w AS person_gender,
+           last_value(person_education IGNORE NULLS) OVER w AS person_education,
+           last_value(person_income IGNORE NULLS) OVER w AS person_income,
+           last_value(person_emp_exp IGNORE NULLS) OVER w AS person_emp_exp,
+           last_value(person_home_ownership IGNORE NULLS) OVER w AS person_home_ownership,
+           last_value(cb_person_cred_hist_length IGNORE NULLS) OVER w AS cb_person_cred_hist_length,
+           last_value(credit_score IGNORE NULLS) OVER w AS credit_score,
+           last_value(previous_loan_defaults_on_file IGNORE NULLS) OVER w AS previous_loan_defaults_on_file,
+           last_value(version_end IGNORE NULLS) OVER w AS version_end
+    FROM stream
+    WINDOW w AS (PARTITION BY applicant_id ORDER BY ts
+                 RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
 ),
 joined AS (
-    SELECT e.applicant_id, e.ts, h.* EXCLUDE (applicant_id),
-           s.application_count, s.amount_sum, s.approved_count, s.rejected_count,
-           s.last_applied_at
-    FROM events e
-    ASOF JOIN applicants_history h
-        ON e.applicant_id = h.applicant_id AND e.ts >= h.valid_from
-    ASOF LEFT JOIN state s
-        ON e.applicant_id = s.applicant_id AND e.ts >= s.ts
-    WHERE h.valid_to IS NULL OR h.valid_to > e.ts
+    -- Rows at the same instant are peers with equal values: keep one. No version in
+    -- force (before the first, or after a delete) means no row.
+    SELECT DISTINCT ON (applicant_id, ts) *
+    FROM state
+    WHERE version_end > ts
 )
 SELECT
     applicant_id,
@@ -166,7 +170,6 @@ SELECT
     amount_sum / nullif(application_count, 0) AS mean_loan_amnt,
     epoch(ts - last_applied_at) / 86400.0 AS days_since_last_application
 FROM joined
-ORDER BY applicant_id, event_timestamp
 """
 
 # Analytics mart: per day (UTC) of application and loan intent, how many were decided
