@@ -36,6 +36,7 @@ The Markdown report is printed and written to `benchmarks/results/batch-<timesta
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -177,6 +178,32 @@ class Stopwatch:
                 "cpu_steps": self.cpu_seconds, "cpu_stages": self.stages(self.cpu_seconds)}
 
 
+def library_digest() -> str:
+    """Return a digest of the imported `lakehouse` package's sources.
+
+    Others edit the library while a long run goes on: each size records which sources it
+    measured, and the report warns when they differ between sizes.
+    """
+    import lakehouse
+
+    root = Path(lakehouse.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def git_state() -> str:
+    """Describe the checkout: commit, and whether `lakehouse/` has uncommitted changes."""
+    repo = HERE.parent.parent
+    head = subprocess.run(["git", "-C", str(repo), "log", "-1", "--format=%h %ad %s",
+                           "--date=format:%Y-%m-%d %H:%M:%S"],
+                          capture_output=True, text=True, check=False).stdout.strip()
+    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "lakehouse"],
+                           capture_output=True, text=True, check=False).stdout.strip()
+    return (head or "unknown") + ("; `lakehouse/` has uncommitted changes" if dirty else "")
+
+
 def own_cpu_seconds() -> float:
     """Return this process's user + system CPU seconds (all threads)."""
     times = os.times()
@@ -209,7 +236,7 @@ def worker_ours(home: Path) -> dict[str, Any]:
     from lakehouse.zones import bronze, gold, silver
 
     settings = Settings(home=home)
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = {"library": library_digest()}
     with RssSampler(lambda: [os.getpid()]) as sampler:
         watch = Stopwatch(sampler, own_cpu_seconds)
         start = time.perf_counter()
@@ -344,15 +371,19 @@ def spark_rules(table: str) -> list[tuple[str, Any]]:
     ]
 
 
+def _text_columns(frame: Any) -> list[str]:
+    """Return the source's text columns (what `clean` normalises)."""
+    return [f.name for f in frame.schema.fields
+            if f.dataType.simpleString() == "string" and not f.name.startswith("_")]
+
+
 def spark_clean(frame: Any, table: str) -> Any:
     """Trim text and give categories their canonical case (quality.clean)."""
     from pyspark.sql import functions as F
 
     from lakehouse.transforms.quality import EDUCATION
 
-    strings = [f.name for f in frame.schema.fields
-               if f.dataType.simpleString() == "string" and not f.name.startswith("_")]
-    frame = frame.withColumns({name: F.trim(name) for name in strings})
+    frame = frame.withColumns({name: F.trim(name) for name in _text_columns(frame)})
     if table == "applicants":
         edu = F.create_map(*[F.lit(x) for e in EDUCATION for x in (e.lower(), e)])
         lowered = F.lower("person_education")
@@ -374,7 +405,10 @@ def spark_silver(spark: Any, bronze_dir: Path, silver_dir: Path, table: str) -> 
     is_upsert = F.col("_op") == "upsert"
     rank = F.when(F.col("_op") == "delete", 1).otherwise(0)
     key = KEYS[table]
-    frame = spark_clean(spark.read.parquet(str(bronze_dir / table)), table)
+    bronze = spark.read.parquet(str(bronze_dir / table))
+    # Rejected rows keep the values as they arrived (before `clean`), like quality.validate.
+    texts = _text_columns(bronze)
+    frame = spark_clean(bronze.withColumn("_raw", F.struct(*texts)), table)
     checks = spark_rules(table)
     if table == "loan_applications":
         known = (spark.read.parquet(str(silver_dir / "applicants"))
@@ -390,10 +424,12 @@ def spark_silver(spark: Any, bronze_dir: Path, silver_dir: Path, table: str) -> 
               .persist(StorageLevel.MEMORY_AND_DISK))
     bad = F.size("_failed_rules") > 0
     (marked.filter(bad)
+     .withColumns({name: F.col(f"_raw.{name}") for name in texts})
      .withColumns({"_rule": F.col("_failed_rules")[0], "_rejected_at": F.current_timestamp()})
+     .drop("_raw")
      .write.mode("overwrite").parquet(str(silver_dir / f"{table}_rejected")))
     good = marked.filter(~bad).drop(
-        "_failed_rules", "_source_watermark", "_extract_mode", "_ingested_at"
+        "_raw", "_failed_rules", "_source_watermark", "_extract_mode", "_ingested_at"
     )
     if table == "applicants":
         yes_no = F.col("previous_loan_defaults_on_file")
@@ -510,13 +546,11 @@ def spark_application_features(spark: Any, silver_dir: Path, gold_dir: Path) -> 
         (c("loan_int_rate") - c("intent_rate_30d")).alias("rate_spread"),
         band.alias("credit_score_band"),
         "loan_status",
-    ).orderBy("application_id")
-     .write.mode("overwrite").parquet(str(gold_dir / "application_features")))
+    ).write.mode("overwrite").parquet(str(gold_dir / "application_features")))
 
 
 def spark_applicant_features(spark: Any, silver_dir: Path, gold_dir: Path) -> None:
     """gold.applicant_features: applicant attributes and cumulative application counts."""
-    from pyspark import StorageLevel
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -543,33 +577,30 @@ def spark_applicant_features(spark: Any, silver_dir: Path, gold_dir: Path) -> No
         (is_status("loan_status", 1) - is_status("prev_status", 1)).alias("d_approved"),
         (is_status("loan_status", 0) - is_status("prev_status", 0)).alias("d_rejected"),
         F.when(first, c("applied_at")).alias("submitted_at"),
-    ).persist(StorageLevel.MEMORY_AND_DISK)
-    running = (Window.partitionBy("applicant_id").orderBy("state_ts")
-               .rowsBetween(Window.unboundedPreceding, Window.currentRow))
-    state = (
-        deltas.groupBy("applicant_id", c("ts").alias("state_ts"))
-        .agg(F.sum("d_count").alias("d_count"), F.sum("d_amount").alias("d_amount"),
-             F.sum("d_approved").alias("d_approved"), F.sum("d_rejected").alias("d_rejected"),
-             F.max("submitted_at").alias("submitted_at"))
-        .select(
-            "applicant_id", "state_ts",
-            F.sum("d_count").over(running).alias("application_count"),
-            F.sum("d_amount").over(running).alias("amount_sum"),
-            F.sum("d_approved").over(running).alias("approved_count"),
-            F.sum("d_rejected").over(running).alias("rejected_count"),
-            F.max("submitted_at").over(running).alias("last_applied_at"),
-        )
     )
-    events = (applicant_history.select("applicant_id", c("valid_from").alias("ts"))
-              .union(deltas.select("applicant_id", "ts")).distinct())
-    attributes = applicant_history.select("applicant_id", "valid_from", "valid_to",
-                                          *PERSON_COLUMNS)
-    features = asof_join(
-        asof_join(events, attributes, "applicant_id", "ts", "valid_from", inner=True)
-        .filter(c("valid_to").isNull() | (c("valid_to") > c("ts"))),
-        state, "applicant_id", "ts", "state_ts", inner=False,
+    # One stream per applicant (application deltas and applicant versions) and one window
+    # pass: running aggregates and the version in force at every instant.
+    forever = F.lit("9999-12-31 00:00:00").cast("timestamp")
+    versions_in_force = applicant_history.select(
+        "applicant_id", c("valid_from").alias("ts"), *PERSON_COLUMNS,
+        F.coalesce(c("valid_to"), forever).alias("version_end"),
     )
-    (features.select(
+    stream = deltas.unionByName(versions_in_force, allowMissingColumns=True)
+    upto = (Window.partitionBy("applicant_id").orderBy("ts")
+            .rangeBetween(Window.unboundedPreceding, Window.currentRow))
+    state = stream.select(
+        "applicant_id", "ts",
+        F.sum("d_count").over(upto).alias("application_count"),
+        F.sum("d_amount").over(upto).alias("amount_sum"),
+        F.sum("d_approved").over(upto).alias("approved_count"),
+        F.sum("d_rejected").over(upto).alias("rejected_count"),
+        F.max("submitted_at").over(upto).alias("last_applied_at"),
+        *[F.last(name, ignorenulls=True).over(upto).alias(name)
+          for name in (*PERSON_COLUMNS, "version_end")],
+    )
+    features = (state.filter(c("version_end") > c("ts"))
+                .dropDuplicates(["applicant_id", "ts"]))
+    features.select(
         "applicant_id", c("ts").alias("event_timestamp"), *PERSON_COLUMNS,
         F.coalesce(c("application_count"), F.lit(0)).cast("bigint").alias("application_count"),
         F.coalesce(c("approved_count"), F.lit(0)).cast("bigint").alias("approved_count"),
@@ -578,9 +609,7 @@ def spark_applicant_features(spark: Any, silver_dir: Path, gold_dir: Path) -> No
         .alias("mean_loan_amnt"),
         ((F.unix_micros("ts") - F.unix_micros("last_applied_at")) / 1e6 / 86_400.0)
         .alias("days_since_last_application"),
-    ).orderBy("applicant_id", "event_timestamp")
-     .write.mode("overwrite").parquet(str(gold_dir / "applicant_features")))
-    deltas.unpersist()
+    ).write.mode("overwrite").parquet(str(gold_dir / "applicant_features"))
 
 
 def spark_approval_rate_daily(spark: Any, silver_dir: Path, gold_dir: Path) -> None:
@@ -834,12 +863,18 @@ def machine_info() -> list[str]:
     ]
 
 
-def report(results: list[SizeResult], command: str, started: datetime) -> str:
+def report(results: list[SizeResult], command: str, started: datetime, library: str) -> str:
     """Render the Markdown report."""
+    digests = {r.ours.result["details"]["library"] for r in results if r.ours and r.ours.ok}
     out = [
         f"# Batch pipeline benchmark ({started:%Y-%m-%d %H:%M} UTC)",
         "",
         f"Command: `{command}`",
+        "",
+        f"Library: {library} (at the start of the run); sources measured:"
+        f" {', '.join(sorted(digests)) or 'n/a'}"
+        + (" — **the library changed during the run: sizes are not comparable**"
+           if len(digests) > 1 else ""),
         "",
         *machine_info(),
         "",
@@ -983,12 +1018,13 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python", "benchmarks/batch.py", *argv])
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / f"batch-{started:%Y%m%d-%H%M%S}.md"
+    library = git_state()
     results: list[SizeResult] = []
     for rows in args.rows:
         results.append(run_size(rows, skip_spark=args.skip_spark))
-        path.write_text(report(results, command, started))
+        path.write_text(report(results, command, started, library))
         log(f"{rows:,} rows done; report so far in {path}")
-    text = report(results, command, started)
+    text = report(results, command, started, library)
     print(text)
     log(f"report written to {path}")
     return 1 if any(r.errors for r in results) else 0

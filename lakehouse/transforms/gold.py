@@ -120,7 +120,9 @@ deltas AS (
 stream AS (
     SELECT * FROM deltas
     UNION ALL BY NAME
-    SELECT applicant_id, valid_from AS ts, person_age, person_gender, person_education, person_income, person_emp_exp, person_home_ownership, cb_person_cred_hist_length, credit_score, previous_loan_defaults_on_file,
+    SELECT applicant_id, valid_from AS ts, person_age, person_gender, person_education,
+           person_income, person_emp_exp, person_home_ownership, cb_person_cred_hist_length,
+           credit_score, previous_loan_defaults_on_file,
            coalesce(valid_to, 'infinity'::TIMESTAMPTZ) AS version_end
     FROM applicants_history
 ),
@@ -139,7 +141,8 @@ state AS (
            last_value(person_home_ownership IGNORE NULLS) OVER w AS person_home_ownership,
            last_value(cb_person_cred_hist_length IGNORE NULLS) OVER w AS cb_person_cred_hist_length,
            last_value(credit_score IGNORE NULLS) OVER w AS credit_score,
-           last_value(previous_loan_defaults_on_file IGNORE NULLS) OVER w AS previous_loan_defaults_on_file,
+           last_value(previous_loan_defaults_on_file IGNORE NULLS) OVER w
+               AS previous_loan_defaults_on_file,
            last_value(version_end IGNORE NULLS) OVER w AS version_end
     FROM stream
     WINDOW w AS (PARTITION BY applicant_id ORDER BY ts

@@ -15,7 +15,7 @@ from lakehouse.errors import SourceError
 from lakehouse.failpoints import failpoint
 from lakehouse.settings import Settings
 from lakehouse.source import extract
-from lakehouse.source.schema import TABLES, SourceTable
+from lakehouse.source.schema import TABLES, SourceTable, connect, schema_exists
 from lakehouse.storage import Storage
 from lakehouse.zones.commits import app_id, commit_properties, recorded
 
@@ -52,16 +52,12 @@ def watermark(storage: Storage, table: str) -> int | None:
 def is_current(settings: Settings, storage: Storage, table: str) -> bool:
     """Tell whether bronze already holds every committed source change (cheap)."""
     lo = watermark(storage, table)
-    from lakehouse.source.schema import connect
-
     with connect(settings, autocommit=True) as conn:
         _require_source(conn, settings.pg_schema)
         return not extract.has_changes(conn, settings.pg_schema, TABLES[table], lo)
 
 
 def _require_source(conn: psycopg.Connection, schema: str) -> None:
-    from lakehouse.source.schema import schema_exists
-
     if not schema_exists(conn, schema):
         msg = f"the source has no lending tables in schema `{schema}`; run `lakehouse seed`"
         raise SourceError(msg)
@@ -69,8 +65,6 @@ def _require_source(conn: psycopg.Connection, schema: str) -> None:
 
 def ingest(settings: Settings, storage: Storage, table: str) -> IngestResult:
     """Append the source rows changed since the last batch as one atomic Delta commit."""
-    from lakehouse.source.schema import connect
-
     source = TABLES[table]
     with connect(settings, autocommit=True) as conn:
         _require_source(conn, settings.pg_schema)
