@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import polars as pl
 import pyarrow as pa
 from deltalake import write_deltalake
 
@@ -29,7 +30,7 @@ class GoldResult:
 def input_versions(storage: Storage, name: str) -> dict[str, int]:
     """Return the current version of each silver table that `gold.<name>` reads."""
     versions: dict[str, int] = {}
-    for source in GOLD[name][1]:
+    for source in GOLD[name].sources:
         dt = storage.table_or_none("silver", source)
         if dt is None:
             msg = f"gold.{name} needs `silver.{source}`, which does not exist; run the pipeline"
@@ -57,17 +58,21 @@ def build(settings: Settings, storage: Storage, name: str) -> GoldResult:
     versions = input_versions(storage, name)
     if is_current(storage, name):
         return GoldResult(name, False, versions)
-    sql, sources = GOLD[name]
+    spec = GOLD[name]
     con = duck.connect(settings, storage)
     try:
         # Row order of a Delta table means nothing; not keeping it saves memory at scale.
         con.execute("SET preserve_insertion_order = false")
-        for source in sources:
+        for source in spec.sources:
             con.execute(
                 f"CREATE VIEW {duck.quote(source)} AS SELECT * FROM "
                 + duck.scan(storage.uri("silver", source), versions[source])
             )
-        reader = con.execute(sql).fetch_record_batch(_BATCH)
+        for derived in spec.derived:
+            frame = pl.from_arrow(con.execute(derived.sql).to_arrow_table())
+            assert isinstance(frame, pl.DataFrame)
+            con.register(derived.name, derived.transform(frame).to_arrow())
+        reader = con.execute(spec.sql).fetch_record_batch(_BATCH)
         write_deltalake(
             storage.uri("gold", name),
             _normalise(reader),
