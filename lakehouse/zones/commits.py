@@ -7,7 +7,6 @@ from collections.abc import Mapping
 from deltalake import CommitProperties, DeltaTable, Transaction
 
 from lakehouse import __version__
-from lakehouse.storage import Storage
 
 
 def app_id(zone: str, table: str, source: str = "") -> str:
@@ -37,9 +36,3 @@ def commit_properties(
             **(metadata or {}),
         },
     )
-
-
-def current_version(storage: Storage, zone: str, table: str) -> int | None:
-    """Return the latest version of `zone.table`, or None if it does not exist."""
-    dt = storage.table_or_none(zone, table)
-    return None if dt is None else dt.version()

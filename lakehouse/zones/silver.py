@@ -14,7 +14,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 
-from lakehouse.errors import TableNotFoundError
 from lakehouse.failpoints import failpoint
 from lakehouse.source.schema import TABLES
 from lakehouse.storage import Storage
@@ -284,12 +283,3 @@ def _merge_history(
         )
         .execute()
     )
-
-
-def table_or_raise(storage: Storage, name: str) -> DeltaTable:
-    """Open `silver.<name>`, raising a clear error if it was never built."""
-    dt = storage.table_or_none("silver", name)
-    if dt is None:
-        msg = f"table `silver.{name}` does not exist yet; run `lakehouse run`"
-        raise TableNotFoundError(msg)
-    return dt
