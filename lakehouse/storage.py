@@ -38,7 +38,8 @@ class Storage:
             "AWS_REGION": settings.s3_region,
             "AWS_ACCESS_KEY_ID": settings.s3_access_key_id,
             "AWS_SECRET_ACCESS_KEY": settings.s3_secret_access_key.get(),
-            # Never AWS_S3_ALLOW_UNSAFE_RENAME: delta-rs 1.x uses conditional puts instead.
+            # No unsafe-rename flag: delta-rs 1.x commits with conditional puts (safe with
+            # concurrent writers); the rename flag would lose commits silently.
         }
         s3 = {"region": settings.s3_region}
         if settings.s3_endpoint:
