@@ -212,6 +212,9 @@ class GoldTable:
     sql: str
     sources: tuple[str, ...]
     derived: tuple[Derived, ...] = ()
+    partition_key: str | None = None
+    """A column of every source such that rows of different keys never meet: a large
+    build may then run one key partition at a time."""
 
 
 GOLD = {
@@ -221,7 +224,9 @@ GOLD = {
         (Derived("market", SUBMITTED, intent_rate_30d),),
     ),
     "applicant_features": GoldTable(
-        APPLICANT_FEATURES, ("applicants_history", "loan_applications_history")
+        APPLICANT_FEATURES,
+        ("applicants_history", "loan_applications_history"),
+        partition_key="applicant_id",
     ),
     "approval_rate_daily": GoldTable(APPROVAL_RATE_DAILY, ("loan_applications",)),
 }

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import polars as pl
 import pyarrow as pa
-from deltalake import write_deltalake
+import pyarrow.compute as pc
+from deltalake import DeltaTable, write_deltalake
 
 from lakehouse import duck
 from lakehouse.errors import TableNotFoundError
@@ -16,6 +18,13 @@ from lakehouse.transforms.gold import GOLD
 from lakehouse.zones.commits import app_id, commit_properties, recorded
 
 _BATCH = 200_000
+# Input rows per key partition of a partitioned gold build (see GoldTable.partition_key).
+_PARTITION_ROWS = 2_500_000
+
+
+def _row_count(dt: DeltaTable) -> int:
+    adds = pa.table(dt.get_add_actions(flatten=True))
+    return int(pc.sum(adds["num_records"]).as_py() or 0) if adds.num_rows else 0
 
 
 @dataclass(frozen=True)
@@ -63,16 +72,36 @@ def build(settings: Settings, storage: Storage, name: str) -> GoldResult:
     try:
         # Row order of a Delta table means nothing; not keeping it saves memory at scale.
         con.execute("SET preserve_insertion_order = false")
-        for source in spec.sources:
-            con.execute(
-                f"CREATE VIEW {duck.quote(source)} AS SELECT * FROM "
-                + duck.scan(storage.uri("silver", source), versions[source])
-            )
-        for derived in spec.derived:
-            frame = pl.from_arrow(con.execute(derived.sql).to_arrow_table())
-            assert isinstance(frame, pl.DataFrame)
-            con.register(derived.name, derived.transform(frame).to_arrow())
-        reader = con.execute(spec.sql).fetch_record_batch(_BATCH)
+        parts, key = 1, spec.partition_key or ""
+        if key:
+            rows = storage.table("silver", spec.sources[0], version=versions[spec.sources[0]])
+            parts = max(1, -(-_row_count(rows) // _PARTITION_ROWS))
+
+        def part_batches(part: int) -> pa.RecordBatchReader:
+            # Each key partition is an independent query over filtered views, so a big
+            # build never holds (or spills) more than one partition's working set.
+            where = f" WHERE {duck.quote(key)} % {parts} = {part}" if parts > 1 else ""
+            for source in spec.sources:
+                con.execute(
+                    f"CREATE OR REPLACE VIEW {duck.quote(source)} AS SELECT * FROM "
+                    + duck.scan(storage.uri("silver", source), versions[source])
+                    + where
+                )
+            for derived in spec.derived:
+                frame = pl.from_arrow(con.execute(derived.sql).to_arrow_table())
+                assert isinstance(frame, pl.DataFrame)
+                con.register(derived.name, derived.transform(frame).to_arrow())
+            return con.execute(spec.sql).fetch_record_batch(_BATCH)
+
+        first = part_batches(0)
+
+        def batches() -> Iterator[pa.RecordBatch]:
+            # Lazily: the next partition's query may only start once this one is read.
+            yield from first
+            for part in range(1, parts):
+                yield from part_batches(part)
+
+        reader = pa.RecordBatchReader.from_batches(first.schema, batches())
         write_deltalake(
             storage.uri("gold", name),
             _normalise(reader),

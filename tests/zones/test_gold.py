@@ -7,6 +7,7 @@ import random
 from datetime import datetime, timedelta
 
 import polars as pl
+import pytest
 
 from lakehouse.settings import Settings
 from lakehouse.source.schema import APPLICANTS
@@ -221,3 +222,20 @@ def test_approval_rate_daily_matches_silver(settings: Settings) -> None:
     key = ["day", "loan_intent"]
     assert got.sort(key).equals(want.sort(key).cast(dict(got.schema)))
     assert mart["approval_rate"].is_between(0, 1).all()
+
+
+def test_partitioned_build_equals_a_single_pass(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = seeded(base_settings, rows=200)
+    run_all(base_settings, storage)
+    churn(base_settings, changes=200, seed_value=9)
+    run_all(base_settings, storage)
+    whole = read(storage, "gold", "applicant_features")
+    monkeypatch.setattr(gold, "_PARTITION_ROWS", 40)  # about 6 key partitions
+    monkeypatch.setattr(gold, "is_current", lambda *_: False)
+    gold.build(base_settings, storage, "applicant_features")
+    parts = read(storage, "gold", "applicant_features")
+    key = ["applicant_id", "event_timestamp"]
+    assert parts.height == whole.height
+    assert parts.sort(key).equals(whole.sort(key))
