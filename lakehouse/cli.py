@@ -94,6 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("tables", help="list tables with version, rows, size and last update")
 
+    p = sub.add_parser(
+        "stream", help="CDC: stream source changes into bronze (setup|run|status|teardown)"
+    )
+    p.add_argument(
+        "action",
+        nargs="?",
+        default="run",
+        choices=["run", "setup", "status", "teardown"],
+        help="run (default): stream until SIGTERM/Ctrl-C; setup: publications, slots and "
+        "the aligned snapshot; status: slot lag and freshness; teardown: drop them",
+    )
+    p.add_argument(
+        "--promote", action="store_true", help="with run: also merge each micro-batch into silver"
+    )
+
     p = sub.add_parser("maintain", help="compact, checkpoint and vacuum every table")
     p.add_argument(
         "--retention-hours",
@@ -229,6 +244,8 @@ def _dispatch(args: argparse.Namespace) -> int:
             render(QueryResult(["table", "version", "rows", "files", "size", "last update"], rows))
         )
         return 0
+    if command == "stream":
+        return _stream(settings, args.action, promote=args.promote)
     if command == "maintain":
         from lakehouse.maintain import maintain
         from lakehouse.storage import Storage
@@ -251,6 +268,78 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     msg = f"unknown command `{command}`"
     raise UsageError(msg)
+
+
+def _stream(settings: Settings, action: str, *, promote: bool) -> int:
+    from lakehouse.storage import Storage
+
+    try:
+        from stream import setup as stream_setup
+    except ImportError as exc:  # bytewax has no wheel for this Python
+        msg = f"the stream needs bytewax, which cannot be imported ({exc}); use Python 3.11/3.12"
+        raise UsageError(msg) from None
+    storage = Storage.from_settings(settings)
+    storage.check()
+    if action == "setup":
+        for r in stream_setup.setup(settings, storage):
+            if r.created:
+                print(
+                    f"{r.table}: slot {r.slot} created; snapshot of {r.snapshot_rows:,} rows "
+                    f"landed in bronze.{r.table} at LSN {_lsn(r.snapshot_lsn)}"
+                )
+            else:
+                at = _lsn(r.snapshot_lsn)
+                print(f"{r.table}: slot {r.slot} already set up (snapshot at LSN {at})")
+        return 0
+    if action == "teardown":
+        dropped = stream_setup.teardown(settings, storage)
+        print(
+            ("dropped slots " + ", ".join(dropped) if dropped else "no slots to drop")
+            + "; batch extraction feeds bronze again"
+        )
+        return 0
+    if action == "status":
+        from lakehouse.sql import QueryResult, render
+
+        rows = []
+        for t in stream_setup.status(settings, storage):
+            fresh = t.freshness_seconds
+            rows.append(
+                (
+                    t.table,
+                    t.slot if t.slot_exists else "(none)",
+                    "yes" if t.active else "no",
+                    t.wal_status or "",
+                    "" if t.lag_bytes is None else f"{t.lag_bytes:,}",
+                    t.confirmed_lsn or "",
+                    t.landed_lsn or "",
+                    f"{t.changes:,}",
+                    "" if fresh is None else f"{fresh:.1f}s",
+                )
+            )
+        header = [
+            "table",
+            "slot",
+            "active",
+            "wal",
+            "lag bytes",
+            "confirmed LSN",
+            "landed LSN",
+            "changes",
+            "since last change",
+        ]
+        sys.stdout.write(render(QueryResult(header, rows)))
+        return 0
+    from stream.run import run_stream
+
+    run_stream(settings, storage, promote=promote, progress=print)
+    return 0
+
+
+def _lsn(value: int | None) -> str:
+    from stream.pgoutput import format_lsn
+
+    return format_lsn(value) if value else "-"
 
 
 def _db(settings: Settings, action: str, *, show_password: bool) -> int:

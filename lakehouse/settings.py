@@ -79,6 +79,12 @@ class Settings:
     """`lakehouse maintain` keeps this much time travel."""
     duckdb_memory: str = "2GB"
     """DuckDB's memory limit; larger queries spill to `<home>/duckdb_tmp`."""
+    stream_batch_rows: int = 100_000
+    """CDC: a micro-batch closes at this many changes (also splits huge transactions)."""
+    stream_batch_seconds: float = 1.0
+    """CDC: a micro-batch closes this long after its first change (between transactions)."""
+    stream_heartbeat_seconds: float = 5.0
+    """CDC: while a table is idle, record the slot's position this often (a Delta commit)."""
 
     @property
     def warehouse(self) -> str:
@@ -167,6 +173,18 @@ def _parse(var: str, name: str, raw: str) -> Any:
             msg = f"{var} is `{raw}`; it must be at least {low}"
             raise ConfigError(msg)
         return value
+    if name in ("stream_batch_rows",):
+        return _parse(var, "batch_rows", raw)
+    if name in ("stream_batch_seconds", "stream_heartbeat_seconds"):
+        try:
+            seconds = float(raw)
+        except ValueError:
+            msg = f"{var} is `{raw}`; it must be a number of seconds"
+            raise ConfigError(msg) from None
+        if not 0.01 <= seconds <= 3600:
+            msg = f"{var} is `{raw}`; give between 0.01 and 3600 seconds"
+            raise ConfigError(msg)
+        return seconds
     if name in ("s3_secret_access_key", "pg_dsn"):
         return Secret(raw)
     if name == "duckdb_memory":

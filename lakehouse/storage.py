@@ -80,7 +80,7 @@ class Storage:
             if version is not None and "version" in str(exc).lower():
                 msg = f"table `{zone}.{table}` has no version {version}: {_first_line(exc)}"
                 raise TableNotFoundError(msg) from None
-            raise StorageError(_explain(exc, self.root)) from exc
+            raise StorageError(explain(exc, self.root)) from exc
 
     def table_or_none(self, zone: str, table: str) -> DeltaTable | None:
         """Open `zone.table` if it exists."""
@@ -129,7 +129,7 @@ class Storage:
         except StorageError:
             raise
         except Exception as exc:
-            raise StorageError(_explain(exc, endpoint)) from exc
+            raise StorageError(explain(exc, endpoint)) from exc
 
 
 def minio_client(s3: dict[str, str], options: dict[str, str]) -> Any:
@@ -164,7 +164,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _explain(exc: BaseException, where: str) -> str:
+def explain(exc: BaseException, where: str) -> str:
     """Turn a client error into one line that says what to do."""
     text = str(exc)
     lowered = text.lower()

@@ -88,7 +88,27 @@ def pg_schema(pg_server: str) -> Iterator[str]:
     name = "t_" + uuid.uuid4().hex[:10]
     yield name
     with psycopg.connect(pg_server, autocommit=True) as conn:
+        drop_stream_objects(conn, name)
         schema.drop_schema(conn, name)
+
+
+def drop_stream_objects(conn: psycopg.Connection, pg_schema: str) -> None:
+    """Drop a test's replication slots and publications (a slot left behind keeps WAL)."""
+    pattern = f"%{pg_schema}%"
+    for _ in range(50):
+        try:
+            conn.execute(
+                "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                "WHERE slot_name LIKE %s",
+                (pattern,),
+            )
+            break
+        except psycopg.errors.ObjectInUse:
+            time.sleep(0.2)  # a killed consumer's walsender is still exiting
+    for (pub,) in conn.execute(
+        "SELECT pubname FROM pg_publication WHERE pubname LIKE %s", (pattern,)
+    ).fetchall():
+        conn.execute(f'DROP PUBLICATION "{pub}"')
 
 
 @pytest.fixture
@@ -147,6 +167,9 @@ def env_for(settings: Settings) -> dict[str, str]:
         "LAKEHOUSE_PG_DSN": settings.pg_dsn.get(),
         "LAKEHOUSE_PG_SCHEMA": settings.pg_schema,
         "LAKEHOUSE_BATCH_ROWS": str(settings.batch_rows),
+        "LAKEHOUSE_STREAM_BATCH_ROWS": str(settings.stream_batch_rows),
+        "LAKEHOUSE_STREAM_BATCH_SECONDS": str(settings.stream_batch_seconds),
+        "LAKEHOUSE_STREAM_HEARTBEAT_SECONDS": str(settings.stream_heartbeat_seconds),
     }
     if settings.is_s3:
         env |= {

@@ -22,6 +22,7 @@ PG_TO_POLARS: dict[str, pl.DataType] = {
     "timestamptz": pl.Datetime("us", "UTC"),
 }
 _BYTES_PER_ROW = 160  # rough CSV width of a row: sizes the read buffer from batch_rows
+NO_UPPER_BOUND = 253_402_300_799_000_000  # 9999-12-31: a window with no upper fence
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,16 @@ def _query(schema: str, table: SourceTable, window: Window) -> sql.Composable:
 
 
 def extracted_schema(table: SourceTable) -> dict[str, pl.DataType]:
-    """Return the Polars schema of extracted rows: the source columns, `_op`, `_source_ts`."""
+    """Return the Polars schema of extracted rows.
+
+    The source columns, then `_op` (upsert or delete), `_source_ts` (the row's
+    `updated_at` or the delete time) and `_source_lsn` (the WAL position the extraction's
+    snapshot was taken at: orders batch rows against CDC changes).
+    """
     schema = {name: PG_TO_POLARS[pg_type] for name, pg_type in table.columns}
     schema["_op"] = pl.Utf8()
     schema["_source_ts"] = pl.Datetime("us", "UTC")
+    schema["_source_lsn"] = pl.Int64()
     return schema
 
 
@@ -141,28 +148,43 @@ def extract(
     window: Window,
     *,
     batch_rows: int,
+    snapshot: str | None = None,
+    snapshot_lsn: int | None = None,
 ) -> Iterator[pl.DataFrame]:
     """Yield the rows changed in `window` (and tombstones of deleted rows) as frames.
 
-    Runs in one REPEATABLE READ transaction so every batch sees the same snapshot; memory
-    is bounded by `batch_rows` because COPY output is parsed a slice at a time.
+    Runs in one REPEATABLE READ transaction so every batch sees the same snapshot (or
+    in the exported `snapshot` of a replication slot, whose consistent point is
+    `snapshot_lsn`); memory is bounded by `batch_rows` because COPY output is parsed a
+    slice at a time.
     """
     target = extracted_schema(table)
+    lsn_type = target.pop("_source_lsn")
     raw = {k: (pl.Int64() if isinstance(v, pl.Datetime) else v) for k, v in target.items()}
     limit = max(1 << 16, batch_rows * _BYTES_PER_ROW)
     stmt = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(_query(schema, table, window))
     conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-    with conn.transaction(), conn.cursor() as cur, cur.copy(stmt) as copy:
-        pending = bytearray()
-        for block in copy:
-            pending += block
-            if len(pending) >= limit:
-                cut = _row_boundary(pending)
-                if cut > 0:
-                    yield _parse(bytes(pending[:cut]), raw, target)
-                    del pending[:cut]
-        if pending:
-            yield _parse(bytes(pending), raw, target)
+    with conn.transaction(), conn.cursor() as cur:
+        if snapshot is not None:
+            cur.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
+            lsn = snapshot_lsn
+        else:
+            # The first statement takes the snapshot: every change it sees was committed
+            # at a WAL position below this one.
+            row = cur.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint").fetchone()
+            lsn = row[0] if row else None
+        position = pl.lit(lsn, lsn_type).alias("_source_lsn")
+        with cur.copy(stmt) as copy:
+            pending = bytearray()
+            for block in copy:
+                pending += block
+                if len(pending) >= limit:
+                    cut = _row_boundary(pending)
+                    if cut > 0:
+                        yield _parse(bytes(pending[:cut]), raw, target).with_columns(position)
+                        del pending[:cut]
+            if pending:
+                yield _parse(bytes(pending), raw, target).with_columns(position)
 
 
 def _row_boundary(buf: bytearray) -> int:

@@ -20,12 +20,15 @@ def to_silver_types(frame: pl.DataFrame, table: str) -> pl.DataFrame:
 
 
 def ordered(changes: pl.DataFrame, key: str) -> pl.DataFrame:
-    """Sort changes per key in source order: timestamp, then upsert before delete, then batch."""
-    return (
-        changes.with_columns(_rank=_OP_RANK)
-        .sort([key, "_source_ts", "_rank", "_batch_id"])
-        .drop("_rank")
-    )
+    """Sort changes per key in source order.
+
+    WAL position first (`_lsn`, `_seq`: a batch's extraction snapshot, or a change's
+    commit); within one batch, timestamp, then upsert before delete, then batch.
+    """
+    by = [key, "_source_ts", "_rank", "_batch_id"]
+    if "_lsn" in changes.columns:
+        by[1:1] = ["_lsn", "_seq"]
+    return changes.with_columns(_rank=_OP_RANK).sort(by, nulls_last=False).drop("_rank")
 
 
 def _last_of_key(key: str) -> pl.Expr:

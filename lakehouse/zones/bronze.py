@@ -53,11 +53,45 @@ def is_current(settings: Settings, storage: Storage, table: str) -> bool:
     """Tell whether bronze already holds every committed source change (cheap)."""
     lo = watermark(storage, table)
     with connect(settings, autocommit=True) as conn:
-        _require_source(conn, settings.pg_schema)
+        require_source(conn, settings.pg_schema)
+        if stream_fed(conn, settings.pg_schema, table):
+            return True
         return not extract.has_changes(conn, settings.pg_schema, TABLES[table], lo)
 
 
-def _require_source(conn: psycopg.Connection, schema: str) -> None:
+def stream_slot(schema: str, table: str) -> str:
+    """Return the name of the CDC replication slot (and publication) of a source table."""
+    return f"lakehouse_{schema}_{table}".lower()
+
+
+def stream_fed(conn: psycopg.Connection, schema: str, table: str) -> bool:
+    """Tell whether a CDC slot feeds this table; batch extraction then stands aside."""
+    row = conn.execute(
+        "SELECT 1 FROM pg_replication_slots WHERE slot_name = %s", (stream_slot(schema, table),)
+    ).fetchone()
+    return row is not None
+
+
+def stream_snapshot_lsn(storage: Storage, table: str) -> int | None:
+    """Return the consistent point of the stream snapshot in `bronze.<table>` (None or 0: none)."""
+    return recorded(storage.table_or_none("bronze", table), app_id("bronze", table, "stream"))
+
+
+def forget_stream_snapshot(storage: Storage, table: str) -> None:
+    """Record (in an empty commit) that the table's stream snapshot no longer has a slot."""
+    write_deltalake(
+        storage.uri("bronze", table),
+        bronze_schema(TABLES[table]).empty_table(),
+        mode="append",
+        storage_options=storage.options,
+        commit_properties=commit_properties(
+            {app_id("bronze", table, "stream"): 0}, operation="stream-teardown"
+        ),
+    )
+
+
+def require_source(conn: psycopg.Connection, schema: str) -> None:
+    """Fail with the fix when the source schema has not been seeded."""
     if not schema_exists(conn, schema):
         msg = f"the source has no lending tables in schema `{schema}`; run `lakehouse seed`"
         raise SourceError(msg)
@@ -67,7 +101,9 @@ def ingest(settings: Settings, storage: Storage, table: str) -> IngestResult:
     """Append the source rows changed since the last batch as one atomic Delta commit."""
     source = TABLES[table]
     with connect(settings, autocommit=True) as conn:
-        _require_source(conn, settings.pg_schema)
+        require_source(conn, settings.pg_schema)
+        if stream_fed(conn, settings.pg_schema, table):
+            return IngestResult(table, "stream", 0, 0, None)
         extract.check_can_fence(conn)
         _lock(conn, table)
         lo = watermark(storage, table)
@@ -109,6 +145,51 @@ def ingest(settings: Settings, storage: Storage, table: str) -> IngestResult:
     return IngestResult(table, window.mode, counts["rows"], counts["deletes"], hi)
 
 
+def ingest_snapshot(
+    settings: Settings, storage: Storage, table: str, *, snapshot: str, lsn: int
+) -> IngestResult:
+    """Land the rows an exported snapshot sees, stamped with the slot's consistent point.
+
+    Runs inside `snapshot` (from CREATE_REPLICATION_SLOT): bronze then holds exactly the
+    transactions committed before the slot's first change. When bronze already has
+    batches, only what changed since the last one is taken (tombstones included).
+    """
+    source = TABLES[table]
+    with connect(settings, autocommit=True) as conn:
+        _lock(conn, table)
+        lo = watermark(storage, table)
+        hi = extract.fence(conn)
+        if lo is not None:
+            hi = max(hi, lo + 1)
+        # Everything the snapshot sees, whatever its timestamp: no upper fence.
+        window = extract.Window(lo, extract.NO_UPPER_BOUND)
+        conn.autocommit = False
+        counts = {"rows": 0, "deletes": 0}
+        frames = extract.extract(
+            conn,
+            settings.pg_schema,
+            source,
+            window,
+            batch_rows=settings.batch_rows,
+            snapshot=snapshot,
+            snapshot_lsn=lsn,
+        )
+        batches = _with_lineage(frames, extract.Window(lo, hi), counts, mode="stream-snapshot")
+        write_deltalake(
+            storage.uri("bronze", table),
+            pa.RecordBatchReader.from_batches(bronze_schema(source), batches),
+            mode="append",
+            storage_options=storage.options,
+            commit_properties=commit_properties(
+                {app_id("bronze", table): hi, app_id("bronze", table, "stream"): lsn},
+                operation="ingest",
+                metadata={"lakehouse.mode": "stream-snapshot"},
+            ),
+        )
+        conn.commit()
+    return IngestResult(table, "stream-snapshot", counts["rows"], counts["deletes"], hi)
+
+
 def _lock(conn: psycopg.Connection, table: str) -> None:
     row = conn.execute(
         "SELECT pg_try_advisory_lock(hashtext(%s))", (app_id("bronze", table),)
@@ -119,13 +200,17 @@ def _lock(conn: psycopg.Connection, table: str) -> None:
 
 
 def _with_lineage(
-    frames: Iterator[pl.DataFrame], window: extract.Window, counts: dict[str, int]
+    frames: Iterator[pl.DataFrame],
+    window: extract.Window,
+    counts: dict[str, int],
+    *,
+    mode: str | None = None,
 ) -> Iterator[pa.RecordBatch]:
     ingested = datetime.now(UTC)
     lineage = [
         pl.lit(window.hi_us, pl.Int64).alias("_batch_id"),
         pl.lit(window.hi_us).cast(pl.Datetime("us", "UTC")).alias("_source_watermark"),
-        pl.lit(window.mode).alias("_extract_mode"),
+        pl.lit(mode or window.mode).alias("_extract_mode"),
         pl.lit(ingested).cast(pl.Datetime("us", "UTC")).alias("_ingested_at"),
     ]
     for frame in frames:

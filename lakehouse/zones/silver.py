@@ -17,9 +17,10 @@ from deltalake import CommitProperties, DeltaTable, write_deltalake
 from lakehouse.failpoints import failpoint
 from lakehouse.source.schema import TABLES
 from lakehouse.storage import Storage
+from lakehouse.transforms import changes as changes_t
 from lakehouse.transforms import quality
 from lakehouse.transforms import silver as transform
-from lakehouse.zones.bronze import watermark
+from lakehouse.zones.bronze import bronze_schema, watermark
 from lakehouse.zones.commits import app_id, commit_properties, recorded
 
 # Order matters only for speed of recovery; each target records its own progress.
@@ -56,50 +57,119 @@ def progress(storage: Storage, table: str) -> dict[str, int | None]:
     }
 
 
+def changes_progress(storage: Storage, table: str) -> dict[str, int | None]:
+    """Return, per silver target, the LSN below which it has taken in every CDC change."""
+    return {
+        target: recorded(
+            storage.table_or_none("silver", target_name(table, target)),
+            app_id("silver", target_name(table, target), f"bronze.{changes_table(table)}"),
+        )
+        for target in TARGETS
+    }
+
+
+def changes_table(table: str) -> str:
+    """Return the name of the CDC change table of `table` in bronze."""
+    return f"{table}_changes"
+
+
+def changes_upto(storage: Storage, table: str) -> int | None:
+    """Return the LSN below which CDC changes of `table` may be promoted (None: no CDC).
+
+    That is the end of the last transaction fully landed in `bronze.<table>_changes`.
+    Loan applications are also held below what `silver.applicants` has taken in, so an
+    application never arrives before the applicant it references (one LSN cut).
+    """
+    flushed = recorded(
+        storage.table_or_none("bronze", changes_table(table)),
+        app_id("bronze", changes_table(table)),
+    )
+    if flushed is None:
+        return None
+    if table == "loan_applications":
+        applicants = changes_progress(storage, "applicants")["current"]
+        if (
+            recorded(
+                storage.table_or_none("bronze", changes_table("applicants")),
+                app_id("bronze", changes_table("applicants")),
+            )
+            is not None
+        ):
+            flushed = min(flushed, applicants or 0)
+    return flushed
+
+
 def is_current(storage: Storage, table: str) -> bool:
-    """Tell whether every silver target of `table` has taken in the last bronze batch (cheap)."""
+    """Tell whether every silver target of `table` has taken in all landed bronze (cheap)."""
     last = watermark(storage, table)
-    return last is not None and all(v == last for v in progress(storage, table).values())
+    upto = changes_upto(storage, table)
+    if last is None and upto is None:
+        return False
+    batches_done = last is None or all(v == last for v in progress(storage, table).values())
+    changes_done = upto is None or all(
+        (v or 0) >= upto for v in changes_progress(storage, table).values()
+    )
+    return batches_done and changes_done
 
 
 def promote(storage: Storage, table: str) -> PromoteResult:
-    """Promote the bronze batches after each target's last one; a rerun is a no-op.
+    """Promote the bronze batches and CDC changes each target has not taken in yet.
 
-    A large backlog (a first load of millions of rows) is processed in key partitions of
-    about `_PARTITION_ROWS` rows, spooled to local Parquet, then written to each target
-    in one commit: memory stays bounded by a partition, and each target still changes
-    atomically.
+    Batch rows and change rows are merged in WAL order (`_lsn`, `_seq`); a rerun is a
+    no-op. A large backlog (a first load of millions of rows) is processed in key
+    partitions of about `_PARTITION_ROWS` rows, spooled to local Parquet, then written to
+    each target in one commit: memory stays bounded by a partition, and each target
+    still changes atomically.
     """
     last = watermark(storage, table)
+    upto = changes_upto(storage, table)
     result = PromoteResult(table, last)
-    if last is None:
+    if last is None and upto is None:
         return result
     done = progress(storage, table)
-    pending = [t for t in TARGETS if done[t] != last]
+    done_lsn = changes_progress(storage, table)
+    pending = [
+        t
+        for t in TARGETS
+        if (last is not None and done[t] != last)
+        or (upto is not None and (done_lsn[t] or 0) < upto)
+    ]
     if not pending:
         return result
     key = TABLES[table].key
     start = min(v if v is not None else -1 for v in done.values())
+    start_lsn = min(v or 0 for v in done_lsn.values())
     existing = {t: storage.table_or_none("silver", target_name(table, t)) for t in pending}
     known = None
     if table == "loan_applications":
         known = ("applicant_id", _current_keys(storage, "applicants", "applicant_id"))
-    parts = max(1, -(-_count_bronze(storage, table, after=start, upto=last) // _PARTITION_ROWS))
+    total = 0
+    if last is not None and start < last:
+        total += _count_bronze(storage, table, after=start, upto=last)
+    if upto is not None and start_lsn < upto:
+        total += _count_changes(storage, table, start_lsn, upto)
+    parts = max(1, -(-total // _PARTITION_ROWS))
     rejects: Counter[str] = Counter()
     with _Spool(spill=parts > 1) as spool:
         for part in range(parts):
-            raw = _read_bronze(storage, table, after=start, upto=last, part=(part, parts))
+            raw = _read_input(
+                storage,
+                table,
+                batches=(start, last) if last is not None and start < last else None,
+                changes=(start_lsn, upto) if upto is not None and start_lsn < upto else None,
+                part=(part, parts),
+            )
             good, rejected = quality.validate(
                 quality.clean(raw, table), quality.RULES[table], known_keys=known, raw=raw
             )
             del raw  # at millions of rows, every frame held on to counts
             # Sorted once; history and current state both read the same order.
-            good = transform.ordered(transform.to_silver_types(good.drop(_BRONZE_ONLY), table), key)
+            good = transform.ordered(
+                transform.to_silver_types(good.drop(_BRONZE_ONLY, strict=False), table), key
+            )
             for target in pending:
-                after = done[target]
                 rows = good if target != "rejected" else rejected
-                if after is not None:
-                    rows = rows.filter(pl.col("_batch_id") > after)
+                rows = rows.filter(_not_taken(done[target], done_lsn[target])).drop("_stream")
                 out, count = _prepare(target, rows, key, exists=existing[target] is not None)
                 if target == "rejected":
                     rejects.update(dict(out.group_by("_rule").len().iter_rows()))
@@ -108,12 +178,19 @@ def promote(storage: Storage, table: str) -> PromoteResult:
                 result.rows[name] = result.rows.get(name, 0) + count
         for target in pending:
             name = target_name(table, target)
+            marks = {}
+            if last is not None:
+                marks[app_id("silver", name, f"bronze.{table}")] = last
+            if upto is not None:
+                marks[app_id("silver", name, f"bronze.{changes_table(table)}")] = upto
             props = commit_properties(
-                {app_id("silver", name, f"bronze.{table}"): last},
+                marks,
                 operation=f"promote-{target}",
                 metadata={
                     "lakehouse.bronze_batch_from": str(done[target]),
                     "lakehouse.bronze_batch_to": str(last),
+                    "lakehouse.bronze_lsn_from": str(done_lsn[target]),
+                    "lakehouse.bronze_lsn_to": str(upto),
                 },
             )
             source = spool.reader(target, failpoint_name=f"silver.{name}.mid-write")
@@ -123,6 +200,7 @@ def promote(storage: Storage, table: str) -> PromoteResult:
                     storage.uri("silver", name),
                     source,
                     mode="append",
+                    schema_mode="merge",
                     storage_options=storage.options,
                     commit_properties=props,
                 )
@@ -132,6 +210,91 @@ def promote(storage: Storage, table: str) -> PromoteResult:
                 _merge_current(dt, key, source, props)
     result.rejects_by_rule = dict(sorted(rejects.items()))
     return result
+
+
+def _not_taken(batch: int | None, lsn: int | None) -> pl.Expr:
+    """Rows a target has not taken in yet: later batches, or changes at or after `lsn`."""
+    from_batches = pl.col("_batch_id") > (batch if batch is not None else -1)
+    from_changes = pl.col("_lsn") >= (lsn or 0)
+    return pl.when(pl.col("_stream")).then(from_changes).otherwise(from_batches)
+
+
+def _read_input(
+    storage: Storage,
+    table: str,
+    *,
+    batches: tuple[int, int] | None,
+    changes: tuple[int, int] | None,
+    part: tuple[int, int],
+) -> pl.DataFrame:
+    """Read one key partition of silver's input: batch rows and change rows, in WAL order."""
+    key = TABLES[table].key
+    frames = []
+    if batches is not None:
+        after, upto = batches
+        frames.append(
+            changes_t.from_batches(_read_bronze(storage, table, after=after, upto=upto, part=part))
+        )
+    if changes is not None:
+        rows = changes_t.from_changes(_read_changes(storage, table, changes, part), table)
+        index, parts = part
+        if parts > 1:
+            rows = rows.filter(
+                (pl.col(key).fill_null(0) % parts == index) | (pl.col("_op") == "truncate")
+            )
+        frames.append(rows)
+    frames = [f for f in frames if f.height > 0]
+    if not frames:  # only heartbeats since last time: still record the new position
+        empty = pl.from_arrow(bronze_schema(TABLES[table]).empty_table())
+        assert isinstance(empty, pl.DataFrame)
+        return changes_t.from_batches(empty)
+    raw = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+    if not (raw["_op"] == "truncate").any() and "_unchanged" not in raw.columns:
+        return raw
+    raw = transform.ordered(raw, key)
+    if (raw["_op"] == "truncate").any():
+        index, parts = part
+        keys = _current_keys(storage, table, key)
+        if parts > 1:
+            keys = keys.filter(keys % parts == index)
+        raw = transform.ordered(changes_t.expand_truncates(raw, key, keys), key)
+    current = storage.table_or_none("silver", table)
+    previous = pl.DataFrame() if current is None else _current_rows(current, raw, key)
+    return changes_t.carry_unchanged(raw, key, previous)
+
+
+def _current_rows(dt: DeltaTable, rows: pl.DataFrame, key: str) -> pl.DataFrame:
+    """Return the current silver rows of the keys that have unchanged-TOAST values."""
+    if "_unchanged" not in rows.columns:
+        return pl.DataFrame()
+    keys = rows.filter(pl.col("_unchanged").is_not_null())[key].unique()
+    return pl.scan_delta(dt).filter(pl.col(key).is_in(keys.implode())).collect()
+
+
+def _count_changes(storage: Storage, table: str, after: int, upto: int) -> int:
+    dt = storage.table("bronze", changes_table(table))
+    lsn = pl.col("_commit_lsn")
+    return int(
+        pl.scan_delta(dt).filter((lsn >= after) & (lsn < upto)).select(pl.len()).collect().item()
+    )
+
+
+def _read_changes(
+    storage: Storage, table: str, window: tuple[int, int], part: tuple[int, int]
+) -> pl.DataFrame:
+    dt = storage.table("bronze", changes_table(table))
+    after, upto = window
+    lsn = pl.col("_commit_lsn")
+    rows = pl.scan_delta(dt).filter((lsn >= after) & (lsn < upto))
+    index, parts = part
+    if parts > 1:
+        key = pl.col(TABLES[table].key)
+        rows = rows.filter(
+            (key.fill_null(0) % parts == index)
+            | (pl.col("_old_key").fill_null(0) % parts == index)
+            | (pl.col("_op") == "truncate")
+        )
+    return rows.collect()
 
 
 def _prepare(

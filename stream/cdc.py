@@ -1,0 +1,338 @@
+"""The CDC dataflow: Postgres logical replication -> `bronze.<table>_changes` (Delta).
+
+Run it with `lakehouse stream` or `python -m bytewax.run stream.cdc:flow`. One source
+partition per replication slot (one slot per source table), so two Bytewax processes
+(`-i 0 -a host:port;host:port`) share the tables between them.
+
+Delivery is effectively exactly-once: a micro-batch and its position (commit LSN and
+position in the transaction, plus the end of the last whole transaction) land in one
+Delta commit; only then is the slot told it may advance. After a crash the server
+resends from the slot's confirmed position and the source drops every change at or
+before the recorded position.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from bytewax import operators as op
+from bytewax.dataflow import Dataflow
+from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
+from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
+
+from lakehouse.errors import LakehouseError, StorageError
+from lakehouse.failpoints import failpoint
+from lakehouse.settings import Settings
+from lakehouse.source.schema import TABLES
+from lakehouse.storage import Storage
+from lakehouse.storage import explain as explain_storage
+from stream import changes
+from stream.changes import BatchBuilder, ChangeBatch, Progress
+from stream.pgoutput import format_lsn
+from stream.replication import ReplicationStream
+
+log = logging.getLogger("lakehouse.stream")
+
+# Positions landed in Delta by this process's sinks, read by this process's sources to
+# report to the server. A source whose sink runs in another process polls Delta instead.
+_LANDED: dict[str, int] = {}
+_LANDED_LOCK = threading.Lock()
+_POLL_SECONDS = 2.0
+_READ_SECONDS = 0.05
+_STATUS_SECONDS = 1.0
+
+STOP = threading.Event()
+"""Set by SIGTERM/SIGINT (or a failure): sources emit what they hold and end; sinks land it."""
+FAILURES: list[LakehouseError] = []
+"""Errors that stopped the flow; `lakehouse stream` reports the first as one line."""
+CAPTURE = threading.Event()
+"""Set by `lakehouse stream`: errors stop the flow gracefully and are raised after it.
+Unset (under `python -m bytewax.run`), they propagate and Bytewax aborts."""
+
+
+def fail(exc: LakehouseError) -> None:
+    """Stop the flow because of `exc`: raise it now, or record it and stop gracefully."""
+    if not CAPTURE.is_set():
+        raise exc
+    log.info("stopping: %s", exc)
+    FAILURES.append(exc)
+    STOP.set()
+
+
+def landed_key(storage: Storage, settings: Settings, table: str) -> str:
+    """Return the key under which a table's landed position is shared in this process."""
+    return f"{storage.root}|{changes.slot_name(settings.pg_schema, table)}"
+
+
+def _landed(table: str) -> int | None:
+    with _LANDED_LOCK:
+        return _LANDED.get(table)
+
+
+def _set_landed(table: str, lsn: int) -> None:
+    with _LANDED_LOCK:
+        _LANDED[table] = max(lsn, _LANDED.get(table, 0))
+
+
+class SlotPartition(StatefulSourcePartition[tuple[str, ChangeBatch], None]):
+    """Reads one slot; emits change batches closed by size, time, or a heartbeat."""
+
+    def __init__(self, settings: Settings, storage: Storage, table: str) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.table = table
+        self.key = landed_key(storage, settings, table)
+        start = changes.progress(storage, table)
+        self.builder = BatchBuilder(table, skip=start)
+        self.emitted = start.flushed
+        self.polled = start.flushed
+        self.last_poll = time.monotonic()
+        self.last_heartbeat = time.monotonic()
+        self.stream = ReplicationStream(
+            settings,
+            changes.slot_name(settings.pg_schema, table),
+            changes.slot_name(settings.pg_schema, table),
+        )
+        self.stream.start()
+        if start.flushed:
+            self.stream.report(start.flushed)
+        self.awake: datetime | None = None
+        self.ended = False
+
+    def next_batch(self) -> list[tuple[str, ChangeBatch]]:
+        """Read what the server has sent; return the batches closed by now."""
+        if self.ended:
+            raise StopIteration
+        settings = self.settings
+        out: list[tuple[str, ChangeBatch]] = []
+        try:
+            payloads = self.stream.read(
+                max_messages=max(1000, settings.stream_batch_rows // 4), max_seconds=_READ_SECONDS
+            )
+            for payload in payloads:
+                self.builder.feed(payload)
+                if len(self.builder.batch) >= settings.stream_batch_rows:
+                    out.append(self._take())
+        except LakehouseError as exc:
+            # Land what came before the problem (complete transactions are confirmed; the
+            # rest is replayed and deduplicated after the fix), then stop.
+            if len(self.builder.batch):
+                out.append(self._take())
+            self.ended = True
+            fail(exc)
+            return out
+        if self.builder.ready(
+            max_rows=settings.stream_batch_rows, max_seconds=settings.stream_batch_seconds
+        ):
+            out.append(self._take())
+        if STOP.is_set():
+            if len(self.builder.batch):
+                out.append(self._take())
+            self.ended = True
+        elif self._heartbeat_due():
+            # Idle: land the server's position so readers (and the slot) move on.
+            heartbeat = self.builder.take()
+            heartbeat.flushed = max(self.stream.server_wal_end, self.emitted)
+            self.builder.flushed = heartbeat.flushed
+            self.emitted = heartbeat.flushed
+            self.last_heartbeat = time.monotonic()
+            out.append((self.table, heartbeat))
+        try:
+            self._report()
+        except LakehouseError as exc:
+            self.ended = True
+            fail(exc)
+        self.awake = None if payloads or out else datetime.now(UTC) + timedelta(milliseconds=5)
+        return out
+
+    def _take(self) -> tuple[str, ChangeBatch]:
+        batch = self.builder.take()
+        self.emitted = max(self.emitted, batch.flushed)
+        self.last_heartbeat = time.monotonic()
+        return (self.table, batch)
+
+    def _heartbeat_due(self) -> bool:
+        return (
+            self.builder.idle
+            and self.stream.server_wal_end > self.emitted
+            and self._landed_position() >= self.emitted
+            and time.monotonic() - self.last_heartbeat >= self.settings.stream_heartbeat_seconds
+        )
+
+    def _landed_position(self) -> int:
+        local = _landed(self.key)
+        if local is not None:
+            return local
+        if time.monotonic() - self.last_poll >= _POLL_SECONDS:
+            self.polled = changes.progress(self.storage, self.table).flushed
+            self.last_poll = time.monotonic()
+        return self.polled
+
+    def _report(self) -> None:
+        if self.stream.due(_STATUS_SECONDS):
+            self.stream.report(self._landed_position())
+
+    def next_awake(self) -> datetime | None:
+        """Return when to poll again (soon, when the last poll found nothing)."""
+        return self.awake
+
+    def snapshot(self) -> None:
+        """Return nothing: positions live in Delta and in the slot, not in Bytewax."""
+        return None
+
+    def close(self) -> None:
+        """Report the landed position one last time, then disconnect."""
+        try:
+            landed = _landed(self.key)
+            if landed is not None and self.stream.conn is not None:
+                self.stream.report(landed, ask_reply=False)
+        finally:
+            self.stream.close()
+
+
+class _FailedPartition(StatefulSourcePartition[tuple[str, ChangeBatch], None]):
+    """Stands in for a partition that could not start: it ends at once."""
+
+    def next_batch(self) -> list[tuple[str, ChangeBatch]]:
+        """End immediately."""
+        raise StopIteration
+
+    def snapshot(self) -> None:
+        """Return nothing."""
+        return
+
+
+class SlotSource(FixedPartitionedSource[tuple[str, ChangeBatch], None]):
+    """One partition per source table (each has its own slot and publication)."""
+
+    def __init__(self, settings: Settings, tables: list[str]) -> None:
+        self.settings = settings
+        self.tables = tables
+
+    def list_parts(self) -> list[str]:
+        """List the partitions: one per source table."""
+        return list(self.tables)
+
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: None
+    ) -> StatefulSourcePartition[tuple[str, ChangeBatch], None]:
+        """Build the partition of one table."""
+        try:
+            return SlotPartition(self.settings, Storage.from_settings(self.settings), for_part)
+        except LakehouseError as exc:
+            fail(exc)
+            return _FailedPartition()
+
+
+class ChangesPartition(StatefulSinkPartition[ChangeBatch, None]):
+    """Appends each micro-batch to `bronze.<table>_changes` in one commit with its position."""
+
+    def __init__(self, settings: Settings, table: str, *, promote: bool) -> None:
+        self.settings = settings
+        self.table = table
+        self.storage = Storage.from_settings(settings)
+        self.done: Progress = changes.progress(self.storage, table)
+        self.promote = promote
+        self.failed = False
+
+    def write_batch(self, values: list[ChangeBatch]) -> None:
+        """Land each batch in one Delta commit, then let the source confirm it."""
+        for batch in values:
+            if self.failed or (len(batch) == 0 and batch.flushed <= self.done.flushed):
+                continue
+            failpoint(f"stream.{self.table}.before-commit")
+            try:
+                self.done = changes.write(self.storage, batch, self.done)
+            except LakehouseError as exc:
+                self.failed = True
+                fail(exc)
+                continue
+            except Exception as exc:  # delta-rs / object store errors, explained
+                self.failed = True
+                fail(StorageError(explain_storage(exc, self.storage.root)))
+                continue
+            _set_landed(landed_key(self.storage, self.settings, self.table), self.done.flushed)
+            failpoint(f"stream.{self.table}.after-commit")
+            if len(batch):
+                log.info(
+                    "landed %d changes of %s up to %s",
+                    len(batch),
+                    self.table,
+                    format_lsn(self.done.flushed),
+                )
+            if self.promote:
+                try:
+                    _promote(self.storage, self.table)
+                except LakehouseError as exc:
+                    self.failed = True
+                    fail(exc)
+
+    def snapshot(self) -> None:
+        """Return nothing: positions live in Delta and in the slot, not in Bytewax."""
+        return None
+
+
+def _promote(storage: Storage, table: str) -> None:
+    """Merge what just landed into silver: the speed layer (the batch path reconciles)."""
+    from lakehouse.zones import silver
+
+    silver.promote(storage, table)
+    if table == "applicants" and "loan_applications" in TABLES:
+        # Applications may have been held back until their applicants were in silver.
+        silver.promote(storage, "loan_applications")
+
+
+class ChangesSink(FixedPartitionedSink[ChangeBatch, None]):
+    """One partition per table; keys are table names."""
+
+    def __init__(self, settings: Settings, tables: list[str], *, promote: bool) -> None:
+        self.settings = settings
+        self.tables = sorted(tables)
+        self.promote = promote
+
+    def list_parts(self) -> list[str]:
+        """List the partitions: one per source table."""
+        return list(self.tables)
+
+    def part_fn(self, item_key: str) -> int:
+        """Route a table's batches to its own partition."""
+        return self.tables.index(item_key)
+
+    def build_part(self, step_id: str, for_part: str, resume_state: None) -> ChangesPartition:
+        """Build the partition of one table."""
+        return ChangesPartition(self.settings, for_part, promote=self.promote)
+
+
+def build_flow(
+    settings: Settings, tables: list[str] | None = None, *, promote: bool = False
+) -> Dataflow:
+    """Build the dataflow: slots -> change batches -> Delta."""
+    chosen = tables or list(TABLES)
+    flow = Dataflow("lakehouse_cdc")
+    batches = op.input("slots", flow, SlotSource(settings, chosen))
+    op.output("bronze", batches, ChangesSink(settings, chosen, promote=promote))
+    return flow
+
+
+def install_signal_handlers() -> None:
+    """Make SIGTERM (and SIGINT) stop the flow gracefully: land what is held, then exit."""
+
+    def stop(signum: int, frame: Any) -> None:
+        STOP.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+
+def __getattr__(name: str) -> Dataflow:
+    # `python -m bytewax.run stream.cdc:flow` reads the module attribute `flow`; build it
+    # lazily so importing this module never needs the settings.
+    if name == "flow":
+        install_signal_handlers()
+        return build_flow(Settings.from_env())
+    raise AttributeError(name)
