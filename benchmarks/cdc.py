@@ -132,7 +132,7 @@ def backlog(root: Path, inserts: int, updates: int, deletes: int) -> list[str]:
             for lo in range(0, inserts, step):
                 conn.execute(
                     f'INSERT INTO "{s}".applicants (applicant_id, {cols}) '
-                    "SELECT g, 30, 'female', 'Master', 50000 + g % 1000, 5, 'RENT', 4, 650, 'No' "
+                    "SELECT g, 30, 'female', 'Master', 50000 + g %% 1000, 5, 'RENT', 4, 650, 'No' "
                     "FROM generate_series(%s::bigint, %s::bigint) g",
                     (first + lo, first + min(lo + step, inserts) - 1),
                 )

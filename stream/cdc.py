@@ -110,19 +110,25 @@ class SlotPartition(StatefulSourcePartition[tuple[str, ChangeBatch], None]):
             raise StopIteration
         settings = self.settings
         out: list[tuple[str, ChangeBatch]] = []
+        received = False
         try:
-            payloads = self.stream.read(
-                max_messages=max(1000, settings.stream_batch_rows // 4), max_seconds=_READ_SECONDS
-            )
-            for payload in payloads:
-                self.builder.feed(payload)
-                if len(self.builder.batch) >= settings.stream_batch_rows:
-                    out.append(self._take())
+            # Read for up to _READ_SECONDS per call: each return to Bytewax costs about a
+            # millisecond, so returning after every few messages would halve throughput.
+            deadline = time.monotonic() + _READ_SECONDS
+            while True:
+                left = deadline - time.monotonic()
+                got = self.stream.read(max_messages=20_000, max_seconds=max(0.0, left))
+                for payload in got:
+                    self.builder.feed(payload)
+                    if len(self.builder.batch) >= settings.stream_batch_rows:
+                        out.append(self._take())
+                received = received or bool(got)
+                if not got or left <= 0 or out or STOP.is_set():
+                    break
         except LakehouseError as exc:
-            # Land what came before the problem (complete transactions are confirmed; the
-            # rest is replayed and deduplicated after the fix), then stop.
+            # Land the whole transactions that came before the problem, then stop.
             if len(self.builder.batch):
-                out.append(self._take())
+                out.append(self._take(complete=True))
             self.ended = True
             fail(exc)
             return out
@@ -132,7 +138,7 @@ class SlotPartition(StatefulSourcePartition[tuple[str, ChangeBatch], None]):
             out.append(self._take())
         if STOP.is_set():
             if len(self.builder.batch):
-                out.append(self._take())
+                out.append(self._take(complete=True))
             self.ended = True
         elif self._heartbeat_due():
             # Idle: land the server's position so readers (and the slot) move on.
@@ -147,11 +153,11 @@ class SlotPartition(StatefulSourcePartition[tuple[str, ChangeBatch], None]):
         except LakehouseError as exc:
             self.ended = True
             fail(exc)
-        self.awake = None if payloads or out else datetime.now(UTC) + timedelta(milliseconds=5)
+        self.awake = None if received or out else datetime.now(UTC) + timedelta(milliseconds=5)
         return out
 
-    def _take(self) -> tuple[str, ChangeBatch]:
-        batch = self.builder.take()
+    def _take(self, *, complete: bool = False) -> tuple[str, ChangeBatch]:
+        batch = self.builder.take_complete() if complete else self.builder.take()
         self.emitted = max(self.emitted, batch.flushed)
         self.last_heartbeat = time.monotonic()
         return (self.table, batch)

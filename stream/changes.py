@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 from deltalake import write_deltalake
@@ -23,7 +24,7 @@ from lakehouse.source.schema import TABLES, SourceTable
 from lakehouse.storage import Storage
 from lakehouse.zones.bronze import stream_slot
 from lakehouse.zones.commits import app_id, commit_properties, recorded
-from stream import pgoutput
+from stream import columnar, pgoutput
 
 # Postgres type OIDs (pg_type.dat) and the Polars type their text output becomes.
 PG_TYPES: dict[int, pl.DataType] = {
@@ -126,21 +127,30 @@ def check_relation(relation: pgoutput.Relation, source: SourceTable) -> None:
             raise SchemaChangeError(msg)
 
 
+_OPS = {73: "insert", 85: "update", 68: "delete"}
+
+
 @dataclass
 class ChangeBatch:
-    """Changes of one table in source order, as columns of raw text values."""
+    """Changes of one table in source order: raw row messages plus their positions.
+
+    Values stay in the server's bytes until `to_frame`, which decodes and types whole
+    columns at once (`stream.columnar`). `segments` marks where the table's shape
+    changed: (first row, relation or None for a truncate row).
+    """
 
     table: str
     columns: list[pgoutput.Column] = field(default_factory=list)
-    values: dict[str, list[bytes | None]] = field(default_factory=dict)
+    segments: list[tuple[int, pgoutput.Relation | None]] = field(default_factory=list)
+    payload: list[bytes] = field(default_factory=list)
     op: list[str] = field(default_factory=list)
     commit_lsn: list[int] = field(default_factory=list)
     end_lsn: list[int | None] = field(default_factory=list)
-    commit_ts: list[datetime] = field(default_factory=list)
+    """None only for the rows of a transaction larger than a batch, landed before its end."""
+    commit_ts: list[int] = field(default_factory=list)
+    """µs since the Unix epoch."""
     xid: list[int] = field(default_factory=list)
     seq: list[int] = field(default_factory=list)
-    old_key: list[bytes | None] = field(default_factory=list)
-    unchanged: list[list[str] | None] = field(default_factory=list)
     flushed: int = 0
     """After this batch lands, every transaction ending at or before this LSN is in Delta."""
     first_at: float = 0.0
@@ -149,7 +159,7 @@ class ChangeBatch:
         return len(self.op)
 
     def to_frame(self) -> pl.DataFrame:
-        """Type the batch: one vectorised cast per column."""
+        """Decode and type the batch: a few vector operations per column."""
         n = len(self.op)
         meta = pl.DataFrame(
             {
@@ -159,20 +169,79 @@ class ChangeBatch:
                 "_commit_ts": self.commit_ts,
                 "_xid": self.xid,
                 "_seq": self.seq,
-                "_old_key": _typed(self.old_key, pl.Int64(), n),
-                "_unchanged": self.unchanged,
-                "_ingested_at": [datetime.now(UTC)] * n,
             },
-            schema=META,
+            schema={
+                k: META[k] for k in ("_op", "_commit_lsn", "_end_lsn", "_commit_ts", "_xid", "_seq")
+            },
         )
-        cols = [_typed(self.values[c.name], _pg_type(c), n).alias(c.name) for c in self.columns]
-        return meta.with_columns(cols) if cols else meta
+        bounds = [start for start, _ in self.segments] + [n]
+        parts = []
+        for (start, relation), stop in zip(self.segments, bounds[1:], strict=True):
+            if stop > start:
+                parts.append(self._decode(start, stop, relation))
+        values = (
+            pl.concat(parts, how="diagonal_relaxed")
+            if parts
+            else pl.DataFrame(schema={"_old_key": pl.Int64(), "_unchanged": pl.List(pl.Utf8())})
+        )
+        missing = [c for c in self.columns if c.name not in values.columns]
+        values = values.with_columns(
+            [pl.lit(None, _pg_type(c)).alias(c.name) for c in missing]
+        ).select(
+            pl.col("_old_key").cast(pl.Int64),
+            pl.col("_unchanged").cast(pl.List(pl.Utf8)),
+            *[pl.col(c.name).cast(_pg_type(c)) for c in self.columns],
+        )
+        ingested = pl.lit(datetime.now(UTC)).cast(META["_ingested_at"]).alias("_ingested_at")
+        return (
+            pl.concat([meta, values], how="horizontal")
+            .with_columns(ingested)
+            .select(*META, *[c.name for c in self.columns])
+        )
+
+    def _decode(self, start: int, stop: int, relation: pgoutput.Relation | None) -> pl.DataFrame:
+        rows = stop - start
+        if relation is None:  # truncate rows: no values
+            return pl.DataFrame(
+                {"_old_key": [None] * rows, "_unchanged": [None] * rows},
+                schema={"_old_key": pl.Int64(), "_unchanged": pl.List(pl.Utf8())},
+            )
+        buf, base = columnar.concat(self.payload[start:stop])
+        ops = np.fromiter((p[0] for p in self.payload[start:stop]), dtype=np.uint8, count=rows)
+        markers = buf[base + 5]
+        has_old = (ops == 68) | ((ops == 85) & ((markers == 75) | (markers == 79)))  # K, O
+        width = len(relation.columns)
+        key_index = relation.column_names.index(TABLES[self.table].key)
+        new_at = base + 6
+        old_key = pa.nulls(rows, pa.large_binary())
+        if has_old.any():
+            old_rows = np.flatnonzero(has_old)
+            old = columnar.scan(buf, base[old_rows] + 6, width)
+            keys, _ = columnar.column(buf, old, key_index)
+            updates = ops[old_rows] == 85
+            new_at[old_rows[updates]] = old.end[updates] + 1  # the new tuple follows 'N'
+            full = [None] * rows
+            for i, value in zip(old_rows.tolist(), keys.to_pylist(), strict=True):
+                full[i] = value
+            old_key = pa.array(full, pa.large_binary())
+        tuples = columnar.scan(buf, new_at, width)
+        data: dict[str, pl.Series] = {"_old_key": _typed(old_key, pl.Int64())}
+        unchanged = np.zeros(rows, dtype=bool)
+        masks = []
+        for i, col in enumerate(relation.columns):
+            array, mask = columnar.column(buf, tuples, i)
+            data[col.name] = _typed(array, _pg_type(col))
+            masks.append(mask)
+            unchanged |= mask
+        lists: list[list[str] | None] = [None] * rows
+        for row in np.flatnonzero(unchanged).tolist():
+            lists[row] = [c.name for c, m in zip(relation.columns, masks, strict=True) if m[row]]
+        data["_unchanged"] = pl.Series(lists, dtype=pl.List(pl.Utf8()))
+        return pl.DataFrame(data)
 
 
-def _typed(values: list[bytes | None], dtype: pl.DataType, n: int) -> pl.Series:
-    if not values:
-        return pl.Series(values=[None] * n, dtype=dtype)
-    text = pl.from_arrow(pa.array(values, pa.binary()).cast(pa.string()))
+def _typed(values: pa.Array, dtype: pl.DataType) -> pl.Series:
+    text = pl.from_arrow(values.cast(pa.large_string()))
     assert isinstance(text, pl.Series)
     if dtype == pl.Utf8():
         return text
@@ -200,37 +269,49 @@ class BatchBuilder:
         self.table = table
         self.source = TABLES[table]
         self.skip = (skip.lsn, skip.seq)
-        self.relations: dict[int, pgoutput.Relation] = {}
+        self.relation: pgoutput.Relation | None = None
         self.columns: list[pgoutput.Column] = []
         self.batch = ChangeBatch(table)
         self.in_txn = False
         self.txn_lsn = 0
-        self.txn_ts = datetime.now(UTC)
+        self.txn_ts = 0
         self.txn_xid = 0
         self.txn_seq = 0
+        self.txn_first_row = 0
         self.flushed = skip.flushed
-        self.key_index = 0
 
     def feed(self, payload: bytes) -> None:
         """Take in one pgoutput message."""
         kind = payload[0]
-        if kind in (73, 85, 68):  # I U D: the hot path
-            self._change(pgoutput.decode(payload))
+        if kind in _OPS:  # Insert, Update, Delete: the hot path, kept short
+            self.txn_seq += 1
+            if (self.txn_lsn, self.txn_seq) <= self.skip:
+                return
+            batch = self.batch
+            if not batch.op:
+                batch.first_at = time.monotonic()
+            batch.payload.append(payload)
+            batch.op.append(_OPS[kind])
+            batch.commit_lsn.append(self.txn_lsn)
+            batch.end_lsn.append(None)
+            batch.commit_ts.append(self.txn_ts)
+            batch.xid.append(self.txn_xid)
+            batch.seq.append(self.txn_seq)
         elif kind == 66:  # B
             begin = pgoutput.decode(payload)
             assert isinstance(begin, pgoutput.Begin)
             self.in_txn = True
-            self.txn_lsn, self.txn_ts, self.txn_xid = begin.final_lsn, begin.commit_ts, begin.xid
+            self.txn_lsn, self.txn_xid = begin.final_lsn, begin.xid
+            self.txn_ts = int(begin.commit_ts.timestamp()) * 1_000_000 + begin.commit_ts.microsecond
             self.txn_seq = 0
+            self.txn_first_row = len(self.batch)
         elif kind == 67:  # C
             commit = pgoutput.decode(payload)
             assert isinstance(commit, pgoutput.Commit)
             self.in_txn = False
             batch = self.batch
-            i = len(batch.end_lsn) - 1
-            while i >= 0 and batch.end_lsn[i] is None:
-                batch.end_lsn[i] = commit.end_lsn
-                i -= 1
+            first = self.txn_first_row
+            batch.end_lsn[first:] = [commit.end_lsn] * (len(batch.end_lsn) - first)
             self.flushed = max(self.flushed, commit.end_lsn)
             batch.flushed = self.flushed
         elif kind == 82:  # R
@@ -243,71 +324,31 @@ class BatchBuilder:
 
     def _relation(self, relation: pgoutput.Relation) -> None:
         check_relation(relation, self.source)
-        self.relations[relation.oid] = relation
         known = {c.name for c in self.columns}
-        for column in relation.columns:
-            if column.name not in known:
-                # A column added mid-stream: earlier rows of the batch hold NULL.
-                self.columns.append(column)
-                self.batch.values[column.name] = [None] * len(self.batch)
-        names = relation.column_names
-        self.key_index = names.index(self.source.key)
         current = {c.name: c for c in relation.columns}
-        for i, column in enumerate(self.columns):
-            if column.name in current and current[column.name].type_oid != column.type_oid:
-                self.columns[i] = current[column.name]
+        self.columns = [current.get(c.name, c) for c in self.columns] + [
+            c for c in relation.columns if c.name not in known
+        ]
+        self.relation = relation
         self.batch.columns = list(self.columns)
+        self.batch.segments.append((len(self.batch), relation))
 
-    def _position_is_new(self) -> bool:
+    def _truncate(self) -> None:
         self.txn_seq += 1
-        return (self.txn_lsn, self.txn_seq) > self.skip
-
-    def _start_row(self, op: str) -> None:
+        if (self.txn_lsn, self.txn_seq) <= self.skip:
+            return
         batch = self.batch
         if not batch.op:
             batch.first_at = time.monotonic()
-        batch.op.append(op)
+        batch.segments.append((len(batch), None))
+        batch.payload.append(b"")
+        batch.op.append("truncate")
         batch.commit_lsn.append(self.txn_lsn)
         batch.end_lsn.append(None)
         batch.commit_ts.append(self.txn_ts)
         batch.xid.append(self.txn_xid)
         batch.seq.append(self.txn_seq)
-
-    def _change(self, change: pgoutput.Message) -> None:
-        assert isinstance(change, pgoutput.Change)
-        if not self._position_is_new():
-            return
-        relation = self.relations[change.relation_oid]
-        names = relation.column_names
-        batch = self.batch
-        self._start_row(change.op)
-        row = change.new if change.new is not None else change.old
-        assert row is not None
-        unchanged: list[str] | None = None
-        present = dict(zip(names, row, strict=True))
-        for column in self.columns:
-            value = present.get(column.name)
-            if value is pgoutput.UNCHANGED:
-                unchanged = [*(unchanged or []), column.name]
-                value = None
-            if change.op == "delete" and change.old_kind == "K" and column.name != self.source.key:
-                value = None  # identity DEFAULT: only the key is real, the rest is 'n'
-            batch.values[column.name].append(value)  # type: ignore[arg-type]
-        old_key = None
-        if change.old is not None:
-            key = change.old[self.key_index]
-            old_key = key if isinstance(key, bytes) else None
-        batch.old_key.append(old_key)
-        batch.unchanged.append(unchanged)
-
-    def _truncate(self) -> None:
-        if not self._position_is_new():
-            return
-        self._start_row("truncate")
-        for column in self.columns:
-            self.batch.values[column.name].append(None)
-        self.batch.old_key.append(None)
-        self.batch.unchanged.append(None)
+        batch.segments.append((len(batch), self.relation))
 
     def ready(self, *, max_rows: int, max_seconds: float) -> bool:
         """Tell whether the open batch should be closed now.
@@ -325,8 +366,31 @@ class BatchBuilder:
         batch = self.batch
         batch.flushed = self.flushed
         self.batch = ChangeBatch(self.table, columns=list(self.columns))
-        self.batch.values = {c.name: [] for c in self.columns}
+        self.batch.segments.append((0, self.relation))
+        self.txn_first_row = 0
         return batch
+
+    def take_complete(self) -> ChangeBatch:
+        """Close the open batch without the open transaction's rows (they will be replayed).
+
+        Used when stopping: what lands is whole transactions, and the slot is never told
+        about the part left out, so the server sends it again on the next start.
+        """
+        if self.in_txn:
+            cut = self.txn_first_row
+            batch = self.batch
+            for rows in (
+                batch.payload,
+                batch.op,
+                batch.commit_lsn,
+                batch.end_lsn,
+                batch.commit_ts,
+                batch.xid,
+                batch.seq,
+            ):
+                del rows[cut:]
+            batch.segments = [(start, rel) for start, rel in batch.segments if start < cut]
+        return self.take()
 
     @property
     def idle(self) -> bool:
