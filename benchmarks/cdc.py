@@ -274,9 +274,9 @@ def _freshness_run(
     ) -> changes.Progress:
         done = real_write(storage_, batch, previous)
         now = time.time()
-        ts = [now - t.timestamp() for t in batch.commit_ts]
+        ts = [now - t / 1e6 for t in batch.commit_ts]
         bronze_lat.extend(ts)
-        pending.append([t.timestamp() for t in batch.commit_ts])
+        pending.append([t / 1e6 for t in batch.commit_ts])
         return done
 
     def timed_promote(storage_: Storage, table: str) -> None:
