@@ -140,6 +140,7 @@ class ChangeBatch:
     """
 
     table: str
+    key: str = ""
     columns: list[pgoutput.Column] = field(default_factory=list)
     segments: list[tuple[int, pgoutput.Relation | None]] = field(default_factory=list)
     payload: list[bytes] = field(default_factory=list)
@@ -211,7 +212,7 @@ class ChangeBatch:
         markers = buf[base + 5]
         has_old = (ops == 68) | ((ops == 85) & ((markers == 75) | (markers == 79)))  # K, O
         width = len(relation.columns)
-        key_index = relation.column_names.index(TABLES[self.table].key)
+        key_index = relation.column_names.index(self.key or TABLES[self.table].key)
         new_at = base + 6
         old_key = pa.nulls(rows, pa.large_binary())
         if has_old.any():
@@ -265,13 +266,13 @@ class BatchBuilder:
     dropped: that is how a replay after a crash is recognised.
     """
 
-    def __init__(self, table: str, *, skip: Progress) -> None:
+    def __init__(self, table: str, *, skip: Progress, source: SourceTable | None = None) -> None:
         self.table = table
-        self.source = TABLES[table]
+        self.source = source or TABLES[table]
         self.skip = (skip.lsn, skip.seq)
         self.relation: pgoutput.Relation | None = None
         self.columns: list[pgoutput.Column] = []
-        self.batch = ChangeBatch(table)
+        self.batch = ChangeBatch(table, self.source.key)
         self.in_txn = False
         self.txn_lsn = 0
         self.txn_ts = 0
@@ -365,7 +366,7 @@ class BatchBuilder:
         """Close the open batch and start a new one."""
         batch = self.batch
         batch.flushed = self.flushed
-        self.batch = ChangeBatch(self.table, columns=list(self.columns))
+        self.batch = ChangeBatch(self.table, self.source.key, columns=list(self.columns))
         self.batch.segments.append((0, self.relation))
         self.txn_first_row = 0
         return batch

@@ -122,3 +122,23 @@ def test_slot_that_lost_its_wal(small_wal_server: str, base_settings: Settings) 
     code, err = run(settings)
     assert_one_line(code, err, "lost WAL it needed")
     assert "lakehouse stream teardown" in err
+
+
+@pytest.fixture(scope="module")
+def replica_server() -> Iterator[str]:
+    """A cluster that cannot decode logically (wal_level=replica)."""
+    home = shared_tmp("lakehouse-replica-stream-")
+    pg = EmbeddedPostgres(Settings(home=home), extra_options={"wal_level": "replica"})
+    pg.start()
+    try:
+        yield pg.dsn()
+    finally:
+        pg.destroy()
+
+
+@pytest.mark.parametrize("action", ["setup", "run"])
+def test_wal_level_not_logical(replica_server: str, base_settings: Settings, action: str) -> None:
+    settings = stream_settings(replace(base_settings, pg_dsn=Secret(replica_server)))
+    seeded(settings, rows=20)
+    code, err = run(settings, action)
+    assert_one_line(code, err, "CDC needs wal_level=logical")
