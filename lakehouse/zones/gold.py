@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import polars as pl
@@ -77,20 +77,31 @@ def build(settings: Settings, storage: Storage, name: str) -> GoldResult:
             rows = storage.table("silver", spec.sources[0], version=versions[spec.sources[0]])
             parts = max(1, -(-_row_count(rows) // _PARTITION_ROWS))
 
-        def part_batches(part: int) -> pa.RecordBatchReader:
-            # Each key partition is an independent query over filtered views, so a big
-            # build never holds (or spills) more than one partition's working set.
-            where = f" WHERE {duck.quote(key)} % {parts} = {part}" if parts > 1 else ""
+        def views(part: int | None) -> None:
+            where = f" WHERE {duck.quote(key)} % {parts} = {part}" if part is not None else ""
             for source in spec.sources:
                 con.execute(
                     f"CREATE OR REPLACE VIEW {duck.quote(source)} AS SELECT * FROM "
                     + duck.scan(storage.uri("silver", source), versions[source])
                     + where
                 )
+
+        if spec.frame is None:
+            # Derived relations (market-wide aggregates) see every row, once.
+            views(None)
             for derived in spec.derived:
                 frame = pl.from_arrow(con.execute(derived.sql).to_arrow_table())
                 assert isinstance(frame, pl.DataFrame)
                 con.register(derived.name, derived.transform(frame).to_arrow())
+                del frame
+
+        def part_batches(part: int) -> pa.RecordBatchReader:
+            # Each key partition is an independent query over filtered views, so a big
+            # build never holds (or spills) more than one partition's working set.
+            if spec.frame is not None:
+                return _frame_batches(storage, spec.frame, spec.sources, versions, key, part, parts)
+            if parts > 1:
+                views(part)
             return con.execute(spec.sql).fetch_record_batch(_BATCH)
 
         first = part_batches(0)
@@ -116,6 +127,28 @@ def build(settings: Settings, storage: Storage, name: str) -> GoldResult:
     finally:
         con.close()
     return GoldResult(name, True, versions)
+
+
+def _frame_batches(
+    storage: Storage,
+    frame: Callable[[dict[str, pl.LazyFrame]], pl.DataFrame],
+    sources: tuple[str, ...],
+    versions: dict[str, int],
+    key: str,
+    part: int,
+    parts: int,
+) -> pa.RecordBatchReader:
+    """Compute one key partition of a Polars-built gold table."""
+    lazy = {}
+    for source in sources:
+        scan = pl.scan_delta(
+            storage.uri("silver", source), version=versions[source], storage_options=storage.options
+        )
+        if parts > 1:
+            scan = scan.filter(pl.col(key) % parts == part)
+        lazy[source] = scan
+    table = frame(lazy).to_arrow()
+    return pa.RecordBatchReader.from_batches(table.schema, table.to_batches(_BATCH))
 
 
 def _normalise(reader: pa.RecordBatchReader) -> pa.RecordBatchReader:
