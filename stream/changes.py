@@ -285,19 +285,7 @@ class BatchBuilder:
         """Take in one pgoutput message."""
         kind = payload[0]
         if kind in _OPS:  # Insert, Update, Delete: the hot path, kept short
-            self.txn_seq += 1
-            if (self.txn_lsn, self.txn_seq) <= self.skip:
-                return
-            batch = self.batch
-            if not batch.op:
-                batch.first_at = time.monotonic()
-            batch.payload.append(payload)
-            batch.op.append(_OPS[kind])
-            batch.commit_lsn.append(self.txn_lsn)
-            batch.end_lsn.append(None)
-            batch.commit_ts.append(self.txn_ts)
-            batch.xid.append(self.txn_xid)
-            batch.seq.append(self.txn_seq)
+            self._append(_OPS[kind], payload)
         elif kind == 66:  # B
             begin = pgoutput.decode(payload)
             assert isinstance(begin, pgoutput.Begin)
@@ -320,7 +308,7 @@ class BatchBuilder:
             assert isinstance(relation, pgoutput.Relation)
             self._relation(relation)
         elif kind == 84:  # T
-            self._truncate()
+            self._append("truncate", b"")
         # Origin, Type and logical messages carry nothing the lakehouse needs.
 
     def _relation(self, relation: pgoutput.Relation) -> None:
@@ -334,22 +322,25 @@ class BatchBuilder:
         self.batch.columns = list(self.columns)
         self.batch.segments.append((len(self.batch), relation))
 
-    def _truncate(self) -> None:
+    def _append(self, op: str, payload: bytes) -> None:
+        """Add one change at the next position of the open transaction, unless replayed."""
         self.txn_seq += 1
         if (self.txn_lsn, self.txn_seq) <= self.skip:
             return
         batch = self.batch
         if not batch.op:
             batch.first_at = time.monotonic()
-        batch.segments.append((len(batch), None))
-        batch.payload.append(b"")
-        batch.op.append("truncate")
+        if op == "truncate":
+            batch.segments.append((len(batch), None))
+        batch.payload.append(payload)
+        batch.op.append(op)
         batch.commit_lsn.append(self.txn_lsn)
         batch.end_lsn.append(None)
         batch.commit_ts.append(self.txn_ts)
         batch.xid.append(self.txn_xid)
         batch.seq.append(self.txn_seq)
-        batch.segments.append((len(batch), self.relation))
+        if op == "truncate":  # rows after it decode with the relation again
+            batch.segments.append((len(batch), self.relation))
 
     def ready(self, *, max_rows: int, max_seconds: float) -> bool:
         """Tell whether the open batch should be closed now.

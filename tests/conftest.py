@@ -40,6 +40,18 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
             monkeypatch.delenv(key)
 
 
+@contextlib.contextmanager
+def embedded_cluster(prefix: str, **options: str) -> Iterator[str]:
+    """A throw-away Postgres cluster with extra server options; yields its DSN."""
+    home = shared_tmp(prefix)
+    pg = EmbeddedPostgres(Settings(home=home), extra_options=options)
+    pg.start()
+    try:
+        yield pg.dsn()
+    finally:
+        pg.destroy()
+
+
 @pytest.fixture(scope="session")
 def pg_server() -> Iterator[str]:
     """A Postgres cluster for the session (fsync off: it is thrown away); yields its DSN."""

@@ -14,8 +14,8 @@ import pytest
 from lakehouse.cli import main
 from lakehouse.errors import SourceError
 from lakehouse.settings import Settings
-from lakehouse.source.embedded import EmbeddedPostgres, free_port
-from tests.conftest import env_for, shared_tmp, wait_for_port
+from lakehouse.source.embedded import free_port
+from tests.conftest import embedded_cluster, env_for, shared_tmp, wait_for_port
 from tests.helpers import read, run_all, seeded
 
 
@@ -86,20 +86,10 @@ def test_wrong_password(cli, pg_server: str, tmp_path: Path) -> None:  # type: i
 
 @pytest.fixture(scope="module")
 def replica_server() -> Iterator[str]:
-    home = shared_tmp("lakehouse-replica-")
-    pg = EmbeddedPostgres(
-        Settings(home=home),
-        extra_options={
-            "wal_level": "replica",
-            "max_wal_senders": "2",
-            "max_replication_slots": "0",
-        },
-    )
-    pg.start()
-    try:
-        yield pg.dsn()
-    finally:
-        pg.destroy()
+    with embedded_cluster(
+        "lakehouse-replica-", wal_level="replica", max_wal_senders="2", max_replication_slots="0"
+    ) as dsn:
+        yield dsn
 
 
 def test_wal_level_not_logical(cli, replica_server: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -276,7 +276,8 @@ def _segmented_scan(frame: pl.DataFrame, column: str, key: str, op: str) -> pl.D
     A Hillis-Steele scan: log2(longest run) vectorised steps, where `.over(key)` with
     millions of small groups costs seconds.
     """
-    longest = int(frame[key].rle().struct.field("len").max() or 1)
+    longest = frame[key].rle().struct.field("len").max()
+    longest = int(longest) if isinstance(longest, int) else 1
     step = 1
     while step < longest:
         value, earlier = pl.col(column), pl.col(column).shift(step)
@@ -329,15 +330,15 @@ def applicant_features_frame(sources: dict[str, pl.LazyFrame]) -> pl.DataFrame:
     is_version = pl.col("version_end").is_not_null()
     last_version = pl.when(is_version).then(pl.int_range(pl.len())).forward_fill()
     own = pl.col("applicant_id").gather(last_version.fill_null(0)) == pl.col("applicant_id")
-    stream = stream.with_columns(
+    rows = stream.with_columns(
         pl.col("submitted_at").fill_null(_NEVER).alias("last_applied_at"),
         pl.col("d_amount").alias("amount_sum"),
     ).collect()
     # Floats: a segmented scan (a global running sum would lose precision).
-    stream = _segmented_scan(stream, "amount_sum", "applicant_id", "sum")
-    stream = _segmented_scan(stream, "last_applied_at", "applicant_id", "max")
+    rows = _segmented_scan(rows, "amount_sum", "applicant_id", "sum")
+    rows = _segmented_scan(rows, "last_applied_at", "applicant_id", "max")
     state = (
-        stream.lazy()
+        rows.lazy()
         .with_columns(
             application_count=_running_sum("d_count", "applicant_id"),
             approved_count=_running_sum("d_approved", "applicant_id"),

@@ -15,9 +15,8 @@ import pytest
 
 from lakehouse.settings import Secret, Settings
 from lakehouse.source import schema
-from lakehouse.source.embedded import EmbeddedPostgres
 from stream import setup
-from tests.conftest import env_for, shared_tmp
+from tests.conftest import embedded_cluster, env_for
 from tests.helpers import seeded
 from tests.stream.helpers import stream_settings
 from tests.stream.test_cdc import lakehouse_stream, wait_active
@@ -90,16 +89,10 @@ def test_role_without_replication(base_settings: Settings) -> None:
 @pytest.fixture(scope="module")
 def small_wal_server() -> Iterator[str]:
     """A cluster that invalidates a slot once it holds back more than 1 MB of WAL."""
-    home = shared_tmp("lakehouse-smallwal-")
-    pg = EmbeddedPostgres(
-        Settings(home=home),
-        extra_options={"max_slot_wal_keep_size": "1MB", "fsync": "off", "min_wal_size": "32MB"},
-    )
-    pg.start()
-    try:
-        yield pg.dsn()
-    finally:
-        pg.destroy()
+    with embedded_cluster(
+        "lakehouse-smallwal-", max_slot_wal_keep_size="1MB", fsync="off", min_wal_size="32MB"
+    ) as dsn:
+        yield dsn
 
 
 def test_slot_that_lost_its_wal(small_wal_server: str, base_settings: Settings) -> None:
@@ -127,13 +120,8 @@ def test_slot_that_lost_its_wal(small_wal_server: str, base_settings: Settings) 
 @pytest.fixture(scope="module")
 def replica_server() -> Iterator[str]:
     """A cluster that cannot decode logically (wal_level=replica)."""
-    home = shared_tmp("lakehouse-replica-stream-")
-    pg = EmbeddedPostgres(Settings(home=home), extra_options={"wal_level": "replica"})
-    pg.start()
-    try:
-        yield pg.dsn()
-    finally:
-        pg.destroy()
+    with embedded_cluster("lakehouse-replica-stream-", wal_level="replica") as dsn:
+        yield dsn
 
 
 @pytest.mark.parametrize("action", ["setup", "run"])
