@@ -20,6 +20,7 @@ import pyarrow as pa
 from deltalake import write_deltalake
 
 from lakehouse.errors import SourceError
+from lakehouse.source.extract import PG_TO_POLARS
 from lakehouse.source.schema import TABLES, SourceTable
 from lakehouse.storage import Storage
 from lakehouse.zones.bronze import stream_slot
@@ -194,10 +195,16 @@ class ChangeBatch:
             *[pl.col(c.name).cast(_pg_type(c)) for c in self.columns],
         )
         ingested = pl.lit(datetime.now(UTC)).cast(META["_ingested_at"]).alias("_ingested_at")
+        # The source's own columns are always there, even in a batch that saw no Relation
+        # message yet (a heartbeat may create the table): readers can rely on them.
+        names = [c.name for c in self.columns]
+        source = TABLES.get(self.table)
+        absent = [] if source is None else [c for c in source.columns if c[0] not in names]
         return (
             pl.concat([meta, values], how="horizontal")
             .with_columns(ingested)
-            .select(*META, *[c.name for c in self.columns])
+            .with_columns([pl.lit(None, PG_TO_POLARS[t]).alias(n) for n, t in absent])
+            .select(*META, *names, *[n for n, _ in absent])
         )
 
     def _decode(self, start: int, stop: int, relation: pgoutput.Relation | None) -> pl.DataFrame:

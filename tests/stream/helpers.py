@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 
+import polars as pl
 import psycopg
 from bytewax.testing import run_main
 
@@ -86,8 +87,10 @@ def bronze_changes(
     frame = read(storage, "bronze", changes.changes_table(table))
     key = TABLES[table].key
     out: dict[int, tuple[int, Counter[tuple[str, int | None]]]] = {}
-    for xid, end, op, value in frame.select("_xid", "_end_lsn", "_op", key).iter_rows():
-        entry = out.setdefault(xid, (end, Counter()))
+    ends = dict(frame.group_by("_xid").agg(pl.col("_end_lsn").max()).iter_rows())
+    for xid, op, value in frame.select("_xid", "_op", key).iter_rows():
+        # Rows of a transaction larger than a micro-batch land before its end is known.
+        entry = out.setdefault(xid, (ends[xid], Counter()))
         entry[1][(op, value)] += 1
     return out
 

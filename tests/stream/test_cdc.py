@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import polars as pl
@@ -363,3 +364,61 @@ def test_incompatible_schema_change_stops_with_a_clear_error(
     # The change before the DDL landed; nothing after it did, and the slot still holds it.
     log = read(storage, "bronze", "applicants_changes")
     assert log["person_income"].to_list() == [1.0]
+
+
+def test_huge_transaction_is_split_and_held_from_silver_until_complete(
+    settings: Settings,
+) -> None:
+    """A transaction bigger than a micro-batch lands in pieces; silver waits for its end."""
+    settings = replace(stream_settings(settings), stream_batch_rows=500)
+    storage = seeded(settings, rows=50)
+    witness = Witness(settings)
+    results = setup.setup(settings, storage)
+    s = settings.pg_schema
+
+    def big() -> None:
+        with schema.connect(settings, autocommit=True) as conn:
+            conn.execute(
+                f'UPDATE "{s}".applicants SET credit_score = 700 + applicant_id % 100'
+            )  # 50 rows
+            with conn.transaction():
+                for _ in range(60):  # 3,000 changes in one transaction
+                    conn.execute(f'UPDATE "{s}".applicants SET person_income = person_income + 1')
+
+    stream_while(settings, storage, big)
+    log = read(storage, "bronze", "applicants_changes")
+    commits = storage.table("bronze", "applicants_changes").version()
+    assert log.height == 50 + 3000
+    assert commits >= 3000 // 500  # split into micro-batches of at most 500 changes
+    for r in results:
+        assert r.snapshot_lsn is not None
+        assert_exactly_once(witness, storage, r.table, r.snapshot_lsn)
+    run_all(settings, storage, with_gold=False)
+    assert_silver_equals_source(settings, storage)
+
+
+def test_maintain_compacts_the_stream_small_files(settings: Settings) -> None:
+    from lakehouse.maintain import maintain
+
+    settings = stream_settings(settings)
+    storage = seeded(settings, rows=50)
+    setup.setup(settings, storage)
+
+    def trickle() -> None:
+        with schema.connect(settings, autocommit=True) as conn:
+            for i in range(8):
+                simulate(conn, settings.pg_schema, changes=20, batch_size=5, seed=i)
+                time.sleep(0.3)  # one micro-batch each
+
+    stream_while(settings, storage, trickle)
+    before = read(storage, "bronze", "applicants_changes").sort("_commit_lsn", "_seq")
+    files_before = len(storage.table("bronze", "applicants_changes").file_uris())
+    assert files_before >= 4
+    results = {r.table: r for r in maintain(storage, retention_hours=168)}
+    assert "bronze.applicants_changes" in results
+    after = read(storage, "bronze", "applicants_changes").sort("_commit_lsn", "_seq")
+    assert len(storage.table("bronze", "applicants_changes").file_uris()) < files_before
+    assert after.equals(before)
+    # The stream carries on after maintenance, from where it was.
+    stream_while(settings, storage, trickle)
+    assert read(storage, "bronze", "applicants_changes").height > before.height
