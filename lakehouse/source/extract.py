@@ -170,8 +170,11 @@ def extract(
             lsn = snapshot_lsn
         else:
             # The first statement takes the snapshot: every change it sees was committed
-            # at a WAL position below this one.
-            row = cur.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint").fetchone()
+            # at a WAL position below this one (on a standby: below its replay position).
+            row = cur.execute(
+                "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+                " ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::bigint"
+            ).fetchone()
             lsn = row[0] if row else None
         position = pl.lit(lsn, lsn_type).alias("_source_lsn")
         with cur.copy(stmt) as copy:
