@@ -284,13 +284,17 @@ class ChangesPartition(StatefulSinkPartition[ChangeBatch, None]):
 
 
 def _promote(storage: Storage, table: str) -> None:
-    """Merge what just landed into silver: the speed layer (the batch path reconciles)."""
+    """Merge what just landed into silver: the speed layer (the batch path reconciles).
+
+    Applicants first, then applications, whichever table landed: applications are held
+    below the applicants' position, so promoting both keeps either from waiting for the
+    other table's next commit.
+    """
     from lakehouse.zones import silver
 
-    silver.promote(storage, table)
-    if table == "applicants" and "loan_applications" in TABLES:
-        # Applications may have been held back until their applicants were in silver.
-        silver.promote(storage, "loan_applications")
+    del table
+    for name in ("applicants", "loan_applications"):
+        silver.promote(storage, name)
 
 
 class ChangesSink(FixedPartitionedSink[ChangeBatch, None]):
