@@ -23,7 +23,7 @@ from lakehouse.errors import SourceError
 from lakehouse.source.extract import PG_TO_POLARS
 from lakehouse.source.schema import TABLES, SourceTable
 from lakehouse.storage import Storage
-from lakehouse.zones.bronze import stream_slot
+from lakehouse.zones.bronze import changes_table, stream_slot
 from lakehouse.zones.commits import app_id, commit_properties, recorded
 from stream import columnar, pgoutput
 
@@ -68,11 +68,6 @@ class SchemaChangeError(SourceError):
     """The source table changed in a way the lakehouse cannot follow on its own."""
 
 
-def changes_table(table: str) -> str:
-    """Return the bronze change table of a source table."""
-    return f"{table}_changes"
-
-
 def slot_name(schema: str, table: str) -> str:
     """Return the replication slot (and publication) name of a source table."""
     return stream_slot(schema, table)
@@ -96,7 +91,7 @@ def progress(storage: Storage, table: str) -> Progress:
     """Read the recorded progress of a change table (zeros when it does not exist)."""
     dt = storage.table_or_none("bronze", changes_table(table))
     base = app_id("bronze", changes_table(table))
-    flushed = recorded(dt, base)
+    flushed = recorded(dt, base)  # what `bronze.changes_landed` reads, with the same handle
     if flushed is None:
         return Progress()
     return Progress(flushed, recorded(dt, f"{base}#lsn") or -1, recorded(dt, f"{base}#seq") or -1)

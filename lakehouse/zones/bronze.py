@@ -64,6 +64,19 @@ def stream_slot(schema: str, table: str) -> str:
     return f"lakehouse_{schema}_{table}".lower()
 
 
+def changes_table(table: str) -> str:
+    """Return the name of the CDC change table of a source table in bronze."""
+    return f"{table}_changes"
+
+
+def changes_landed(storage: Storage, table: str) -> int | None:
+    """Return the LSN up to which every transaction of `table` is in its change table."""
+    return recorded(
+        storage.table_or_none("bronze", changes_table(table)),
+        app_id("bronze", changes_table(table)),
+    )
+
+
 def stream_fed(conn: psycopg.Connection, schema: str, table: str) -> bool:
     """Tell whether a CDC slot feeds this table; batch extraction then stands aside."""
     row = conn.execute(

@@ -20,7 +20,7 @@ from lakehouse.storage import Storage
 from lakehouse.transforms import changes as changes_t
 from lakehouse.transforms import quality
 from lakehouse.transforms import silver as transform
-from lakehouse.zones.bronze import bronze_schema, watermark
+from lakehouse.zones.bronze import bronze_schema, changes_landed, changes_table, watermark
 from lakehouse.zones.commits import app_id, commit_properties, recorded
 
 # Order matters only for speed of recovery; each target records its own progress.
@@ -68,11 +68,6 @@ def changes_progress(storage: Storage, table: str) -> dict[str, int | None]:
     }
 
 
-def changes_table(table: str) -> str:
-    """Return the name of the CDC change table of `table` in bronze."""
-    return f"{table}_changes"
-
-
 def changes_upto(storage: Storage, table: str) -> int | None:
     """Return the LSN below which CDC changes of `table` may be promoted (None: no CDC).
 
@@ -80,22 +75,11 @@ def changes_upto(storage: Storage, table: str) -> int | None:
     Loan applications are also held below what `silver.applicants` has taken in, so an
     application never arrives before the applicant it references (one LSN cut).
     """
-    flushed = recorded(
-        storage.table_or_none("bronze", changes_table(table)),
-        app_id("bronze", changes_table(table)),
-    )
+    flushed = changes_landed(storage, table)
     if flushed is None:
         return None
-    if table == "loan_applications":
-        applicants = changes_progress(storage, "applicants")["current"]
-        if (
-            recorded(
-                storage.table_or_none("bronze", changes_table("applicants")),
-                app_id("bronze", changes_table("applicants")),
-            )
-            is not None
-        ):
-            flushed = min(flushed, applicants or 0)
+    if table == "loan_applications" and changes_landed(storage, "applicants") is not None:
+        flushed = min(flushed, changes_progress(storage, "applicants")["current"] or 0)
     return flushed
 
 
