@@ -92,6 +92,27 @@ def test_killed_promotion_changes_nothing_and_rerun_completes(settings: Settings
     assert history.filter(pl.col("valid_to").is_null())["applicant_id"].is_unique().all()
 
 
+def test_killed_first_load_creates_no_table_and_rerun_completes(settings: Settings) -> None:
+    # A first load writes Parquet files into the new tables' folders, then one commit
+    # per table creates it: killed in between, the table does not exist.
+    storage = seeded(settings, rows=300)
+    bronze.ingest(settings, storage, "applicants")
+    run_until_failpoint(settings, PROMOTE, "silver.applicants_history.mid-write")
+    assert storage.exists("silver", "applicants_rejected")
+    assert not storage.exists("silver", "applicants_history")
+    assert not storage.exists("silver", "applicants")
+    assert silver.progress(storage, "applicants")["history"] is None
+
+    # The rerun creates the missing tables; files left by the killed run are not read.
+    silver.promote(storage, "applicants")
+    assert silver.is_current(storage, "applicants")
+    applicants, _ = expected(settings)
+    assert_same_rows(read(storage, "silver", "applicants"), applicants, "applicant_id")
+    history = read(storage, "silver", "applicants_history")
+    assert history.height == applicants.height
+    assert history["applicant_id"].is_unique().all()
+
+
 def test_killed_ingest_appends_nothing(settings: Settings) -> None:
     storage = seeded(settings, rows=3000)
     bronze.ingest(settings, storage, "applicants")

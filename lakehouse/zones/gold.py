@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-from deltalake import DeltaTable, write_deltalake
+from deltalake import DeltaTable
 
 from lakehouse import duck
 from lakehouse.errors import TableNotFoundError
@@ -16,8 +16,11 @@ from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 from lakehouse.transforms.gold import GOLD
 from lakehouse.zones.commits import app_id, commit_properties, recorded
+from lakehouse.zones.datafiles import TableFiles
 
 _BATCH = 200_000
+# Rows per data file written from a DuckDB query (a Polars-built partition is one file).
+_FILE_ROWS = 1_000_000
 # Input rows per key partition of a partitioned gold build (see GoldTable.partition_key).
 _PARTITION_ROWS = 2_500_000
 
@@ -90,46 +93,41 @@ def build(settings: Settings, storage: Storage, name: str) -> GoldResult:
             # Derived relations (market-wide aggregates) see every row, once.
             views(None)
             for derived in spec.derived:
-                frame = pl.from_arrow(con.execute(derived.sql).to_arrow_table())
-                assert isinstance(frame, pl.DataFrame)
+                if derived.frame is not None:
+                    frame = derived.frame(_scans(storage, spec.sources, versions))
+                else:
+                    frame = _frame(con.execute(derived.sql).to_arrow_table())
                 con.register(derived.name, derived.transform(frame).to_arrow())
                 del frame
 
-        def part_batches(part: int) -> pa.RecordBatchReader:
+        def part_frames(part: int) -> Iterator[pl.DataFrame]:
             # Each key partition is an independent query over filtered views, so a big
             # build never holds (or spills) more than one partition's working set.
             if spec.frame is not None:
-                return _frame_batches(storage, spec.frame, spec.sources, versions, key, part, parts)
+                yield _frame_part(storage, spec.frame, spec.sources, versions, key, part, parts)
+                return
             if parts > 1:
                 views(part)
-            return con.execute(spec.sql).fetch_record_batch(_BATCH)
+            yield from _chunks(_normalise(con.execute(spec.sql).fetch_record_batch(_BATCH)))
 
-        first = part_batches(0)
-
-        def batches() -> Iterator[pa.RecordBatch]:
-            # Lazily: the next partition's query may only start once this one is read.
-            yield from first
-            for part in range(1, parts):
-                yield from part_batches(part)
-
-        reader = pa.RecordBatchReader.from_batches(first.schema, batches())
-        write_deltalake(
-            storage.uri("gold", name),
-            _normalise(reader),
-            mode="overwrite",
-            schema_mode="overwrite",
-            storage_options=storage.options,
-            commit_properties=commit_properties(
+        files = TableFiles(storage, "gold", name)
+        for part in range(parts):
+            for frame in part_frames(part):
+                files.add(frame)
+        files.commit(
+            commit_properties(
                 {app_id("gold", name, f"silver.{src}"): v for src, v in versions.items()},
                 operation="build-gold",
             ),
+            failpoint_name=f"gold.{name}.mid-write",
+            replace=storage.table_or_none("gold", name),
         )
     finally:
         con.close()
     return GoldResult(name, True, versions)
 
 
-def _frame_batches(
+def _frame_part(
     storage: Storage,
     frame: Callable[[dict[str, pl.LazyFrame]], pl.DataFrame],
     sources: tuple[str, ...],
@@ -137,18 +135,44 @@ def _frame_batches(
     key: str,
     part: int,
     parts: int,
-) -> pa.RecordBatchReader:
+) -> pl.DataFrame:
     """Compute one key partition of a Polars-built gold table."""
-    lazy = {}
-    for source in sources:
-        scan = pl.scan_delta(
+    lazy = _scans(storage, sources, versions)
+    if parts > 1:
+        lazy = {name: scan.filter(pl.col(key) % parts == part) for name, scan in lazy.items()}
+    return frame(lazy)
+
+
+def _scans(
+    storage: Storage, sources: tuple[str, ...], versions: dict[str, int]
+) -> dict[str, pl.LazyFrame]:
+    """Lazy scans of the pinned silver versions."""
+    return {
+        source: pl.scan_delta(
             storage.uri("silver", source), version=versions[source], storage_options=storage.options
         )
-        if parts > 1:
-            scan = scan.filter(pl.col(key) % parts == part)
-        lazy[source] = scan
-    table = frame(lazy).to_arrow()
-    return pa.RecordBatchReader.from_batches(table.schema, table.to_batches(_BATCH))
+        for source in sources
+    }
+
+
+def _chunks(reader: pa.RecordBatchReader) -> Iterator[pl.DataFrame]:
+    """Regroup a query's record batches into frames of about `_FILE_ROWS` rows (one file each)."""
+    pending: list[pa.RecordBatch] = []
+    rows, emitted = 0, False
+    for batch in reader:
+        pending.append(batch)
+        rows += batch.num_rows
+        if rows >= _FILE_ROWS:
+            yield _frame(pa.Table.from_batches(pending, reader.schema))
+            pending, rows, emitted = [], 0, True
+    if pending or not emitted:  # an empty result still gives the table its schema
+        yield _frame(pa.Table.from_batches(pending, reader.schema))
+
+
+def _frame(table: pa.Table) -> pl.DataFrame:
+    frame = pl.from_arrow(table)
+    assert isinstance(frame, pl.DataFrame)
+    return frame
 
 
 def _normalise(reader: pa.RecordBatchReader) -> pa.RecordBatchReader:

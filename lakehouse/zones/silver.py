@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 import polars as pl
 import pyarrow as pa
@@ -22,6 +23,7 @@ from lakehouse.transforms import quality
 from lakehouse.transforms import silver as transform
 from lakehouse.zones.bronze import bronze_schema, changes_landed, changes_table, watermark
 from lakehouse.zones.commits import app_id, commit_properties, recorded
+from lakehouse.zones.datafiles import TableFiles
 
 # Order matters only for speed of recovery; each target records its own progress.
 TARGETS = ("rejected", "history", "current")
@@ -134,7 +136,21 @@ def promote(storage: Storage, table: str) -> PromoteResult:
         total += _count_changes(storage, table, start_lsn, upto)
     parts = max(1, -(-total // _PARTITION_ROWS))
     rejects: Counter[str] = Counter()
-    with _Spool(spill=parts > 1) as spool:
+    # A target that does not exist yet (a first load) gets Parquet files from Polars and
+    # one creating commit; the others are spooled, then appended or merged by delta-rs.
+    created = {
+        t: TableFiles(storage, "silver", target_name(table, t))
+        for t in pending
+        if existing[t] is None
+    }
+    spilled = [t for t in pending if t not in created]
+    with _Spool(spill=parts > 1 and bool(spilled)) as spool:
+        bronze_rows: _BronzeReader = _read_bronze
+        if last is not None and start < last and parts > 1:
+            spool.ensure_dir()
+            # One pass over bronze, split by key into local files, instead of one full
+            # scan of bronze per partition.
+            bronze_rows = _split_bronze(storage, table, start, last, parts, spool.path("bronze"))
         for part in range(parts):
             raw = _read_input(
                 storage,
@@ -142,6 +158,7 @@ def promote(storage: Storage, table: str) -> PromoteResult:
                 batches=(start, last) if last is not None and start < last else None,
                 changes=(start_lsn, upto) if upto is not None and start_lsn < upto else None,
                 part=(part, parts),
+                bronze_rows=bronze_rows,
             )
             good, rejected = quality.validate(
                 quality.clean(raw, table), quality.RULES[table], known_keys=known, raw=raw
@@ -157,7 +174,10 @@ def promote(storage: Storage, table: str) -> PromoteResult:
                 out, count = _prepare(target, rows, key, exists=existing[target] is not None)
                 if target == "rejected":
                     rejects.update(dict(out.group_by("_rule").len().iter_rows()))
-                spool.add(target, out)
+                if target in created:
+                    created[target].add(out)
+                else:
+                    spool.add(target, out)
                 name = target_name(table, target)
                 result.rows[name] = result.rows.get(name, 0) + count
         for target in pending:
@@ -177,6 +197,9 @@ def promote(storage: Storage, table: str) -> PromoteResult:
                     "lakehouse.bronze_lsn_to": str(upto),
                 },
             )
+            if target in created:
+                created[target].commit(props, failpoint_name=f"silver.{name}.mid-write")
+                continue
             source = spool.reader(target, failpoint_name=f"silver.{name}.mid-write")
             dt = existing[target]
             if dt is None or target == "rejected":
@@ -210,6 +233,7 @@ def _read_input(
     batches: tuple[int, int] | None,
     changes: tuple[int, int] | None,
     part: tuple[int, int],
+    bronze_rows: _BronzeReader,
 ) -> pl.DataFrame:
     """Read one key partition of silver's input: batch rows and change rows, in WAL order."""
     key = TABLES[table].key
@@ -217,7 +241,7 @@ def _read_input(
     if batches is not None:
         after, upto = batches
         frames.append(
-            changes_t.from_batches(_read_bronze(storage, table, after=after, upto=upto, part=part))
+            changes_t.from_batches(bronze_rows(storage, table, after=after, upto=upto, part=part))
         )
     if changes is not None:
         rows = changes_t.from_changes(_read_changes(storage, table, changes, part), table)
@@ -331,6 +355,48 @@ def _read_bronze(
     return rows.collect()
 
 
+class _BronzeReader(Protocol):
+    def __call__(
+        self, storage: Storage, table: str, *, after: int, upto: int, part: tuple[int, int]
+    ) -> pl.DataFrame: ...
+
+
+def _split_bronze(
+    storage: Storage, table: str, after: int, upto: int, parts: int, folder: Path
+) -> _BronzeReader:
+    """Split bronze batches `after < _batch_id <= upto` by key into `parts` local files.
+
+    One streaming scan of bronze; returns a reader of one part's rows.
+    """
+    dt = storage.table("bronze", table)
+    batch = pl.col("_batch_id")
+    (
+        pl.scan_delta(dt)
+        .filter((batch > after) & (batch <= upto))
+        .sink_parquet(
+            pl.PartitionBy(
+                folder,
+                key=(pl.col(TABLES[table].key).fill_null(0) % parts).alias("_part"),
+                include_key=False,
+            ),
+            compression="lz4",
+            maintain_order=False,
+            mkdir=True,
+        )
+    )
+    schema = pl.scan_delta(dt).collect_schema()
+
+    def read(
+        storage: Storage, table: str, *, after: int, upto: int, part: tuple[int, int]
+    ) -> pl.DataFrame:
+        files = sorted((folder / f"_part={part[0]}").glob("*.parquet"))
+        if not files:
+            return pl.DataFrame(schema=schema)
+        return pl.read_parquet(files)
+
+    return read
+
+
 def _current_keys(storage: Storage, table: str, key: str) -> pl.Series:
     dt = storage.table_or_none("silver", table)
     if dt is None:
@@ -356,18 +422,28 @@ class _Spool:
         if self._dir is not None:
             self._dir.cleanup()
 
-    def add(self, target: str, frame: pl.DataFrame) -> None:
+    def ensure_dir(self) -> None:
+        """Have a scratch folder even when outputs are not spilled."""
         if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="lakehouse-silver-")
+
+    def path(self, name: str) -> Path:
+        """Return a fresh folder for scratch files."""
+        assert self._dir is not None
+        return Path(self._dir.name) / name
+
+    def add(self, target: str, frame: pl.DataFrame) -> None:
+        if not self.spill:
             self.frames.setdefault(target, []).append(frame)
             return
         files = self.files.setdefault(target, [])
-        path = Path(self._dir.name) / f"{target}-{len(files)}.parquet"
+        path = self.path(f"{target}-{len(files)}.parquet")
         frame.write_parquet(path, compression="lz4")
         files.append(path)
 
     def reader(self, target: str, *, failpoint_name: str) -> pa.RecordBatchReader:
         """Stream one target's rows to delta-rs, with a failpoint after the first batch."""
-        if self._dir is None:
+        if not self.spill:
             tables = [f.to_arrow() for f in self.frames[target]]
             schema = tables[0].schema
             chunks: Iterator[pa.RecordBatch] = (
