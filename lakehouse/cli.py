@@ -76,8 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive_int, default=100, help="changes per source transaction"
     )
 
-    p = sub.add_parser("run", help="run the Luigi pipeline (bronze, silver, gold)")
+    p = sub.add_parser(
+        "run", help="run the Luigi pipeline (bronze, silver, gold, features, model)"
+    )
     p.add_argument("--workers", type=_positive_int, default=1)
+    p.add_argument("--no-ml", action="store_true", help="stop at gold (no Feast, no training)")
     p.add_argument("--scheduler-host", help="use a luigid central scheduler at this host")
     p.add_argument("--scheduler-port", type=_positive_int, default=8082)
 
@@ -108,6 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--promote", action="store_true", help="with run: also merge each micro-batch into silver"
     )
+
+    p = sub.add_parser("features", help="Feast: register the repository, or materialize")
+    p.add_argument("action", choices=["apply", "materialize"])
+
+    sub.add_parser("train", help="train, evaluate and register a loan-approval model")
+    sub.add_parser("models", help="list registered model versions with their metrics")
+
+    p = sub.add_parser("serve", help="the prediction API (FastAPI + uvicorn)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=_positive_int, default=8000)
 
     p = sub.add_parser("maintain", help="compact, checkpoint and vacuum every table")
     p.add_argument(
@@ -205,6 +218,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             scheduler_port=args.scheduler_port,
             progress=print,
             debug=args.debug,
+            ml=not args.no_ml,
         )
         if run.ran:
             print(f"{len(run.ran)} tasks ran in {run.seconds:.1f}s")
@@ -246,6 +260,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if command == "stream":
         return _stream(settings, args.action, promote=args.promote)
+    if command in ("features", "train", "models", "serve"):
+        return _ml(settings, args)
     if command == "maintain":
         from lakehouse.maintain import maintain
         from lakehouse.storage import Storage
@@ -333,6 +349,38 @@ def _stream(settings: Settings, action: str, *, promote: bool) -> int:
     from stream.run import run_stream
 
     run_stream(settings, storage, promote=promote, progress=print)
+    return 0
+
+
+def _ml(settings: Settings, args: argparse.Namespace) -> int:
+    from lakehouse import features, ml_tasks, models
+    from lakehouse.storage import Storage
+
+    features.check_repo_is_shipped()
+    storage = Storage.from_settings(settings)
+    storage.check()
+    if args.command == "features" and args.action == "apply":
+        names = ml_tasks.apply(settings, storage)
+        print(f"registered {len(names)} Feast objects: {', '.join(names)}")
+    elif args.command == "features":
+        end = ml_tasks.materialize(settings, storage)
+        print(f"online store holds feature values up to {end:%Y-%m-%d %H:%M:%S} UTC")
+    elif args.command == "train":
+        result = ml_tasks.train(settings, storage)
+        print(f"model {models.MODEL} version {result.version}")
+        print(models.summary(result.metrics))
+    elif args.command == "models":
+        entries = models.describe(storage)
+        if not entries:
+            print("no model yet; run `lakehouse train`")
+        for entry in entries:
+            print(f"{entry['version']}  {models.summary(entry['metrics'])}")
+    else:
+        import uvicorn
+
+        from lakehouse.serve import create_app
+
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import time
 from collections.abc import Callable
 
@@ -59,7 +61,7 @@ def demo(
             f"[2/4] seeded {seeded.applicants:,} applicants and {seeded.applications:,} "
             f"applications with COPY ({time.monotonic() - step:.1f}s)"
         )
-    say("[3/4] running the Luigi pipeline (bronze -> silver -> gold)")
+    say("[3/4] running the Luigi pipeline (bronze -> silver -> gold -> Feast -> model)")
     run = run_pipeline(workers=workers, progress=say, debug=debug)
     if run.ran:
         say(f"      {len(run.ran)} tasks ran in {run.seconds:.1f}s")
@@ -91,7 +93,68 @@ def demo(
     say("Sample query: approval rate by loan intent (gold.approval_rate_daily)")
     say(sql.render(sql.run_query(settings, storage, SAMPLE_QUERY)).rstrip())
     say("")
+    from lakehouse import models
+
+    version, _ = models.load(storage)
+    entry = next(e for e in models.describe(storage) if e["version"] == version)
+    say(f"Model {models.MODEL} {version} (models/{models.MODEL}/{version}/):")
+    say("  " + models.summary(entry["metrics"]))
+    say("")
+    application_id, answer = _predict_through_api(settings, storage)
+    say(f"Prediction through the API: POST /predict {{\"application_id\": {application_id}}}")
+    say(
+        f"  -> {answer['decision']} (probability {answer['probability']:.3f}, "
+        f"model {answer['model_version']})"
+    )
+    say("")
     say(
         f'Done in {time.monotonic() - t0:.1f}s. Try: lakehouse sql "SELECT * FROM '
-        'gold.application_features LIMIT 5"'
+        'gold.application_features LIMIT 5", or `lakehouse serve`'
     )
+
+
+def _predict_through_api(settings: Settings, storage: Storage) -> tuple[int, dict[str, Any]]:
+    """Serve the API on a free local port, ask for one prediction over HTTP, stop."""
+    import json
+    import threading
+    import urllib.request
+
+    import uvicorn
+
+    from lakehouse.serve import create_app
+    from lakehouse.source.embedded import free_port
+
+    row = sql.run_query(
+        settings,
+        storage,
+        "SELECT max(application_id) FROM silver.loan_applications WHERE loan_status IS NULL",
+    ).rows[0][0]
+    if row is None:
+        row = sql.run_query(
+            settings, storage, "SELECT max(application_id) FROM silver.loan_applications"
+        ).rows[0][0]
+    application_id = int(row)
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="error")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if time.monotonic() > deadline:
+                msg = "the prediction API did not start within 30 s"
+                raise RuntimeError(msg)
+            time.sleep(0.05)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/predict",
+            data=json.dumps({"application_id": application_id}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - localhost
+            answer: dict[str, Any] = json.loads(response.read())
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    return application_id, answer

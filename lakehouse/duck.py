@@ -22,7 +22,8 @@ def quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _load(con: duckdb.DuckDBPyConnection, name: str) -> None:
+def load_extension(con: duckdb.DuckDBPyConnection, name: str) -> None:
+    """Install and load a DuckDB extension, from its PyPI wheel when there is one."""
     # Prefer the extension shipped in a PyPI wheel (offline, DuckDB-signed); elsewhere
     # DuckDB downloads the same extension into the extension directory.
     try:
@@ -54,9 +55,9 @@ def connect(settings: Settings, storage: Storage) -> duckdb.DuckDBPyConnection:
         con.execute("SET TimeZone = 'UTC'")
         extensions = ["delta"] + (["httpfs", "aws"] if storage.is_s3 else [])
         for name in extensions:
-            _load(con, name)
+            load_extension(con, name)
         if storage.is_s3:
-            _create_secret(con, settings, storage)
+            create_secret(con, settings, storage)
     except duckdb.Error as exc:
         con.close()
         msg = f"DuckDB could not load its Delta/S3 extensions: {exc}"
@@ -64,7 +65,8 @@ def connect(settings: Settings, storage: Storage) -> duckdb.DuckDBPyConnection:
     return con
 
 
-def _create_secret(con: duckdb.DuckDBPyConnection, settings: Settings, storage: Storage) -> None:
+def create_secret(con: duckdb.DuckDBPyConnection, settings: Settings, storage: Storage) -> None:
+    """Create the S3 secret from settings (credentials are never taken implicitly)."""
     parts = [
         "TYPE s3",
         f"KEY_ID {literal(settings.s3_access_key_id)}",

@@ -29,8 +29,12 @@ def run_pipeline(
     scheduler_port: int | None = None,
     progress: Callable[[str], None] | None = None,
     debug: bool = False,
+    ml: bool = True,
 ) -> PipelineRun:
-    """Build `tasks.Pipeline`; raise `PipelineError` naming the first failed task."""
+    """Build `tasks.Pipeline`; raise `PipelineError` naming the first failed task.
+
+    With `ml`, the pipeline goes on to Feast (apply, materialize) and training.
+    """
     import tasks
 
     failures: list[str] = []
@@ -69,7 +73,7 @@ def run_pipeline(
         params["local_scheduler"] = True
     start = time.monotonic()
     try:
-        result = luigi.build([tasks.Pipeline()], **params)
+        result = luigi.build([tasks.Pipeline(ml=ml)], **params)
     finally:
         for event, handler in handlers:
             luigi.Task._event_callbacks.get(luigi.Task, {}).get(event, set()).discard(handler)

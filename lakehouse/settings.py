@@ -79,6 +79,10 @@ class Settings:
     """`lakehouse maintain` keeps this much time travel."""
     duckdb_memory: str = "2GB"
     """DuckDB's memory limit; larger queries spill to `<home>/duckdb_tmp`."""
+    feast_online_store: str = "sqlite"
+    """Feast's online store: `sqlite` (a file under `<home>/feast`) or `postgres` (the source server)."""
+    model_threshold: float = 0.5
+    """Probability above which `lakehouse serve` answers `approve`."""
     stream_batch_rows: int = 100_000
     """CDC: a micro-batch closes at this many changes (also splits huge transactions)."""
     stream_batch_seconds: float = 1.0
@@ -106,7 +110,11 @@ class Settings:
         """Read settings from `LAKEHOUSE_*` variables; a bad value names its variable."""
         env = os.environ if environ is None else environ
         known = {PREFIX + f.name.upper(): f for f in fields(cls)}
-        internal = {PREFIX + "FAILPOINT"}  # fault-injection tests only (lakehouse.failpoints)
+        # FAILPOINT: fault-injection tests only (lakehouse.failpoints); FEAST_PG_*: derived
+        # from LAKEHOUSE_PG_DSN for Feast's YAML by `lakehouse.features`.
+        internal = {PREFIX + "FAILPOINT"} | {
+            f"{PREFIX}FEAST_PG_{k}" for k in ("HOST", "PORT", "DATABASE", "USER", "PASSWORD")
+        }
         unknown = sorted(
             k for k in env if k.startswith(PREFIX) and k not in known and k not in internal
         )
@@ -185,6 +193,20 @@ def _parse(var: str, name: str, raw: str) -> Any:
             msg = f"{var} is `{raw}`; give between 0.01 and 3600 seconds"
             raise ConfigError(msg)
         return seconds
+    if name == "feast_online_store":
+        if raw not in ("sqlite", "postgres"):
+            msg = f"{var} is `{raw}`; use `sqlite` or `postgres`"
+            raise ConfigError(msg)
+        return raw
+    if name == "model_threshold":
+        try:
+            value = float(raw)
+        except ValueError:
+            value = -1.0
+        if not 0 < value < 1:
+            msg = f"{var} is `{raw}`; give a probability between 0 and 1"
+            raise ConfigError(msg)
+        return value
     if name in ("s3_secret_access_key", "pg_dsn"):
         return Secret(raw)
     if name == "duckdb_memory":

@@ -123,11 +123,73 @@ class BuildGold(_Task):
         gold.build(settings, storage, self.name)
 
 
-class Pipeline(luigi.WrapperTask):
-    """Everything: bronze, silver and gold for every table."""
+class ApplyFeatures(luigi.Task):
+    """Register the Feast repository (`feast apply`); complete once the service exists."""
+
+    def complete(self) -> bool:
+        from lakehouse import ml_tasks
+
+        return ml_tasks.applied(*_context())
+
+    def run(self) -> None:
+        from lakehouse import ml_tasks
+
+        ml_tasks.apply(*_context())
+
+
+class Materialize(luigi.Task):
+    """Load the gold feature values into Feast's online store, incrementally."""
 
     def requires(self) -> list[luigi.Task]:
-        return [BuildGold(name=n) for n in sorted(GOLD)]
+        return [ApplyFeatures(), *[BuildGold(name=n) for n in sorted(GOLD)]]
+
+    def complete(self) -> bool:
+        from lakehouse import ml_tasks
+
+        return all(t.complete() for t in self.requires()) and ml_tasks.materialized(
+            *_context()
+        )
+
+    def run(self) -> None:
+        from lakehouse import ml_tasks
+
+        ml_tasks.materialize(*_context())
 
 
-__all__ = ["BuildGold", "IngestBronze", "Pipeline", "PromoteSilver"]
+class Train(luigi.Task):
+    """Build the training set through Feast, train, evaluate and register a model version."""
+
+    def requires(self) -> list[luigi.Task]:
+        return [ApplyFeatures(), *[BuildGold(name=n) for n in sorted(GOLD)]]
+
+    def complete(self) -> bool:
+        from lakehouse import ml_tasks
+
+        return all(t.complete() for t in self.requires()) and ml_tasks.trained(*_context())
+
+    def run(self) -> None:
+        from lakehouse import ml_tasks
+
+        result = ml_tasks.train(*_context())
+        self.set_status_message(f"model {result.version}: {result.metrics['test']}")
+
+
+class Pipeline(luigi.WrapperTask):
+    """Everything: bronze, silver and gold for every table, then (with `ml`) features and model."""
+
+    ml = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+
+    def requires(self) -> list[luigi.Task]:
+        data: list[luigi.Task] = [BuildGold(name=n) for n in sorted(GOLD)]
+        return [*data, Materialize(), Train()] if self.ml else data
+
+
+__all__ = [
+    "ApplyFeatures",
+    "BuildGold",
+    "IngestBronze",
+    "Materialize",
+    "Pipeline",
+    "PromoteSilver",
+    "Train",
+]

@@ -1,0 +1,118 @@
+"""Feast definitions over the gold Delta tables: entities, feature views, a feature service.
+
+The gold tables are point-in-time step functions keyed by `event_timestamp`; Feast's
+as-of join (latest row with `event_timestamp <= t`) picks the values in force at `t`.
+Sources follow LAKEHOUSE_STORAGE_URI: local Delta folders or `s3://` paths.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.data_format import DeltaFormat
+from feast.types import Bool, Float64, Int64, String
+
+from lakehouse.settings import Settings
+from lakehouse.storage import Storage
+
+_storage = Storage.from_settings(Settings.from_env())
+
+applicant = Entity(
+    name="applicant",
+    join_keys=["applicant_id"],
+    value_type=ValueType.INT64,
+    description="A person applying for loans (source table lending.applicants).",
+)
+application = Entity(
+    name="application",
+    join_keys=["application_id"],
+    value_type=ValueType.INT64,
+    description="One loan application (source table lending.loan_applications).",
+)
+
+application_source = FileSource(
+    name="gold_application_features",
+    path=_storage.uri("gold", "application_features"),
+    timestamp_field="event_timestamp",
+    file_format=DeltaFormat(),
+)
+applicant_source = FileSource(
+    name="gold_applicant_features",
+    path=_storage.uri("gold", "applicant_features"),
+    timestamp_field="event_timestamp",
+    file_format=DeltaFormat(),
+)
+
+# The application's own attributes and the applicant as of `applied_at`. No label here:
+# `loan_status` is decided later and comes from silver when a training set is built.
+application_features = FeatureView(
+    name="application_features",
+    entities=[application],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="loan_amnt", dtype=Float64),
+        Field(name="loan_intent", dtype=String),
+        Field(name="loan_int_rate", dtype=Float64),
+        Field(name="loan_percent_income", dtype=Float64),
+        Field(name="loan_to_income", dtype=Float64),
+        Field(name="rate_spread", dtype=Float64),
+        Field(name="credit_score_band", dtype=String),
+        Field(name="person_age", dtype=Int64),
+        Field(name="person_gender", dtype=String),
+        Field(name="person_education", dtype=String),
+        Field(name="person_income", dtype=Float64),
+        Field(name="person_emp_exp", dtype=Int64),
+        Field(name="person_home_ownership", dtype=String),
+        Field(name="cb_person_cred_hist_length", dtype=Int64),
+        Field(name="credit_score", dtype=Int64),
+        Field(name="previous_loan_defaults_on_file", dtype=Bool),
+    ],
+    source=application_source,
+    online=True,
+    tags={"zone": "gold", "table": "application_features"},
+)
+
+# The applicant's history of applications before `t` (strictly: never the current one).
+applicant_features = FeatureView(
+    name="applicant_features",
+    entities=[applicant],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="application_count", dtype=Int64),
+        Field(name="approved_count", dtype=Int64),
+        Field(name="rejected_count", dtype=Int64),
+        Field(name="mean_loan_amnt", dtype=Float64),
+        Field(name="days_since_last_application", dtype=Float64),
+    ],
+    source=applicant_source,
+    online=True,
+    tags={"zone": "gold", "table": "applicant_features"},
+)
+
+# The applicant's latest attributes, for scoring a loan that is not in the source yet.
+applicant_profile = FeatureView(
+    name="applicant_profile",
+    entities=[applicant],
+    ttl=timedelta(0),
+    schema=[
+        Field(name="person_age", dtype=Int64),
+        Field(name="person_gender", dtype=String),
+        Field(name="person_education", dtype=String),
+        Field(name="person_income", dtype=Float64),
+        Field(name="person_emp_exp", dtype=Int64),
+        Field(name="person_home_ownership", dtype=String),
+        Field(name="cb_person_cred_hist_length", dtype=Int64),
+        Field(name="credit_score", dtype=Int64),
+        Field(name="previous_loan_defaults_on_file", dtype=Bool),
+    ],
+    source=applicant_source,
+    online=True,
+    tags={"zone": "gold", "table": "applicant_features"},
+)
+
+loan_approval_v1 = FeatureService(
+    name="loan_approval_v1",
+    features=[application_features, applicant_features],
+    description="Features of the loan approval model, version 1.",
+)

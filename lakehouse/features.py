@@ -1,0 +1,166 @@
+"""Feast wiring: the repository, its environment, and S3 access for its DuckDB offline store.
+
+The repository lives in the `feature_repo` package (shipped in the wheel). Its
+`feature_store.yaml` reads `${LAKEHOUSE_HOME}`; `feature_store()` exports that (and the
+Postgres online store's connection when selected) from the settings, so Feast and the
+rest of the lakehouse always agree on where things are.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from psycopg.conninfo import conninfo_to_dict
+
+from lakehouse import duck
+from lakehouse.errors import LakehouseError, UsageError
+from lakehouse.settings import Settings
+from lakehouse.source.schema import dsn as source_dsn
+from lakehouse.storage import Storage
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+
+SERVICE = "loan_approval_v1"
+FEATURE_VIEWS = ("application_features", "applicant_features", "applicant_profile")
+
+
+class FeatureStoreError(LakehouseError):
+    """Feast cannot do what was asked; the message says what to run."""
+
+
+def repo_path() -> Path:
+    """Return the folder of the Feast repository (the `feature_repo` package)."""
+    import feature_repo
+
+    return Path(feature_repo.__file__).resolve().parent
+
+
+def feast_env(settings: Settings) -> dict[str, str]:
+    """Return the environment Feast needs: what its YAML expands, what the repo reads."""
+    env = {"LAKEHOUSE_HOME": str(settings.home), "LAKEHOUSE_STORAGE_URI": settings.warehouse}
+    if settings.is_s3:
+        env |= {
+            "LAKEHOUSE_S3_ENDPOINT": settings.s3_endpoint,
+            "LAKEHOUSE_S3_REGION": settings.s3_region,
+            "LAKEHOUSE_S3_ACCESS_KEY_ID": settings.s3_access_key_id,
+            "LAKEHOUSE_S3_SECRET_ACCESS_KEY": settings.s3_secret_access_key.get(),
+        }
+    if settings.feast_online_store == "postgres":
+        info = conninfo_to_dict(source_dsn(settings))
+        env |= {
+            "LAKEHOUSE_FEAST_PG_HOST": str(info.get("host", "127.0.0.1")),
+            "LAKEHOUSE_FEAST_PG_PORT": str(info.get("port", "5432")),
+            "LAKEHOUSE_FEAST_PG_DATABASE": str(info.get("dbname", "postgres")),
+            "LAKEHOUSE_FEAST_PG_USER": str(info.get("user", "")),
+            "LAKEHOUSE_FEAST_PG_PASSWORD": str(info.get("password", "")),
+        }
+    return env
+
+
+def _prepare_duckdb(settings: Settings, storage: Storage) -> None:
+    """Give Feast's DuckDB (the ibis default backend) the offline extensions and S3 secret.
+
+    Feast's own `s3_endpoint_override` breaks `delta_scan`, so the secret goes on the
+    connection instead; the extensions come from the same wheels as `lakehouse sql`.
+    """
+    import ibis
+
+    backend: Any = ibis.get_backend()
+    con = backend.con
+    ext_dir = settings.home / "duckdb_extensions"
+    ext_dir.mkdir(parents=True, exist_ok=True)
+    con.execute(f"SET extension_directory = {duck.literal(str(ext_dir))}")
+    con.execute("SET TimeZone = 'UTC'")
+    for name in ["delta"] + (["httpfs", "aws"] if storage.is_s3 else []):
+        duck.load_extension(con, name)
+    if storage.is_s3:
+        duck.create_secret(con, settings, storage)
+
+
+def feature_store(settings: Settings, storage: Storage) -> FeatureStore:
+    """Open the Feast store for these settings (local disk or S3)."""
+    from feast import FeatureStore
+
+    (settings.home / "feast").mkdir(parents=True, exist_ok=True)
+    os.environ.update(feast_env(settings))
+    if storage.is_s3:
+        # Feast infers Delta schemas with delta-rs, which reads these from the environment.
+        os.environ.update(
+            {
+                "AWS_ENDPOINT_URL": storage.s3["endpoint"],
+                "AWS_ALLOW_HTTP": "true",
+                "AWS_REGION": settings.s3_region,
+                "AWS_ACCESS_KEY_ID": settings.s3_access_key_id,
+                "AWS_SECRET_ACCESS_KEY": settings.s3_secret_access_key.get(),
+            }
+        )
+    _prepare_duckdb(settings, storage)
+    yaml = "feature_store.postgres.yaml" if settings.feast_online_store == "postgres" else None
+    path = repo_path()
+    if yaml:
+        return FeatureStore(fs_yaml_file=path / yaml)
+    return FeatureStore(repo_path=str(path))
+
+
+def definitions() -> list[Any]:
+    """Return the repository's Feast objects, built for the current environment."""
+    import importlib
+
+    import feature_repo.features as defs
+
+    defs = importlib.reload(defs)  # its sources follow LAKEHOUSE_STORAGE_URI: re-read it
+    return [
+        defs.applicant,
+        defs.application,
+        defs.application_features,
+        defs.applicant_features,
+        defs.applicant_profile,
+        defs.loan_approval_v1,
+    ]
+
+
+def apply(store: FeatureStore) -> list[str]:
+    """Register the repository's objects (what `feast apply` does); return their names."""
+    objects = definitions()
+    store.apply(objects)
+    return sorted(o.name for o in objects)
+
+
+def require_applied(store: FeatureStore) -> None:
+    """Fail with the fix when the repository has not been applied."""
+    try:
+        store.get_feature_service(SERVICE)
+    except Exception:  # Feast raises several types for a missing registry or object
+        msg = f"the feature service `{SERVICE}` is not registered; run `lakehouse features apply`"
+        raise FeatureStoreError(msg) from None
+
+
+LOOKBACK = timedelta(days=2)
+"""Re-read this much before the previous materialization's end: rows can reach gold
+after their `event_timestamp` (pipeline lag), and Feast's incremental window would skip
+them. Writing a value twice is harmless (the online store keeps the latest)."""
+
+
+def materialize(store: FeatureStore, since: datetime | None = None) -> datetime:
+    """Load feature values into the online store up to now; return the end used.
+
+    The first time (`since` None) everything is loaded; later, from `since - LOOKBACK`.
+    """
+    require_applied(store)
+    end = datetime.now(UTC)
+    start = datetime(1970, 1, 2, tzinfo=UTC) if since is None else since - LOOKBACK
+    store.materialize(start_date=start, end_date=end, feature_views=list(FEATURE_VIEWS))
+    return end
+
+
+def check_repo_is_shipped() -> None:
+    """Fail clearly if Feast is missing (it is a dependency; this catches broken installs)."""
+    try:
+        import feast  # noqa: F401
+    except ImportError as exc:
+        msg = f"Feast is not installed ({exc}); reinstall the project: pip install ."
+        raise UsageError(msg) from None

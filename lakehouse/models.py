@@ -1,0 +1,332 @@
+"""Training the loan-approval model from Feast, and the model registry in the lakehouse.
+
+A training set is Feast's point-in-time join for decided applications at their
+`applied_at`, labelled from silver. A trained version is a folder
+`models/loan_approval/<version>/` next to the zones (local disk or S3) holding
+`model.joblib`, `metrics.json` and `lineage.json` (the Delta version of every input
+table, the feature references, a hash of the training set).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from lakehouse import features
+from lakehouse.errors import LakehouseError
+from lakehouse.storage import Storage, _split_s3, minio_client
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from feast import FeatureStore
+
+MODEL = "loan_approval"
+LEAKY = "previous_loan_defaults_on_file"
+"""Decides the label alone for about half the rows (see the dataset README)."""
+INPUT_TABLES = (
+    ("silver", "loan_applications"),
+    ("gold", "application_features"),
+    ("gold", "applicant_features"),
+)
+
+
+class ModelError(LakehouseError):
+    """No model, or a model that cannot be used; the message says what to run."""
+
+
+# ---------------------------------------------------------------- registry storage
+
+
+class Registry:
+    """Files under `<warehouse>/models/` on local disk or S3."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+        self.root = f"{storage.root}/models/{MODEL}"
+
+    def _s3(self) -> tuple[Any, str, str]:
+        bucket, prefix = _split_s3(self.root)
+        return minio_client(self.storage.s3, self.storage.options), bucket, prefix
+
+    def put(self, version: str, name: str, data: bytes) -> None:
+        """Write one file of a version."""
+        if self.storage.is_s3:
+            client, bucket, prefix = self._s3()
+            client.put_object(bucket, f"{prefix}/{version}/{name}", io.BytesIO(data), len(data))
+            return
+        from pathlib import Path
+
+        path = Path(self.root) / version / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+
+    def get(self, version: str, name: str) -> bytes:
+        """Read one file of a version."""
+        if self.storage.is_s3:
+            client, bucket, prefix = self._s3()
+            response = client.get_object(bucket, f"{prefix}/{version}/{name}")
+            try:
+                return bytes(response.read())
+            finally:
+                response.close()
+                response.release_conn()
+        from pathlib import Path
+
+        return (Path(self.root) / version / name).read_bytes()
+
+    def versions(self) -> list[str]:
+        """Return the complete versions (those with `lineage.json`, written last), oldest first."""
+        if self.storage.is_s3:
+            client, bucket, prefix = self._s3()
+            names = [
+                o.object_name[len(prefix) + 1 :]
+                for o in client.list_objects(bucket, prefix=prefix + "/", recursive=True)
+            ]
+            return sorted({n.split("/")[0] for n in names if n.endswith("/lineage.json")})
+        from pathlib import Path
+
+        root = Path(self.root)
+        if not root.is_dir():
+            return []
+        return sorted(p.name for p in root.iterdir() if (p / "lineage.json").is_file())
+
+    def latest(self) -> str:
+        """Return the newest complete version, or fail with what to run."""
+        versions = self.versions()
+        if not versions:
+            msg = f"no trained `{MODEL}` model in {self.root}; run `lakehouse train`"
+            raise ModelError(msg)
+        return versions[-1]
+
+
+# ---------------------------------------------------------------- training set
+
+
+def entity_frame(storage: Storage) -> pd.DataFrame:
+    """Decided applications at their `applied_at`, labelled from silver."""
+    loans = (
+        pl.read_delta(storage.uri("silver", "loan_applications"), storage_options=storage.options)
+        .filter(pl.col("loan_status").is_not_null())
+        .select(
+            "application_id",
+            "applicant_id",
+            pl.col("applied_at").alias("event_timestamp"),
+            pl.col("loan_status").cast(pl.Int8).alias("label"),
+        )
+        .sort("application_id")
+    )
+    return loans.to_pandas()
+
+
+def feature_refs(store: FeatureStore) -> list[str]:
+    """Return the `view:feature` references of the feature service."""
+    service = store.get_feature_service(features.SERVICE)
+    return [
+        f"{projection.name_to_use()}:{feature.name}"
+        for projection in service.feature_view_projections
+        for feature in projection.features
+    ]
+
+
+def training_set(store: FeatureStore, storage: Storage) -> pd.DataFrame:
+    """Join the features in force at each application's `applied_at` (Feast, point in time)."""
+    features.require_applied(store)
+    entities = entity_frame(storage)
+    service = store.get_feature_service(features.SERVICE)
+    frame = store.get_historical_features(entity_df=entities, features=service).to_df()
+    return frame.sort_values("application_id").reset_index(drop=True)
+
+
+def frame_hash(frame: pd.DataFrame) -> str:
+    """Hash a training set's content (column order and row order fixed)."""
+    ordered = frame[sorted(frame.columns)].sort_values("application_id")
+    digest = hashlib.sha256()
+    digest.update(ordered.to_csv(index=False).encode())
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- model
+
+
+def _prepare(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    import pandas as pd
+
+    out = frame[columns].copy()
+    for name in columns:
+        series = out[name]
+        if series.dtype == object or str(series.dtype) in ("string", "str", "category"):
+            out[name] = series.astype("string").astype("category")
+        elif series.dtype == bool or str(series.dtype) == "boolean":
+            out[name] = series.astype("float64")
+        else:
+            out[name] = pd.to_numeric(series, errors="coerce").astype("float64")
+    return out
+
+
+@dataclass
+class Trained:
+    """A fitted model with the columns and category levels it was fitted on."""
+
+    model: Any
+    columns: list[str]
+    categories: dict[str, list[str]]
+    threshold: float
+
+    def frame(self, rows: pd.DataFrame) -> pd.DataFrame:
+        """Shape rows (training or serving) exactly as the model saw them."""
+        import pandas as pd
+
+        out = _prepare(rows, self.columns)
+        for name, levels in self.categories.items():
+            out[name] = pd.Categorical(out[name].astype("string"), categories=levels)
+        return out
+
+    def predict_proba(self, rows: pd.DataFrame) -> np.ndarray:
+        """Return the probability of approval (label 1) of each row."""
+        return np.asarray(self.model.predict_proba(self.frame(rows))[:, 1])
+
+
+def fit(frame: pd.DataFrame, columns: list[str], *, seed: int, threshold: float) -> Trained:
+    """Fit a histogram gradient-boosted classifier with native categorical support."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    x = _prepare(frame, columns)
+    categories = {
+        c: [str(v) for v in x[c].cat.categories] for c in columns if str(x[c].dtype) == "category"
+    }
+    model = HistGradientBoostingClassifier(
+        categorical_features="from_dtype", max_iter=300, learning_rate=0.08, random_state=seed
+    )
+    model.fit(x, frame["label"].to_numpy())
+    return Trained(model, columns, categories, threshold)
+
+
+def evaluate(trained: Trained, frame: pd.DataFrame) -> dict[str, Any]:
+    """ROC AUC, PR AUC, precision/recall at the threshold, Brier score and calibration."""
+    from sklearn.calibration import calibration_curve
+    from sklearn.metrics import (
+        average_precision_score,
+        brier_score_loss,
+        precision_score,
+        recall_score,
+        roc_auc_score,
+    )
+
+    y = frame["label"].to_numpy()
+    p = trained.predict_proba(frame)
+    decided = (p >= trained.threshold).astype(int)
+    observed, predicted = calibration_curve(y, p, n_bins=10, strategy="quantile")
+    return {
+        "rows": len(y),
+        "positive_rate": float(y.mean()),
+        "roc_auc": float(roc_auc_score(y, p)),
+        "pr_auc": float(average_precision_score(y, p)),
+        "threshold": trained.threshold,
+        "precision": float(precision_score(y, decided, zero_division=0)),
+        "recall": float(recall_score(y, decided, zero_division=0)),
+        "brier": float(brier_score_loss(y, p)),
+        "calibration": [
+            {"predicted": float(a), "observed": float(b)}
+            for a, b in zip(predicted, observed, strict=True)
+        ],
+    }
+
+
+@dataclass
+class TrainResult:
+    """What `train` wrote."""
+
+    version: str
+    metrics: dict[str, Any]
+    lineage: dict[str, Any]
+
+
+def train(
+    store: FeatureStore, storage: Storage, *, seed: int = 42, threshold: float = 0.5
+) -> TrainResult:
+    """Build the training set, fit, evaluate on a stratified hold-out, register a version."""
+    import joblib
+    from sklearn.model_selection import train_test_split
+
+    versions = {f"{z}.{t}": storage.table(z, t).version() for z, t in INPUT_TABLES}
+    frame = training_set(store, storage)
+    if frame["label"].nunique() < 2:  # noqa: PLR2004
+        msg = "the training set needs approved and rejected applications; run the pipeline"
+        raise ModelError(msg)
+    refs = feature_refs(store)
+    columns = [r.split(":", 1)[1] for r in refs]
+    fit_rows, test_rows = train_test_split(
+        frame, test_size=0.25, stratify=frame["label"], random_state=seed
+    )
+    model = fit(fit_rows, columns, seed=seed, threshold=threshold)
+    without = [c for c in columns if c != LEAKY]
+    metrics = {
+        "model": "HistGradientBoostingClassifier",
+        "split": {"train": len(fit_rows), "test": len(test_rows), "stratified": True},
+        "test": evaluate(model, test_rows),
+        f"test_without_{LEAKY}": evaluate(
+            fit(fit_rows, without, seed=seed, threshold=threshold), test_rows
+        ),
+    }
+    version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    lineage = {
+        "version": version,
+        "trained_at": datetime.now(UTC).isoformat(),
+        "feature_service": features.SERVICE,
+        "features": refs,
+        "inputs": versions,
+        "training_set": {"rows": len(frame), "sha256": frame_hash(frame)},
+        "seed": seed,
+    }
+    registry = Registry(storage)
+    buffer = io.BytesIO()
+    joblib.dump(model, buffer)
+    registry.put(version, "model.joblib", buffer.getvalue())
+    registry.put(version, "metrics.json", json.dumps(metrics, indent=2).encode())
+    registry.put(version, "lineage.json", json.dumps(lineage, indent=2).encode())  # last
+    return TrainResult(version, metrics, lineage)
+
+
+def load(storage: Storage, version: str | None = None) -> tuple[str, Trained]:
+    """Load a registered model (the latest by default)."""
+    import joblib
+
+    registry = Registry(storage)
+    chosen = version or registry.latest()
+    if chosen not in registry.versions():
+        msg = f"model version `{chosen}` is not in the registry; see `lakehouse models`"
+        raise ModelError(msg)
+    trained = joblib.load(io.BytesIO(registry.get(chosen, "model.joblib")))
+    return chosen, trained
+
+
+def describe(storage: Storage) -> list[dict[str, Any]]:
+    """Return every registered version with its metrics, oldest first."""
+    registry = Registry(storage)
+    out = []
+    for version in registry.versions():
+        metrics = json.loads(registry.get(version, "metrics.json"))
+        lineage = json.loads(registry.get(version, "lineage.json"))
+        out.append({"version": version, "metrics": metrics, "lineage": lineage})
+    return out
+
+
+def summary(metrics: dict[str, Any]) -> str:
+    """One line of the headline metrics, with and without the leaky feature."""
+    test = metrics["test"]
+    without = metrics[f"test_without_{LEAKY}"]
+    return (
+        f"ROC AUC {test['roc_auc']:.3f} (without {LEAKY}: {without['roc_auc']:.3f}), "
+        f"PR AUC {test['pr_auc']:.3f} ({without['pr_auc']:.3f}), "
+        f"precision {test['precision']:.3f} / recall {test['recall']:.3f} at "
+        f"{test['threshold']:g}, Brier {test['brier']:.3f}; {test['rows']:,} test rows"
+    )
