@@ -13,10 +13,14 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueT
 from feast.data_format import DeltaFormat
 from feast.types import Bool, Float64, Int64, String
 
+from lakehouse.features import prepare_duckdb
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 
-_storage = Storage.from_settings(Settings.from_env())
+_settings = Settings.from_env()
+_storage = Storage.from_settings(_settings)
+# Under the `feast` CLI too, DuckDB must load the offline extensions (and the S3 secret).
+prepare_duckdb(_settings, _storage)
 
 applicant = Entity(
     name="applicant",

@@ -76,9 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-size", type=_positive_int, default=100, help="changes per source transaction"
     )
 
-    p = sub.add_parser(
-        "run", help="run the Luigi pipeline (bronze, silver, gold, features, model)"
-    )
+    p = sub.add_parser("run", help="run the Luigi pipeline (bronze, silver, gold, features, model)")
     p.add_argument("--workers", type=_positive_int, default=1)
     p.add_argument("--no-ml", action="store_true", help="stop at gold (no Feast, no training)")
     p.add_argument("--scheduler-host", help="use a luigid central scheduler at this host")

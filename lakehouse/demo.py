@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import time
 from collections.abc import Callable
+from typing import Any
 
 from lakehouse import catalog, sql
 from lakehouse.pipeline import run_pipeline
@@ -101,7 +100,7 @@ def demo(
     say("  " + models.summary(entry["metrics"]))
     say("")
     application_id, answer = _predict_through_api(settings, storage)
-    say(f"Prediction through the API: POST /predict {{\"application_id\": {application_id}}}")
+    say(f'Prediction through the API: POST /predict {{"application_id": {application_id}}}')
     say(
         f"  -> {answer['decision']} (probability {answer['probability']:.3f}, "
         f"model {answer['model_version']})"

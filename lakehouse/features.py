@@ -61,14 +61,23 @@ def feast_env(settings: Settings) -> dict[str, str]:
     return env
 
 
-def _prepare_duckdb(settings: Settings, storage: Storage) -> None:
+def prepare_duckdb(settings: Settings, storage: Storage) -> None:
     """Give Feast's DuckDB (the ibis default backend) the offline extensions and S3 secret.
 
     Feast's own `s3_endpoint_override` breaks `delta_scan`, so the secret goes on the
     connection instead; the extensions come from the same wheels as `lakehouse sql`.
     """
+    import duckdb
     import ibis
 
+    # Also into DuckDB's default extension directory, where the `feast` CLI's DuckDB
+    # looks: it cannot download them here, and they are the same signed binaries.
+    default = duckdb.connect()
+    try:
+        for name in ["delta"] + (["httpfs", "aws"] if storage.is_s3 else []):
+            duck.load_extension(default, name)
+    finally:
+        default.close()
     backend: Any = ibis.get_backend()
     con = backend.con
     ext_dir = settings.home / "duckdb_extensions"
@@ -98,7 +107,7 @@ def feature_store(settings: Settings, storage: Storage) -> FeatureStore:
                 "AWS_SECRET_ACCESS_KEY": settings.s3_secret_access_key.get(),
             }
         )
-    _prepare_duckdb(settings, storage)
+    prepare_duckdb(settings, storage)
     yaml = "feature_store.postgres.yaml" if settings.feast_online_store == "postgres" else None
     path = repo_path()
     if yaml:

@@ -164,7 +164,9 @@ def _prepare(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     for name in columns:
         series = out[name]
         if series.dtype == object or str(series.dtype) in ("string", "str", "category"):
-            out[name] = series.astype("string").astype("category")
+            # Plain str categories with NaN for missing: sklearn's encoders reject pd.NA.
+            values = series.astype(object).where(series.notna(), None)
+            out[name] = pd.Categorical(values)
         elif series.dtype == bool or str(series.dtype) == "boolean":
             out[name] = series.astype("float64")
         else:
@@ -187,7 +189,8 @@ class Trained:
 
         out = _prepare(rows, self.columns)
         for name, levels in self.categories.items():
-            out[name] = pd.Categorical(out[name].astype("string"), categories=levels)
+            values = out[name].astype(object).where(out[name].notna(), None)
+            out[name] = pd.Categorical(values, categories=levels)
         return out
 
     def predict_proba(self, rows: pd.DataFrame) -> np.ndarray:
@@ -259,7 +262,7 @@ def train(
 
     versions = {f"{z}.{t}": storage.table(z, t).version() for z, t in INPUT_TABLES}
     frame = training_set(store, storage)
-    if frame["label"].nunique() < 2:  # noqa: PLR2004
+    if frame["label"].nunique() < 2:
         msg = "the training set needs approved and rejected applications; run the pipeline"
         raise ModelError(msg)
     refs = feature_refs(store)

@@ -92,7 +92,11 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/models")
     def list_models() -> list[dict[str, Any]]:
         return [
-            {"version": m["version"], "test": m["metrics"]["test"], "features": m["lineage"]["features"]}
+            {
+                "version": m["version"],
+                "test": m["metrics"]["test"],
+                "features": m["lineage"]["features"],
+            }
             for m in models.describe(storage)
         ]
 
@@ -104,7 +108,9 @@ def create_app(settings: Settings) -> FastAPI:
         if request.application_id is not None:
             row = _online(fs, service, {"application_id": request.application_id})
             if row.get("loan_amnt") is None:
-                raise HTTPException(404, f"application {request.application_id} has no features online")
+                raise HTTPException(
+                    404, f"application {request.application_id} has no features online"
+                )
             applicant_id = row.get("applicant_id")
             if applicant_id is not None:
                 row |= _applicant(fs, int(applicant_id))
@@ -143,7 +149,7 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def score_band(score: Any) -> str | None:
-    """The credit score band, as `gold.application_features` computes it."""
+    """Return the credit score band, as `gold.application_features` computes it."""
     if score is None:
         return None
     for limit, band in ((580, "poor"), (670, "fair"), (740, "good"), (800, "very_good")):
@@ -178,7 +184,7 @@ def _applicant(fs: Any, applicant_id: int) -> dict[str, Any]:
 
 
 def _applicant_attributes(fs: Any, applicant_id: int) -> dict[str, Any]:
-    """The applicant's attributes and history for a new loan: from the online store."""
+    """Return the applicant's attributes and history from the online store (for a new loan)."""
     row = _applicant(fs, applicant_id)
     attrs = fs.get_online_features(
         features=[

@@ -80,7 +80,7 @@ class Settings:
     duckdb_memory: str = "2GB"
     """DuckDB's memory limit; larger queries spill to `<home>/duckdb_tmp`."""
     feast_online_store: str = "sqlite"
-    """Feast's online store: `sqlite` (a file under `<home>/feast`) or `postgres` (the source server)."""
+    """Feast's online store: `sqlite` (under `<home>/feast`) or `postgres` (the source)."""
     model_threshold: float = 0.5
     """Probability above which `lakehouse serve` answers `approve`."""
     stream_batch_rows: int = 100_000
@@ -200,13 +200,13 @@ def _parse(var: str, name: str, raw: str) -> Any:
         return raw
     if name == "model_threshold":
         try:
-            value = float(raw)
+            probability = float(raw)
         except ValueError:
-            value = -1.0
-        if not 0 < value < 1:
+            probability = -1.0
+        if not 0 < probability < 1:
             msg = f"{var} is `{raw}`; give a probability between 0 and 1"
             raise ConfigError(msg)
-        return value
+        return probability
     if name in ("s3_secret_access_key", "pg_dsn"):
         return Secret(raw)
     if name == "duckdb_memory":

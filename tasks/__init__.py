@@ -146,9 +146,7 @@ class Materialize(luigi.Task):
     def complete(self) -> bool:
         from lakehouse import ml_tasks
 
-        return all(t.complete() for t in self.requires()) and ml_tasks.materialized(
-            *_context()
-        )
+        return all(t.complete() for t in self.requires()) and ml_tasks.materialized(*_context())
 
     def run(self) -> None:
         from lakehouse import ml_tasks
@@ -177,7 +175,7 @@ class Train(luigi.Task):
 class Pipeline(luigi.WrapperTask):
     """Everything: bronze, silver and gold for every table, then (with `ml`) features and model."""
 
-    ml = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)
+    ml = luigi.BoolParameter(default=True, parsing=luigi.BoolParameter.EXPLICIT_PARSING)  # type: ignore[call-arg]
 
     def requires(self) -> list[luigi.Task]:
         data: list[luigi.Task] = [BuildGold(name=n) for n in sorted(GOLD)]

@@ -94,7 +94,9 @@ def brute_force(lake: Lake) -> pd.DataFrame:
         app = by_app.get(loan["application_id"])
         app = None if app is None else app.filter(pl.col("event_timestamp") <= t)
         for name in FEATURES:
-            row[name] = None if app is None or app.height == 0 else app.sort("event_timestamp")[name][-1]
+            row[name] = (
+                None if app is None or app.height == 0 else app.sort("event_timestamp")[name][-1]
+            )
         person = by_person.get(loan["applicant_id"])
         person = None if person is None else person.filter(pl.col("event_timestamp") <= t)
         for name in APPLICANT:
@@ -139,7 +141,9 @@ def test_no_feature_uses_data_from_after_applied_at(lake: Lake) -> None:
         changed = [
             i
             for i, a, b in zip(
-                common["application_id"], common[f"{name}_before"], common[f"{name}_after"],
+                common["application_id"],
+                common[f"{name}_before"],
+                common[f"{name}_after"],
                 strict=True,
             )
             if not _same(a, b)
@@ -207,7 +211,7 @@ def test_feast_cli_from_the_repository_folder(lake: Lake) -> None:
     env = {**os.environ, **env_for(lake.settings), **features.feast_env(lake.settings)}
     feast = Path(sys.executable).parent / "feast"
     commands = [["apply"]]
-    if not lake.settings.is_s3:  # on S3, DuckDB needs the secret `lakehouse features` sets
+    if not lake.settings.is_s3:  # on S3 the DuckDB secret is set by `lakehouse features`
         commands.append(["materialize-incremental", "2100-01-01T00:00:00"])
     for argv in commands:
         done = subprocess.run(
