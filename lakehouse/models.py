@@ -37,6 +37,10 @@ INPUT_TABLES = (
 )
 
 
+_MIN_PER_CLASS = 8
+"""Fewest rows of each label to train on: a stratified hold-out needs both in each part."""
+
+
 class ModelError(LakehouseError):
     """No model, or a model that cannot be used; the message says what to run."""
 
@@ -203,6 +207,10 @@ def fit(frame: pd.DataFrame, columns: list[str], *, seed: int, threshold: float)
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     x = _prepare(frame, columns)
+    # A feature with no value at all in the fit rows (days since the previous application
+    # when nobody has applied twice yet) carries nothing, and the binner rejects it.
+    columns = [c for c in columns if x[c].notna().any()]
+    x = x[columns]
     categories = {
         c: [str(v) for v in x[c].cat.categories] for c in columns if str(x[c].dtype) == "category"
     }
@@ -262,8 +270,14 @@ def train(
 
     versions = {f"{z}.{t}": storage.table(z, t).version() for z, t in INPUT_TABLES}
     frame = training_set(store, storage)
-    if frame["label"].nunique() < 2:
-        msg = "the training set needs approved and rejected applications; run the pipeline"
+    counts = frame["label"].value_counts()
+    if len(counts) < 2 or int(counts.min()) < _MIN_PER_CLASS:
+        msg = (
+            f"the training set has {len(frame)} decided applications "
+            f"({', '.join(f'{int(n)} with label {k}' for k, n in counts.items()) or 'none'}); "
+            f"training needs at least {_MIN_PER_CLASS} approved and {_MIN_PER_CLASS} rejected: "
+            "seed or simulate more data and run the pipeline"
+        )
         raise ModelError(msg)
     refs = feature_refs(store)
     columns = [r.split(":", 1)[1] for r in refs]
@@ -274,6 +288,8 @@ def train(
     without = [c for c in columns if c != LEAKY]
     metrics = {
         "model": "HistGradientBoostingClassifier",
+        "features_used": model.columns,
+        "features_without_values": [c for c in columns if c not in model.columns],
         "split": {"train": len(fit_rows), "test": len(test_rows), "stratified": True},
         "test": evaluate(model, test_rows),
         f"test_without_{LEAKY}": evaluate(
