@@ -520,8 +520,14 @@ def intent_rate_30d(submitted: Any) -> Any:
         "intent_rate_30d"))
 
 
+HISTORY_COLUMNS = ("application_count", "approved_count", "rejected_count", "mean_loan_amnt")
+
+
 def spark_application_features(spark: Any, silver_dir: Path, gold_dir: Path) -> None:
-    """gold.application_features: loans with the applicant as of `applied_at`."""
+    """gold.application_features: loans with the applicant (and history) as of `applied_at`.
+
+    Reads gold.applicant_features (built first, as ours does).
+    """
     from pyspark.sql import Window
     from pyspark.sql import functions as F
 
@@ -533,8 +539,13 @@ def spark_application_features(spark: Any, silver_dir: Path, gold_dir: Path) -> 
     submitted = (loan_history.withColumn("_n", F.row_number().over(by_version))
                  .filter(c("_n") == 1))
     person = applicant_history.select("applicant_id", "valid_from", *PERSON_COLUMNS)
+    history = spark.read.parquet(str(gold_dir / "applicant_features")).select(
+        "applicant_id", c("event_timestamp").alias("_history_at"), *HISTORY_COLUMNS,
+        c("days_since_last_application").alias("_days_at_history"),
+    )
     joined = (asof_join(loans, person, "applicant_id", "applied_at", "valid_from", inner=False)
               .join(intent_rate_30d(submitted), "application_id", "left"))
+    joined = asof_join(joined, history, "applicant_id", "applied_at", "_history_at", inner=False)
     score = c("credit_score")
     band = (F.when(score.isNull(), None).when(score < 580, "poor").when(score < 670, "fair")
             .when(score < 740, "good").when(score < 800, "very_good").otherwise("exceptional"))
@@ -545,6 +556,10 @@ def spark_application_features(spark: Any, silver_dir: Path, gold_dir: Path) -> 
         .alias("loan_to_income"),
         (c("loan_int_rate") - c("intent_rate_30d")).alias("rate_spread"),
         band.alias("credit_score_band"),
+        *[F.coalesce(c(n), F.lit(0)).cast("bigint").alias(n) for n in HISTORY_COLUMNS[:3]],
+        "mean_loan_amnt",
+        (c("_days_at_history") + (F.unix_micros("applied_at") - F.unix_micros("_history_at"))
+         / 1e6 / 86_400.0).alias("days_since_last_application"),
         "loan_status",
     ).write.mode("overwrite").parquet(str(gold_dir / "application_features")))
 
@@ -629,8 +644,8 @@ def spark_approval_rate_daily(spark: Any, silver_dir: Path, gold_dir: Path) -> N
 
 
 SPARK_GOLD: dict[str, Callable[[Any, Path, Path], None]] = {
+    "applicant_features": spark_applicant_features,  # application_features reads it
     "application_features": spark_application_features,
-    "applicant_features": spark_applicant_features,
     "approval_rate_daily": spark_approval_rate_daily,
 }
 
@@ -735,7 +750,10 @@ def output_checks(home: Path, spark_out: Path) -> list[tuple[str, Any, Any]]:
 
     storage = Storage.from_settings(Settings(home=home))
     sums = {
-        "application_features": ("rate_spread", "loan_to_income", "person_age"),
+        "application_features": (
+            "rate_spread", "loan_to_income", "person_age", "application_count",
+            "days_since_last_application",
+        ),
         "applicant_features": ("application_count", "approved_count", "mean_loan_amnt"),
         "approval_rate_daily": ("applications", "approved", "decided"),
     }

@@ -48,8 +48,10 @@ applicant_source = FileSource(
     file_format=DeltaFormat(),
 )
 
-# The application's own attributes and the applicant as of `applied_at`. No label here:
-# `loan_status` is decided later and comes from silver when a training set is built.
+# The application's own attributes, and the applicant and their history as of
+# `applied_at`: one row per application, so training (as of applied_at) and serving by
+# application_id (online, later) see the same values. No label here: `loan_status` is
+# decided later and comes from silver when a training set is built.
 application_features = FeatureView(
     name="application_features",
     entities=[application],
@@ -71,13 +73,20 @@ application_features = FeatureView(
         Field(name="cb_person_cred_hist_length", dtype=Int64),
         Field(name="credit_score", dtype=Int64),
         Field(name="previous_loan_defaults_on_file", dtype=Bool),
+        # The applicant's history as of applied_at (earlier applications only).
+        Field(name="application_count", dtype=Int64),
+        Field(name="approved_count", dtype=Int64),
+        Field(name="rejected_count", dtype=Int64),
+        Field(name="mean_loan_amnt", dtype=Float64),
+        Field(name="days_since_last_application", dtype=Float64),
     ],
     source=application_source,
     online=True,
     tags={"zone": "gold", "table": "application_features"},
 )
 
-# The applicant's history of applications before `t` (strictly: never the current one).
+# The applicant's history of applications before `t` (strictly), at every change: the
+# latest row (online) is the history a new loan, not yet in the source, is scored with.
 applicant_features = FeatureView(
     name="applicant_features",
     entities=[applicant],
@@ -117,6 +126,6 @@ applicant_profile = FeatureView(
 
 loan_approval_v1 = FeatureService(
     name="loan_approval_v1",
-    features=[application_features, applicant_features],
+    features=[application_features],
     description="Features of the loan approval model, version 1.",
 )

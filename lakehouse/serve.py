@@ -9,6 +9,7 @@ and `/openapi.json`.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException
@@ -106,30 +107,15 @@ def create_app(settings: Settings) -> FastAPI:
         fs = store()
         service = fs.get_feature_service(features.SERVICE)
         if request.application_id is not None:
-            row = _online(fs, service, {"application_id": request.application_id})
+            # Everything as of the application's applied_at, as in training.
+            row = _online(fs, service, request.application_id)
             if row.get("loan_amnt") is None:
                 raise HTTPException(
                     404, f"application {request.application_id} has no features online"
                 )
-            applicant_id = row.get("applicant_id")
-            if applicant_id is not None:
-                row |= _applicant(fs, int(applicant_id))
         else:
             assert request.applicant_id is not None and request.loan is not None
-            row = _applicant_attributes(fs, request.applicant_id)
-            if row.get("person_income") is None:
-                raise HTTPException(404, f"applicant {request.applicant_id} has no features online")
-            loan = request.loan
-            income = row["person_income"]
-            row |= {
-                "loan_amnt": loan.loan_amnt,
-                "loan_intent": loan.loan_intent,
-                "loan_int_rate": loan.loan_int_rate,
-                "loan_percent_income": round(loan.loan_amnt / income, 2) if income else None,
-                "loan_to_income": loan.loan_amnt / income if income else None,
-                "rate_spread": None,  # needs the market's 30-day rate: unknown to the model
-                "credit_score_band": score_band(row.get("credit_score")),
-            }
+            row = _new_loan(fs, request.applicant_id, request.loan)
         import pandas as pd
 
         used = {c: _clean(row.get(c)) for c in trained.columns}
@@ -158,50 +144,63 @@ def score_band(score: Any) -> str | None:
     return "exceptional"
 
 
-def _online(fs: Any, service: Any, entity: dict[str, int]) -> dict[str, Any]:
+def _online(fs: Any, service: Any, application_id: int) -> dict[str, Any]:
+    """Return the feature service's values of one application from the online store."""
     result = fs.get_online_features(
-        features=[f"application_features:{f.name}" for f in _view(service, "application_features")],
-        entity_rows=[entity],
+        features=service, entity_rows=[{"application_id": application_id}]
     ).to_dict()
-    row = {k: v[0] for k, v in result.items()}
-    return row
+    return {k: v[0] for k, v in result.items() if k != "application_id"}
 
 
-def _view(service: Any, name: str) -> list[Any]:
-    for projection in service.feature_view_projections:
-        if projection.name_to_use() == name:
-            return list(projection.features)
-    return []
+_PROFILE = (
+    "person_age",
+    "person_gender",
+    "person_education",
+    "person_income",
+    "person_emp_exp",
+    "person_home_ownership",
+    "cb_person_cred_hist_length",
+    "credit_score",
+    "previous_loan_defaults_on_file",
+)
+_HISTORY = (
+    "application_count",
+    "approved_count",
+    "rejected_count",
+    "mean_loan_amnt",
+    "days_since_last_application",
+)
 
 
-def _applicant(fs: Any, applicant_id: int) -> dict[str, Any]:
-    service = fs.get_feature_service(features.SERVICE)
+def _new_loan(fs: Any, applicant_id: int, loan: Loan) -> dict[str, Any]:
+    """Features of a loan not in the source: the applicant now, plus the loan as given.
+
+    The applicant's attributes and history are their latest `applicant_features` row
+    (history strictly before now, like an application's history before its applied_at);
+    `days_since_last_application` is moved from that row's time to now.
+    """
     result = fs.get_online_features(
-        features=[f"applicant_features:{f.name}" for f in _view(service, "applicant_features")],
+        features=[f"applicant_profile:{n}" for n in _PROFILE]
+        + [f"applicant_features:{n}" for n in _HISTORY],
         entity_rows=[{"applicant_id": applicant_id}],
-    ).to_dict()
-    return {k: v[0] for k, v in result.items() if k != "applicant_id"}
-
-
-def _applicant_attributes(fs: Any, applicant_id: int) -> dict[str, Any]:
-    """Return the applicant's attributes and history from the online store (for a new loan)."""
-    row = _applicant(fs, applicant_id)
-    attrs = fs.get_online_features(
-        features=[
-            f"applicant_profile:{name}"
-            for name in (
-                "person_age",
-                "person_gender",
-                "person_education",
-                "person_income",
-                "person_emp_exp",
-                "person_home_ownership",
-                "cb_person_cred_hist_length",
-                "credit_score",
-                "previous_loan_defaults_on_file",
-            )
-        ],
-        entity_rows=[{"applicant_id": applicant_id}],
-    ).to_dict()
-    row |= {k: v[0] for k, v in attrs.items() if k != "applicant_id"}
+    ).to_dict(include_event_timestamps=True)
+    row = {k: v[0] for k, v in result.items() if k in _PROFILE or k in _HISTORY}
+    if row.get("person_income") is None:
+        raise HTTPException(404, f"applicant {applicant_id} has no features online")
+    # Feast gives the row's event time in whole seconds: close enough for days.
+    at = result.get("days_since_last_application__ts", [0])[0]
+    if row.get("days_since_last_application") is not None and at:
+        row["days_since_last_application"] += (time.time() - at) / 86400
+    income = row["person_income"]
+    row |= {
+        "loan_amnt": loan.loan_amnt,
+        "loan_intent": loan.loan_intent,
+        "loan_int_rate": loan.loan_int_rate,
+        "loan_percent_income": round(loan.loan_amnt / income, 2) if income else None,
+        "loan_to_income": loan.loan_amnt / income if income else None,
+        # The market's 30-day rate of the intent is computed in gold per application;
+        # a loan not in the source has none, and the model treats it as missing.
+        "rate_spread": None,
+        "credit_score_band": score_band(row.get("credit_score")),
+    }
     return row

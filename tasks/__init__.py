@@ -107,12 +107,17 @@ class PromoteSilver(_Task):
 
 
 class BuildGold(_Task):
-    """Rebuild `gold.<name>` from the current silver versions."""
+    """Rebuild `gold.<name>` from the current silver versions (and the gold it reads)."""
 
     name = luigi.ChoiceParameter(choices=sorted(GOLD))
 
     def requires(self) -> list[luigi.Task]:
-        return [PromoteSilver(table=t) for t in sorted(TABLES)]
+        gold_inputs = [
+            BuildGold(name=s.split(".", 1)[1])
+            for s in GOLD[self.name].sources
+            if s.startswith("gold.")
+        ]
+        return [*(PromoteSilver(table=t) for t in sorted(TABLES)), *gold_inputs]
 
     def output_current(self) -> bool:
         _, storage = _context()

@@ -34,15 +34,20 @@ def test_demo_runs_then_reports_what_was_done() -> None:
         out = first.stdout
         assert "[1/4] Postgres started" in out
         assert "[2/4] seeded 45,000 applicants and 45,000 applications" in out
-        assert re.search(r"7 tasks ran in [\d.]+s", out)
+        # bronze, silver: 2 each; gold: 3; Feast apply and materialize; training.
+        assert re.search(r"10 tasks ran in [\d.]+s", out)
         assert re.search(r"^silver\.applicants\s+\|\s+0\s+\|\s+44993\s+\|", out, re.M)
         assert re.search(r"^applicants\s+\|\s+age_range\s+\|\s+7$", out, re.M)
         assert "approval_rate" in out
+        assert re.search(r"ROC AUC 0\.\d+ \(without previous_loan_defaults_on_file: 0\.\d+", out)
+        match = re.search(r"-> (approve|reject) \(probability (0\.\d+|1\.000)", out)
+        assert match, out[-2000:]
         second = demo(str(cwd))
         assert second.returncode == 0, second.stderr[-3000:]
         assert "[1/4] Postgres already running" in second.stdout
         assert "source already seeded: 45,000 applicants" in second.stdout
         assert "nothing to do: bronze, silver and gold are up to date" in second.stdout
+        assert "Prediction through the API" in second.stdout
     finally:
         EmbeddedPostgres(Settings(home=cwd / ".lakehouse")).destroy()
         shutil.rmtree(cwd, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Gold: feature tables and marts built with DuckDB SQL from pinned versions of silver."""
+"""Gold: feature tables and marts built with DuckDB SQL or Polars from pinned silver versions."""
 
 from __future__ import annotations
 
@@ -39,20 +39,32 @@ class GoldResult:
     inputs: dict[str, int]
 
 
+def _located(source: str) -> tuple[str, str]:
+    """Return (zone, table) of a gold source: `table` (silver) or `gold.table`."""
+    zone, _, table = source.rpartition(".")
+    return (zone or "silver"), table
+
+
 def input_versions(storage: Storage, name: str) -> dict[str, int]:
-    """Return the current version of each silver table that `gold.<name>` reads."""
+    """Return the current version of each table (silver, or another gold) `gold.<name>` reads."""
     versions: dict[str, int] = {}
     for source in GOLD[name].sources:
-        dt = storage.table_or_none("silver", source)
+        zone, table = _located(source)
+        dt = storage.table_or_none(zone, table)
         if dt is None:
-            msg = f"gold.{name} needs `silver.{source}`, which does not exist; run the pipeline"
+            msg = f"gold.{name} needs `{zone}.{table}`, which does not exist; run the pipeline"
             raise TableNotFoundError(msg)
         versions[source] = dt.version()
     return versions
 
 
+def _app(name: str, source: str) -> str:
+    zone, table = _located(source)
+    return app_id("gold", name, f"{zone}.{table}")
+
+
 def is_current(storage: Storage, name: str) -> bool:
-    """Tell whether `gold.<name>` was built from the current silver versions (cheap)."""
+    """Tell whether `gold.<name>` was built from the current versions of its inputs (cheap)."""
     dt = storage.table_or_none("gold", name)
     if dt is None:
         return False
@@ -60,9 +72,7 @@ def is_current(storage: Storage, name: str) -> bool:
         wanted = input_versions(storage, name)
     except TableNotFoundError:
         return False
-    return all(
-        recorded(dt, app_id("gold", name, f"silver.{src}")) == v for src, v in wanted.items()
-    )
+    return all(recorded(dt, _app(name, src)) == v for src, v in wanted.items())
 
 
 def build(settings: Settings, storage: Storage, name: str) -> GoldResult:
@@ -77,15 +87,16 @@ def build(settings: Settings, storage: Storage, name: str) -> GoldResult:
         con.execute("SET preserve_insertion_order = false")
         parts, key = 1, spec.partition_key or ""
         if key:
-            rows = storage.table("silver", spec.sources[0], version=versions[spec.sources[0]])
+            rows = storage.table(*_located(spec.sources[0]), version=versions[spec.sources[0]])
             parts = max(1, -(-_row_count(rows) // _PARTITION_ROWS))
 
         def views(part: int | None) -> None:
             where = f" WHERE {duck.quote(key)} % {parts} = {part}" if part is not None else ""
             for source in spec.sources:
+                zone, table = _located(source)
                 con.execute(
-                    f"CREATE OR REPLACE VIEW {duck.quote(source)} AS SELECT * FROM "
-                    + duck.scan(storage.uri("silver", source), versions[source])
+                    f"CREATE OR REPLACE VIEW {duck.quote(table)} AS SELECT * FROM "
+                    + duck.scan(storage.uri(zone, table), versions[source])
                     + where
                 )
 
@@ -116,7 +127,7 @@ def build(settings: Settings, storage: Storage, name: str) -> GoldResult:
                 files.add(frame)
         files.commit(
             commit_properties(
-                {app_id("gold", name, f"silver.{src}"): v for src, v in versions.items()},
+                {_app(name, src): v for src, v in versions.items()},
                 operation="build-gold",
             ),
             failpoint_name=f"gold.{name}.mid-write",
@@ -146,10 +157,12 @@ def _frame_part(
 def _scans(
     storage: Storage, sources: tuple[str, ...], versions: dict[str, int]
 ) -> dict[str, pl.LazyFrame]:
-    """Lazy scans of the pinned silver versions."""
+    """Lazy scans of the pinned input versions, by table name."""
     return {
-        source: pl.scan_delta(
-            storage.uri("silver", source), version=versions[source], storage_options=storage.options
+        _located(source)[1]: pl.scan_delta(
+            storage.uri(*_located(source)),
+            version=versions[source],
+            storage_options=storage.options,
         )
         for source in sources
     }

@@ -79,7 +79,7 @@ def lake(request: pytest.FixtureRequest, pg_server: str) -> Iterator[Lake]:
 
 
 def brute_force(lake: Lake) -> pd.DataFrame:
-    """The training set by hand: latest gold row at or before `applied_at`, per entity."""
+    """The training set by hand: latest gold rows at or before `applied_at`, per entity."""
     loans = read(lake.storage, "silver", "loan_applications").filter(
         pl.col("loan_status").is_not_null()
     )
@@ -97,10 +97,15 @@ def brute_force(lake: Lake) -> pd.DataFrame:
             row[name] = (
                 None if app is None or app.height == 0 else app.sort("event_timestamp")[name][-1]
             )
+        # The history part, independently: gold.applicant_features as of applied_at.
         person = by_person.get(loan["applicant_id"])
         person = None if person is None else person.filter(pl.col("event_timestamp") <= t)
         for name in APPLICANT:
             row[name] = None if person is None or person.height == 0 else person[name][-1]
+        if row["days_since_last_application"] is not None:
+            assert person is not None
+            since_row = (t - person["event_timestamp"][-1]).total_seconds() / 86400
+            row["days_since_last_application"] += since_row
         rows.append(row)
     return pd.DataFrame(rows).sort_values("application_id").reset_index(drop=True)
 
@@ -158,10 +163,10 @@ def test_online_values_equal_latest_gold(lake: Lake) -> None:
     latest = apps.sort("event_timestamp").group_by("application_id").last().sort("application_id")
     sample = latest.head(40)
     online = lake.store.get_online_features(  # type: ignore[attr-defined]
-        features=[f"application_features:{n}" for n in FEATURES],
+        features=[f"application_features:{n}" for n in FEATURES + APPLICANT],
         entity_rows=[{"application_id": int(i)} for i in sample["application_id"]],
     ).to_dict()
-    for name in FEATURES:
+    for name in FEATURES + APPLICANT:
         for a, b in zip(online[name], sample[name].to_list(), strict=True):
             assert _same(a, b), (name, a, b)
     people = read(lake.storage, "gold", "applicant_features")
@@ -255,12 +260,28 @@ def test_prediction_api_contract(lake: Lake, tmp_path: Path) -> None:
     assert body["decision"] == ("approve" if body["probability"] >= 0.5 else "reject")
     assert body["model_version"] == models.Registry(lake.storage).latest()
     assert set(body["features"]) == set(FEATURES + APPLICANT)
+    # Served by application_id: exactly the gold row training saw (no training/serving skew).
+    gold_row = (
+        read(lake.storage, "gold", "application_features")
+        .filter(pl.col("application_id") == app_id)
+        .row(0, named=True)
+    )
+    for name in FEATURES + APPLICANT:
+        assert _same(body["features"][name], gold_row[name]), name
 
     applicant = int(read(lake.storage, "silver", "applicants")["applicant_id"].min())
     loan = {"loan_amnt": 5000, "loan_intent": "EDUCATION", "loan_int_rate": 11.5}
     answer = client.post("/predict", json={"applicant_id": applicant, "loan": loan})
     assert answer.status_code == 200, answer.text
-    assert answer.json()["features"]["loan_amnt"] == 5000
+    served = answer.json()["features"]
+    assert served["loan_amnt"] == 5000
+    # A new loan: the applicant's history now (their latest applicant_features row).
+    people = read(lake.storage, "gold", "applicant_features").filter(
+        pl.col("applicant_id") == applicant
+    )
+    latest = people.sort("event_timestamp").row(-1, named=True)
+    for name in ("application_count", "approved_count", "rejected_count", "person_income"):
+        assert served[name] == latest[name], name
 
     assert client.post("/predict", json={"application_id": 10**12}).status_code == 404
     for bad in (

@@ -119,6 +119,14 @@ def check_application_features_match_brute_force(built: tuple[Storage, AsOf]) ->
             assert close(row["loan_to_income"], row["loan_amnt"] / person["person_income"])
         market = asof.intent_rate(row["loan_intent"], t)
         assert close(row["rate_spread"], None if market is None else row["loan_int_rate"] - market)
+        # The applicant's history as of applied_at: earlier applications only, decisions
+        # known then (what a model scoring this application online may see).
+        agg = asof.aggregates(row["applicant_id"], t)
+        for name in ("application_count", "approved_count", "rejected_count"):
+            assert row[name] == agg[name], (row["application_id"], name)
+        assert close(row["mean_loan_amnt"], agg["mean_loan_amnt"])
+        days = None if agg["last"] is None else (t - agg["last"]) / timedelta(days=1)
+        assert close(row["days_since_last_application"], days), row["application_id"]
 
 
 def check_applicant_features_match_brute_force_at_every_row(built: tuple[Storage, AsOf]) -> None:
