@@ -75,13 +75,23 @@ SPARK_CONF = {
     "spark.ui.showConsoleProgress": "false",
 }
 SILVER_TABLES = (
-    "applicants", "applicants_history", "applicants_rejected",
-    "loan_applications", "loan_applications_history", "loan_applications_rejected",
+    "applicants",
+    "applicants_history",
+    "applicants_rejected",
+    "loan_applications",
+    "loan_applications_history",
+    "loan_applications_rejected",
 )
 GOLD_TABLES = ("application_features", "applicant_features", "approval_rate_daily")
 PERSON_COLUMNS = (
-    "person_age", "person_gender", "person_education", "person_income", "person_emp_exp",
-    "person_home_ownership", "cb_person_cred_hist_length", "credit_score",
+    "person_age",
+    "person_gender",
+    "person_education",
+    "person_income",
+    "person_emp_exp",
+    "person_home_ownership",
+    "cb_person_cred_hist_length",
+    "credit_score",
     "previous_loan_defaults_on_file",
 )
 SAMPLE_SECONDS = 0.1
@@ -174,8 +184,12 @@ class Stopwatch:
 
     def result(self) -> dict[str, Any]:
         """Return steps and per-stage sums, wall clock and CPU."""
-        return {"steps": self.wall, "stages": self.stages(self.wall),
-                "cpu_steps": self.cpu_seconds, "cpu_stages": self.stages(self.cpu_seconds)}
+        return {
+            "steps": self.wall,
+            "stages": self.stages(self.wall),
+            "cpu_steps": self.cpu_seconds,
+            "cpu_stages": self.stages(self.cpu_seconds),
+        }
 
 
 def library_digest() -> str:
@@ -196,11 +210,26 @@ def library_digest() -> str:
 def git_state() -> str:
     """Describe the checkout: commit, and whether `lakehouse/` has uncommitted changes."""
     repo = HERE.parent.parent
-    head = subprocess.run(["git", "-C", str(repo), "log", "-1", "--format=%h %ad %s",
-                           "--date=format:%Y-%m-%d %H:%M:%S"],
-                          capture_output=True, text=True, check=False).stdout.strip()
-    dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "lakehouse"],
-                           capture_output=True, text=True, check=False).stdout.strip()
+    head = subprocess.run(
+        [
+            "git",
+            "-C",
+            str(repo),
+            "log",
+            "-1",
+            "--format=%h %ad %s",
+            "--date=format:%Y-%m-%d %H:%M:%S",
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(repo), "status", "--porcelain", "--", "lakehouse"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
     return (head or "unknown") + ("; `lakehouse/` has uncommitted changes" if dirty else "")
 
 
@@ -224,8 +253,11 @@ def worker_seed(home: Path, rows: int) -> dict[str, Any]:
     with connect(settings) as conn:
         result = seed(conn, settings.pg_schema, rows=rows, seed=42)
         conn.commit()
-    return {"seconds": time.perf_counter() - start, "applicants": result.applicants,
-            "applications": result.applications}
+    return {
+        "seconds": time.perf_counter() - start,
+        "applicants": result.applicants,
+        "applications": result.applications,
+    }
 
 
 def worker_ours(home: Path) -> dict[str, Any]:
@@ -250,8 +282,10 @@ def worker_ours(home: Path) -> dict[str, Any]:
         for table in SOURCE_TABLES:
             with watch.step(f"silver.{table}"):
                 promoted = silver.promote(storage, table)
-            details[f"silver.{table}"] = {"rows": promoted.rows,
-                                          "rejects_by_rule": promoted.rejects_by_rule}
+            details[f"silver.{table}"] = {
+                "rows": promoted.rows,
+                "rejects_by_rule": promoted.rejects_by_rule,
+            }
         for name in GOLD:
             with watch.step(f"gold.{name}"):
                 gold.build(settings, storage, name)
@@ -301,8 +335,11 @@ def worker_spark(bronze_dir: Path, out: Path, scratch: Path) -> dict[str, Any]:
         watch = Stopwatch(sampler, jvm_cpu_seconds)
         with watch.step("session"):
             builder = SparkSession.builder.appName("lakehouse-batch-benchmark")
-            conf = {**SPARK_CONF, "spark.local.dir": str(scratch / "local"),
-                    "spark.sql.warehouse.dir": str(scratch / "warehouse")}
+            conf = {
+                **SPARK_CONF,
+                "spark.local.dir": str(scratch / "local"),
+                "spark.sql.warehouse.dir": str(scratch / "warehouse"),
+            }
             for key, value in conf.items():
                 builder = builder.config(key, value)
             spark = builder.getOrCreate()
@@ -350,8 +387,10 @@ def spark_rules(table: str) -> list[tuple[str, Any]]:
     if table == "applicants":
         return [
             ("age_range", c("person_age").between(18, 100)),
-            ("experience_vs_age",
-             (c("person_emp_exp") >= 0) & (c("person_emp_exp") <= c("person_age") - 14)),
+            (
+                "experience_vs_age",
+                (c("person_emp_exp") >= 0) & (c("person_emp_exp") <= c("person_age") - 14),
+            ),
             ("income_positive", c("person_income") > 0),
             ("income_range", c("person_income") <= 10_000_000),
             ("credit_history_range", c("cb_person_cred_hist_length").between(0, 80)),
@@ -373,8 +412,11 @@ def spark_rules(table: str) -> list[tuple[str, Any]]:
 
 def _text_columns(frame: Any) -> list[str]:
     """Return the source's text columns (what `clean` normalises)."""
-    return [f.name for f in frame.schema.fields
-            if f.dataType.simpleString() == "string" and not f.name.startswith("_")]
+    return [
+        f.name
+        for f in frame.schema.fields
+        if f.dataType.simpleString() == "string" and not f.name.startswith("_")
+    ]
 
 
 def spark_clean(frame: Any, table: str) -> Any:
@@ -387,12 +429,14 @@ def spark_clean(frame: Any, table: str) -> Any:
     if table == "applicants":
         edu = F.create_map(*[F.lit(x) for e in EDUCATION for x in (e.lower(), e)])
         lowered = F.lower("person_education")
-        return frame.withColumns({
-            "person_gender": F.lower("person_gender"),
-            "person_home_ownership": F.upper("person_home_ownership"),
-            "person_education": F.coalesce(edu[lowered], lowered),
-            "previous_loan_defaults_on_file": F.initcap("previous_loan_defaults_on_file"),
-        })
+        return frame.withColumns(
+            {
+                "person_gender": F.lower("person_gender"),
+                "person_home_ownership": F.upper("person_home_ownership"),
+                "person_education": F.coalesce(edu[lowered], lowered),
+                "previous_loan_defaults_on_file": F.initcap("previous_loan_defaults_on_file"),
+            }
+        )
     return frame.withColumn("loan_intent", F.upper("loan_intent"))
 
 
@@ -411,23 +455,35 @@ def spark_silver(spark: Any, bronze_dir: Path, silver_dir: Path, table: str) -> 
     frame = spark_clean(bronze.withColumn("_raw", F.struct(*texts)), table)
     checks = spark_rules(table)
     if table == "loan_applications":
-        known = (spark.read.parquet(str(silver_dir / "applicants"))
-                 .select(F.col("applicant_id").alias("_known_id"), F.lit(True).alias("_known")))
-        frame = (frame.join(known, frame["applicant_id"] == known["_known_id"], "left")
-                 .drop("_known_id"))
+        known = spark.read.parquet(str(silver_dir / "applicants")).select(
+            F.col("applicant_id").alias("_known_id"), F.lit(True).alias("_known")
+        )
+        frame = frame.join(known, frame["applicant_id"] == known["_known_id"], "left").drop(
+            "_known_id"
+        )
         checks.append(("applicant_exists", F.col("_known")))
-    failed = F.array_compact(F.array(*[
-        F.when(is_upsert & ~F.coalesce(check, F.lit(False)), F.lit(name))
-        for name, check in checks
-    ]))
-    marked = (frame.withColumn("_failed_rules", failed).drop("_known")
-              .persist(StorageLevel.MEMORY_AND_DISK))
+    failed = F.array_compact(
+        F.array(
+            *[
+                F.when(is_upsert & ~F.coalesce(check, F.lit(False)), F.lit(name))
+                for name, check in checks
+            ]
+        )
+    )
+    marked = (
+        frame.withColumn("_failed_rules", failed)
+        .drop("_known")
+        .persist(StorageLevel.MEMORY_AND_DISK)
+    )
     bad = F.size("_failed_rules") > 0
-    (marked.filter(bad)
-     .withColumns({name: F.col(f"_raw.{name}") for name in texts})
-     .withColumns({"_rule": F.col("_failed_rules")[0], "_rejected_at": F.current_timestamp()})
-     .drop("_raw")
-     .write.mode("overwrite").parquet(str(silver_dir / f"{table}_rejected")))
+    (
+        marked.filter(bad)
+        .withColumns({name: F.col(f"_raw.{name}") for name in texts})
+        .withColumns({"_rule": F.col("_failed_rules")[0], "_rejected_at": F.current_timestamp()})
+        .drop("_raw")
+        .write.mode("overwrite")
+        .parquet(str(silver_dir / f"{table}_rejected"))
+    )
     good = marked.filter(~bad).drop(
         "_raw", "_failed_rules", "_source_watermark", "_extract_mode", "_ingested_at"
     )
@@ -439,10 +495,12 @@ def spark_silver(spark: Any, bronze_dir: Path, silver_dir: Path, table: str) -> 
         )
     order = [F.col("_source_ts"), rank, F.col("_batch_id")]
     history = (
-        good.withColumns({
-            "valid_from": F.col("_source_ts"),
-            "valid_to": F.lead("_source_ts").over(Window.partitionBy(key).orderBy(*order)),
-        })
+        good.withColumns(
+            {
+                "valid_from": F.col("_source_ts"),
+                "valid_to": F.lead("_source_ts").over(Window.partitionBy(key).orderBy(*order)),
+            }
+        )
         .filter(is_upsert)
         .withColumn("is_current", F.col("valid_to").isNull())
         .drop("_op", "_source_ts")
@@ -458,8 +516,7 @@ def spark_silver(spark: Any, bronze_dir: Path, silver_dir: Path, table: str) -> 
     marked.unpersist()
 
 
-def asof_join(left: Any, right: Any, key: str, left_ts: str, right_ts: str, *,
-              inner: bool) -> Any:
+def asof_join(left: Any, right: Any, key: str, left_ts: str, right_ts: str, *, inner: bool) -> Any:
     """As-of join by the window approach: the latest right row with `right_ts <= left_ts`.
 
     Both sides are unioned, sorted per key by time (right rows first on ties, since the
@@ -470,19 +527,24 @@ def asof_join(left: Any, right: Any, key: str, left_ts: str, right_ts: str, *,
 
     right_cols = [c for c in right.columns if c != key]
     tagged_right = right.select(
-        key, F.col(right_ts).alias("_asof_ts"), F.lit(0).alias("_asof_side"),
+        key,
+        F.col(right_ts).alias("_asof_ts"),
+        F.lit(0).alias("_asof_side"),
         F.struct(*right_cols).alias("_asof_right"),
     )
     tagged_left = left.withColumns({"_asof_ts": F.col(left_ts), "_asof_side": F.lit(1)})
     both = tagged_left.unionByName(tagged_right, allowMissingColumns=True)
-    window = (Window.partitionBy(key).orderBy("_asof_ts", "_asof_side")
-              .rowsBetween(Window.unboundedPreceding, Window.currentRow))
-    matched = (both.withColumn("_asof_match", F.last("_asof_right", ignorenulls=True).over(window))
-               .filter(F.col("_asof_side") == 1))
+    window = (
+        Window.partitionBy(key)
+        .orderBy("_asof_ts", "_asof_side")
+        .rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    )
+    matched = both.withColumn(
+        "_asof_match", F.last("_asof_right", ignorenulls=True).over(window)
+    ).filter(F.col("_asof_side") == 1)
     if inner:
         matched = matched.filter(F.col("_asof_match").isNotNull())
-    return matched.select(*left.columns,
-                          *[F.col(f"_asof_match.{c}").alias(c) for c in right_cols])
+    return matched.select(*left.columns, *[F.col(f"_asof_match.{c}").alias(c) for c in right_cols])
 
 
 def intent_rate_30d(submitted: Any) -> Any:
@@ -502,7 +564,9 @@ def intent_rate_30d(submitted: Any) -> Any:
     before = upto.rangeBetween(Window.unboundedPreceding, -1)
     through = upto.rangeBetween(Window.unboundedPreceding, Window.currentRow)
     totals = submitted.select(
-        "application_id", "loan_intent", "applied_at",
+        "application_id",
+        "loan_intent",
+        "applied_at",
         F.coalesce(F.sum("loan_int_rate").over(before), F.lit(0.0)).alias("sum_before"),
         F.count("loan_int_rate").over(before).alias("n_before"),
         F.coalesce(F.sum("loan_int_rate").over(through), F.lit(0.0)).alias("sum_through"),
@@ -511,13 +575,18 @@ def intent_rate_30d(submitted: Any) -> Any:
     lookup = totals.withColumn(
         "_old_ts", F.timestamp_micros(F.unix_micros("applied_at") - month_us - 1)
     )
-    old = totals.select("loan_intent", c("applied_at").alias("_at"),
-                        c("sum_through").alias("sum_old"), c("n_through").alias("n_old"))
+    old = totals.select(
+        "loan_intent",
+        c("applied_at").alias("_at"),
+        c("sum_through").alias("sum_old"),
+        c("n_through").alias("n_old"),
+    )
     matched = asof_join(lookup, old, "loan_intent", "_old_ts", "_at", inner=False)
     count = c("n_before") - F.coalesce(c("n_old"), F.lit(0))
     total = c("sum_before") - F.coalesce(c("sum_old"), F.lit(0.0))
-    return matched.select("application_id", F.when(count > 0, total / count).alias(
-        "intent_rate_30d"))
+    return matched.select(
+        "application_id", F.when(count > 0, total / count).alias("intent_rate_30d")
+    )
 
 
 HISTORY_COLUMNS = ("application_count", "approved_count", "rejected_count", "mean_loan_amnt")
@@ -536,32 +605,54 @@ def spark_application_features(spark: Any, silver_dir: Path, gold_dir: Path) -> 
     applicant_history = spark.read.parquet(str(silver_dir / "applicants_history"))
     loan_history = spark.read.parquet(str(silver_dir / "loan_applications_history"))
     by_version = Window.partitionBy("application_id").orderBy("valid_from")
-    submitted = (loan_history.withColumn("_n", F.row_number().over(by_version))
-                 .filter(c("_n") == 1))
+    submitted = loan_history.withColumn("_n", F.row_number().over(by_version)).filter(c("_n") == 1)
     person = applicant_history.select("applicant_id", "valid_from", *PERSON_COLUMNS)
     history = spark.read.parquet(str(gold_dir / "applicant_features")).select(
-        "applicant_id", c("event_timestamp").alias("_history_at"), *HISTORY_COLUMNS,
+        "applicant_id",
+        c("event_timestamp").alias("_history_at"),
+        *HISTORY_COLUMNS,
         c("days_since_last_application").alias("_days_at_history"),
     )
-    joined = (asof_join(loans, person, "applicant_id", "applied_at", "valid_from", inner=False)
-              .join(intent_rate_30d(submitted), "application_id", "left"))
+    joined = asof_join(loans, person, "applicant_id", "applied_at", "valid_from", inner=False).join(
+        intent_rate_30d(submitted), "application_id", "left"
+    )
     joined = asof_join(joined, history, "applicant_id", "applied_at", "_history_at", inner=False)
     score = c("credit_score")
-    band = (F.when(score.isNull(), None).when(score < 580, "poor").when(score < 670, "fair")
-            .when(score < 740, "good").when(score < 800, "very_good").otherwise("exceptional"))
-    (joined.select(
-        "application_id", "applicant_id", c("applied_at").alias("event_timestamp"), "applied_at",
-        "loan_amnt", "loan_intent", "loan_int_rate", "loan_percent_income", *PERSON_COLUMNS,
-        F.when(c("person_income") != 0, c("loan_amnt") / c("person_income"))
-        .alias("loan_to_income"),
-        (c("loan_int_rate") - c("intent_rate_30d")).alias("rate_spread"),
-        band.alias("credit_score_band"),
-        *[F.coalesce(c(n), F.lit(0)).cast("bigint").alias(n) for n in HISTORY_COLUMNS[:3]],
-        "mean_loan_amnt",
-        (c("_days_at_history") + (F.unix_micros("applied_at") - F.unix_micros("_history_at"))
-         / 1e6 / 86_400.0).alias("days_since_last_application"),
-        "loan_status",
-    ).write.mode("overwrite").parquet(str(gold_dir / "application_features")))
+    band = (
+        F.when(score.isNull(), None)
+        .when(score < 580, "poor")
+        .when(score < 670, "fair")
+        .when(score < 740, "good")
+        .when(score < 800, "very_good")
+        .otherwise("exceptional")
+    )
+    (
+        joined.select(
+            "application_id",
+            "applicant_id",
+            c("applied_at").alias("event_timestamp"),
+            "applied_at",
+            "loan_amnt",
+            "loan_intent",
+            "loan_int_rate",
+            "loan_percent_income",
+            *PERSON_COLUMNS,
+            F.when(c("person_income") != 0, c("loan_amnt") / c("person_income")).alias(
+                "loan_to_income"
+            ),
+            (c("loan_int_rate") - c("intent_rate_30d")).alias("rate_spread"),
+            band.alias("credit_score_band"),
+            *[c(n).cast("bigint").alias(n) for n in HISTORY_COLUMNS[:3]],
+            "mean_loan_amnt",
+            (
+                c("_days_at_history")
+                + (F.unix_micros("applied_at") - F.unix_micros("_history_at")) / 1e6 / 86_400.0
+            ).alias("days_since_last_application"),
+            "loan_status",
+        )
+        .write.mode("overwrite")
+        .parquet(str(gold_dir / "application_features"))
+    )
 
 
 def spark_applicant_features(spark: Any, silver_dir: Path, gold_dir: Path) -> None:
@@ -578,7 +669,11 @@ def spark_applicant_features(spark: Any, silver_dir: Path, gold_dir: Path) -> No
         return F.coalesce((c(column) == value).cast("int"), F.lit(0))
 
     versions = loan_history.select(
-        "applicant_id", "applied_at", "loan_amnt", "loan_status", "valid_from",
+        "applicant_id",
+        "applied_at",
+        "loan_amnt",
+        "loan_status",
+        "valid_from",
         F.lag("loan_amnt").over(by_version).alias("prev_amnt"),
         F.lag("loan_status").over(by_version).alias("prev_status"),
         F.row_number().over(by_version).alias("n"),
@@ -597,33 +692,44 @@ def spark_applicant_features(spark: Any, silver_dir: Path, gold_dir: Path) -> No
     # pass: running aggregates and the version in force at every instant.
     forever = F.lit("9999-12-31 00:00:00").cast("timestamp")
     versions_in_force = applicant_history.select(
-        "applicant_id", c("valid_from").alias("ts"), *PERSON_COLUMNS,
+        "applicant_id",
+        c("valid_from").alias("ts"),
+        *PERSON_COLUMNS,
         F.coalesce(c("valid_to"), forever).alias("version_end"),
     )
     stream = deltas.unionByName(versions_in_force, allowMissingColumns=True)
-    upto = (Window.partitionBy("applicant_id").orderBy("ts")
-            .rangeBetween(Window.unboundedPreceding, Window.currentRow))
+    upto = (
+        Window.partitionBy("applicant_id")
+        .orderBy("ts")
+        .rangeBetween(Window.unboundedPreceding, Window.currentRow)
+    )
     state = stream.select(
-        "applicant_id", "ts",
+        "applicant_id",
+        "ts",
         F.sum("d_count").over(upto).alias("application_count"),
         F.sum("d_amount").over(upto).alias("amount_sum"),
         F.sum("d_approved").over(upto).alias("approved_count"),
         F.sum("d_rejected").over(upto).alias("rejected_count"),
         F.max("submitted_at").over(upto).alias("last_applied_at"),
-        *[F.last(name, ignorenulls=True).over(upto).alias(name)
-          for name in (*PERSON_COLUMNS, "version_end")],
+        *[
+            F.last(name, ignorenulls=True).over(upto).alias(name)
+            for name in (*PERSON_COLUMNS, "version_end")
+        ],
     )
-    features = (state.filter(c("version_end") > c("ts"))
-                .dropDuplicates(["applicant_id", "ts"]))
+    features = state.filter(c("version_end") > c("ts")).dropDuplicates(["applicant_id", "ts"])
     features.select(
-        "applicant_id", c("ts").alias("event_timestamp"), *PERSON_COLUMNS,
+        "applicant_id",
+        c("ts").alias("event_timestamp"),
+        *PERSON_COLUMNS,
         F.coalesce(c("application_count"), F.lit(0)).cast("bigint").alias("application_count"),
         F.coalesce(c("approved_count"), F.lit(0)).cast("bigint").alias("approved_count"),
         F.coalesce(c("rejected_count"), F.lit(0)).cast("bigint").alias("rejected_count"),
-        F.when(c("application_count") != 0, c("amount_sum") / c("application_count"))
-        .alias("mean_loan_amnt"),
-        ((F.unix_micros("ts") - F.unix_micros("last_applied_at")) / 1e6 / 86_400.0)
-        .alias("days_since_last_application"),
+        F.when(c("application_count") != 0, c("amount_sum") / c("application_count")).alias(
+            "mean_loan_amnt"
+        ),
+        ((F.unix_micros("ts") - F.unix_micros("last_applied_at")) / 1e6 / 86_400.0).alias(
+            "days_since_last_application"
+        ),
     ).write.mode("overwrite").parquet(str(gold_dir / "applicant_features"))
 
 
@@ -634,13 +740,19 @@ def spark_approval_rate_daily(spark: Any, silver_dir: Path, gold_dir: Path) -> N
     c = F.col
     loans = spark.read.parquet(str(silver_dir / "loan_applications"))
     decided = c("decided")
-    (loans.groupBy(F.to_date("applied_at").alias("day"), "loan_intent")
-     .agg(F.count(F.lit(1)).alias("applications"), F.count("loan_status").alias("decided"),
-          F.count(F.when(c("loan_status") == 1, 1)).alias("approved"),
-          F.max("applied_at").alias("event_timestamp"))
-     .withColumn("approval_rate", F.when(decided != 0, c("approved") / decided))
-     .orderBy("day", "loan_intent")
-     .write.mode("overwrite").parquet(str(gold_dir / "approval_rate_daily")))
+    (
+        loans.groupBy(F.to_date("applied_at").alias("day"), "loan_intent")
+        .agg(
+            F.count(F.lit(1)).alias("applications"),
+            F.count("loan_status").alias("decided"),
+            F.count(F.when(c("loan_status") == 1, 1)).alias("approved"),
+            F.max("applied_at").alias("event_timestamp"),
+        )
+        .withColumn("approval_rate", F.when(decided != 0, c("approved") / decided))
+        .orderBy("day", "loan_intent")
+        .write.mode("overwrite")
+        .parquet(str(gold_dir / "approval_rate_daily"))
+    )
 
 
 SPARK_GOLD: dict[str, Callable[[Any, Path, Path], None]] = {
@@ -751,7 +863,10 @@ def output_checks(home: Path, spark_out: Path) -> list[tuple[str, Any, Any]]:
     storage = Storage.from_settings(Settings(home=home))
     sums = {
         "application_features": (
-            "rate_spread", "loan_to_income", "person_age", "application_count",
+            "rate_spread",
+            "loan_to_income",
+            "person_age",
+            "application_count",
             "days_since_last_application",
         ),
         "applicant_features": ("application_count", "approved_count", "mean_loan_amnt"),
@@ -766,8 +881,13 @@ def output_checks(home: Path, spark_out: Path) -> list[tuple[str, Any, Any]]:
             a = ours.select(exprs).collect().row(0, named=True)
             b = theirs.select(exprs).collect().row(0, named=True)
             for name in a:
-                checks.append((f"{zone}.{table} {name if name == 'rows' else 'sum ' + name}",
-                               a[name], b[name]))
+                checks.append(
+                    (
+                        f"{zone}.{table} {name if name == 'rows' else 'sum ' + name}",
+                        a[name],
+                        b[name],
+                    )
+                )
     return checks
 
 
@@ -812,8 +932,9 @@ def run_size(rows: int, *, skip_spark: bool) -> SizeResult:
             return result
         log(f"{rows:,} rows: running Spark")
         spark_out = scratch / "spark-out"
-        result.spark = run_worker("_spark", scratch, bronze=bronze_dir, dest=spark_out,
-                                  scratch=scratch / "spark-scratch")
+        result.spark = run_worker(
+            "_spark", scratch, bronze=bronze_dir, dest=spark_out, scratch=scratch / "spark-scratch"
+        )
         if not result.spark.ok:
             result.errors.append(result.spark.error)
         elif result.ours.ok:
@@ -891,8 +1012,11 @@ def report(results: list[SizeResult], command: str, started: datetime, library: 
         "",
         f"Library: {library} (at the start of the run); sources measured:"
         f" {', '.join(sorted(digests)) or 'n/a'}"
-        + (" — **the library changed during the run: sizes are not comparable**"
-           if len(digests) > 1 else ""),
+        + (
+            " — **the library changed during the run: sizes are not comparable**"
+            if len(digests) > 1
+            else ""
+        ),
         "",
         *machine_info(),
         "",
@@ -917,10 +1041,17 @@ def report(results: list[SizeResult], command: str, started: datetime, library: 
         e2e = ours.get("seconds")
         ours_sg = (stages["silver"] + stages["gold"]) if stages else None
         spark_sg = (spark["silver_seconds"] + spark["gold_seconds"]) if spark else None
-        split = (f"{stages['bronze']:.1f} / {stages['silver']:.1f} / {stages['gold']:.1f} s"
-                 if stages else "failed")
-        spark_split = (f"{spark['silver_seconds']:.1f} / {spark['gold_seconds']:.1f} s"
-                       f" (+{spark['session_seconds']:.1f} s)" if spark else "n/a")
+        split = (
+            f"{stages['bronze']:.1f} / {stages['silver']:.1f} / {stages['gold']:.1f} s"
+            if stages
+            else "failed"
+        )
+        spark_split = (
+            f"{spark['silver_seconds']:.1f} / {spark['gold_seconds']:.1f} s"
+            f" (+{spark['session_seconds']:.1f} s)"
+            if spark
+            else "n/a"
+        )
         out.append(
             f"| {r.rows:,} | {rate(source, e2e)} | {rate(source, ours_sg)}"
             f" | {rate(source, spark_sg)} | {ratio(ours_sg, spark_sg)} | {ratio(e2e, spark_sg)}"
@@ -947,13 +1078,14 @@ def report(results: list[SizeResult], command: str, started: datetime, library: 
         spark_sg = spark_cpu["silver"] + spark_cpu["gold"] if spark_cpu else None
         out.append(
             f"| {r.rows:,} | "
-            + (f"{cpu['bronze']:.1f} / {cpu['silver']:.1f} / {cpu['gold']:.1f} s" if cpu
-               else "n/a")
+            + (f"{cpu['bronze']:.1f} / {cpu['silver']:.1f} / {cpu['gold']:.1f} s" if cpu else "n/a")
             + " | "
             + (f"{spark_cpu['silver']:.1f} / {spark_cpu['gold']:.1f} s" if spark_cpu else "n/a")
             + f" | {ratio(ours_sg, spark_sg)} | "
-            + (f"{r.ours.load_avg:.1f}" if r.ours else "n/a") + " / "
-            + (f"{r.spark.load_avg:.1f}" if r.spark else "n/a") + " |"
+            + (f"{r.ours.load_avg:.1f}" if r.ours else "n/a")
+            + " / "
+            + (f"{r.spark.load_avg:.1f}" if r.spark else "n/a")
+            + " |"
         )
     out += ["", "## Details", ""]
     for r in results:
@@ -962,8 +1094,9 @@ def report(results: list[SizeResult], command: str, started: datetime, library: 
             out.append(f"- Seeding Postgres (not measured): {r.seed.result['seconds']:.1f} s")
         if r.ours and r.ours.ok:
             ours = r.ours.result
-            steps = ", ".join(f"{k} {v:.2f}s (cpu {ours['cpu_steps'][k]:.1f}s)"
-                              for k, v in ours["steps"].items())
+            steps = ", ".join(
+                f"{k} {v:.2f}s (cpu {ours['cpu_steps'][k]:.1f}s)" for k, v in ours["steps"].items()
+            )
             peaks = ", ".join(f"{k} {size(v)}" for k, v in ours["sampled_rss_by_stage"].items())
             out += [
                 f"- Ours, per step: {steps}",
@@ -973,8 +1106,9 @@ def report(results: list[SizeResult], command: str, started: datetime, library: 
             for step, detail in ours["details"].items():
                 out.append(f"- Ours, {step}: {json.dumps(detail)}")
         if r.export and r.export.ok:
-            out.append(f"- Bronze export to Parquet (not measured): "
-                       f"{r.export.result['seconds']:.1f} s")
+            out.append(
+                f"- Bronze export to Parquet (not measured): {r.export.result['seconds']:.1f} s"
+            )
         if r.spark and r.spark.ok:
             spark = r.spark.result
             peaks = ", ".join(f"{k} {size(v)}" for k, v in spark["jvm_rss_by_stage"].items())
@@ -984,17 +1118,26 @@ def report(results: list[SizeResult], command: str, started: datetime, library: 
                 f" JVM RSS peak per stage: {peaks}; Python driver ru_maxrss"
                 f" {size(spark['driver_max_rss'])}; JVM has -Xmx4g: {spark['jvm_has_4g_heap']}",
                 "- Spark, per step: "
-                + ", ".join(f"{k} {v:.2f}s (cpu {spark['cpu_steps'][k]:.1f}s)"
-                            for k, v in spark["steps"].items()),
+                + ", ".join(
+                    f"{k} {v:.2f}s (cpu {spark['cpu_steps'][k]:.1f}s)"
+                    for k, v in spark["steps"].items()
+                ),
                 f"- Spark process tree (Python + JVM) sampled peak: {size(r.spark.tree_peak_rss)}",
             ]
         if r.checks:
             bad = [c for c in r.checks if not matches(c[1], c[2])]
-            out += ["", f"Output checks, ours vs Spark: {len(r.checks) - len(bad)} of"
-                    f" {len(r.checks)} agree.", "", "| check | ours | Spark | agree |",
-                    "|---|---:|---:|---|"]
-            out += [f"| {name} | {a} | {b} | {'yes' if matches(a, b) else '**NO**'} |"
-                    for name, a, b in r.checks]
+            out += [
+                "",
+                f"Output checks, ours vs Spark: {len(r.checks) - len(bad)} of"
+                f" {len(r.checks)} agree.",
+                "",
+                "| check | ours | Spark | agree |",
+                "|---|---:|---:|---|",
+            ]
+            out += [
+                f"| {name} | {a} | {b} | {'yes' if matches(a, b) else '**NO**'} |"
+                for name, a, b in r.checks
+            ]
         for error in r.errors:
             out += ["", "Failure:", "", "```", error.strip(), "```"]
         out.append("")
@@ -1024,11 +1167,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in WORKERS:
         return run_worker_cli(argv)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rows", type=parse_rows, default=list(DEFAULT_ROWS),
-                        help="comma-separated source sizes (default 45000,1000000,10000000)")
+    parser.add_argument(
+        "--rows",
+        type=parse_rows,
+        default=list(DEFAULT_ROWS),
+        help="comma-separated source sizes (default 45000,1000000,10000000)",
+    )
     parser.add_argument("--skip-spark", action="store_true", help="measure only ours")
-    parser.add_argument("--results", type=Path, default=RESULTS,
-                        help="folder for the Markdown report (default benchmarks/results)")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=RESULTS,
+        help="folder for the Markdown report (default benchmarks/results)",
+    )
     args = parser.parse_args(argv)
     # `kill <pid>` must still stop Postgres and remove the temporary folders (finally blocks).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -8,6 +8,7 @@ rest of the lakehouse always agree on where things are.
 
 from __future__ import annotations
 
+import logging
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +26,16 @@ if TYPE_CHECKING:
     from feast import FeatureStore
 
 SERVICE = "loan_approval_v1"
+
+
+def _not_the_file_registry_warning(record: logging.LogRecord) -> bool:
+    # Feast warns that `serve_features_while_materializing` "typically has no effect" on a
+    # file registry; it does have one (feast.utils reads it from any registry), and the
+    # lakehouse's registry relies on it (see feature_store.yaml).
+    return "serve_features_while_materializing` is enabled but" not in record.getMessage()
+
+
+logging.getLogger("feast.repo_config").addFilter(_not_the_file_registry_warning)
 FEATURE_VIEWS = ("application_features", "applicant_features", "applicant_profile")
 
 
@@ -57,6 +68,8 @@ def feast_env(settings: Settings) -> dict[str, str]:
             "LAKEHOUSE_FEAST_PG_DATABASE": str(info.get("dbname", "postgres")),
             "LAKEHOUSE_FEAST_PG_USER": str(info.get("user", "")),
             "LAKEHOUSE_FEAST_PG_PASSWORD": str(info.get("password", "")),
+            # Next to the source schema, so lakehouses sharing a server do not collide.
+            "LAKEHOUSE_FEAST_PG_SCHEMA": f"{settings.pg_schema}_online",
         }
     return env
 

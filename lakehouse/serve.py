@@ -65,25 +65,42 @@ def _clean(value: Any) -> Any:
     return value
 
 
+REFRESH_SECONDS = 10.0
+"""How often the API looks for a newer model version and re-reads the feature service."""
+
+
 def create_app(settings: Settings) -> FastAPI:
-    """Build the app; the store and the model are opened lazily and cached."""
+    """Build the app; the store, the service and the model are opened lazily and cached.
+
+    Every `REFRESH_SECONDS` a request checks the registry for a newer model version (a
+    newly trained model is picked up without a restart) and re-reads the feature service.
+    """
+    from threadpoolctl import threadpool_limits
+
+    # One request scores one row: OpenMP threads per tree cost more than they save, and
+    # concurrent requests already use the cores.
+    threadpool_limits(limits=1)
     storage = Storage.from_settings(settings)
     app = FastAPI(title="lakehouse loan approval", version="1")
-    state: dict[str, Any] = {}
+    state: dict[str, Any] = {"checked": 0.0}
 
     def store() -> Any:
         if "store" not in state:
             state["store"] = features.feature_store(settings, storage)
         return state["store"]
 
-    def model() -> tuple[str, models.Trained]:
-        try:
-            latest = models.Registry(storage).latest()
-        except models.ModelError as exc:
-            raise HTTPException(503, str(exc)) from None
-        if state.get("version") != latest:
-            state["version"], state["model"] = models.load(storage, latest)
-        return state["version"], state["model"]
+    def model() -> tuple[str, models.Trained, Any]:
+        now = time.monotonic()
+        if "model" not in state or now - state["checked"] > REFRESH_SECONDS:
+            try:
+                latest = models.Registry(storage).latest()
+            except models.ModelError as exc:
+                raise HTTPException(503, str(exc)) from None
+            if state.get("version") != latest:
+                state["version"], state["model"] = models.load(storage, latest)
+            state["service"] = store().get_feature_service(features.SERVICE)
+            state["checked"] = now
+        return state["version"], state["model"], state["service"]
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -103,9 +120,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/predict", response_model=Prediction)
     def predict(request: PredictRequest) -> Prediction:
-        version, trained = model()
+        version, trained, service = model()
         fs = store()
-        service = fs.get_feature_service(features.SERVICE)
         if request.application_id is not None:
             # Everything as of the application's applied_at, as in training.
             row = _online(fs, service, request.application_id)
@@ -116,10 +132,8 @@ def create_app(settings: Settings) -> FastAPI:
         else:
             assert request.applicant_id is not None and request.loan is not None
             row = _new_loan(fs, request.applicant_id, request.loan)
-        import pandas as pd
-
         used = {c: _clean(row.get(c)) for c in trained.columns}
-        probability = float(trained.predict_proba(pd.DataFrame([used]))[0])
+        probability = trained.predict_one(used)
         decision: Literal["approve", "reject"] = (
             "approve" if probability >= trained.threshold else "reject"
         )

@@ -113,7 +113,8 @@ class Settings:
         # FAILPOINT: fault-injection tests only (lakehouse.failpoints); FEAST_PG_*: derived
         # from LAKEHOUSE_PG_DSN for Feast's YAML by `lakehouse.features`.
         internal = {PREFIX + "FAILPOINT"} | {
-            f"{PREFIX}FEAST_PG_{k}" for k in ("HOST", "PORT", "DATABASE", "USER", "PASSWORD")
+            f"{PREFIX}FEAST_PG_{k}"
+            for k in ("HOST", "PORT", "DATABASE", "USER", "PASSWORD", "SCHEMA")
         }
         unknown = sorted(
             k for k in env if k.startswith(PREFIX) and k not in known and k not in internal

@@ -15,6 +15,8 @@ from tests.conftest import shared_tmp
 
 def demo(cwd: str) -> subprocess.CompletedProcess[str]:
     env = {"PATH": os.environ["PATH"], "HOME": cwd}
+    if "PYTHONPATH" in os.environ:  # the code under test, when it is not the installed one
+        env["PYTHONPATH"] = os.environ["PYTHONPATH"]
     return subprocess.run(
         [sys.executable, "-m", "lakehouse.cli", "demo"],
         cwd=cwd,

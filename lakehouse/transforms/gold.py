@@ -82,6 +82,8 @@ def intent_rate_30d(submitted: pl.DataFrame) -> pl.DataFrame:
 # as of `applied_at`: applications submitted strictly before this one, decisions known
 # then. So one online lookup by application_id serves exactly what training saw, and a
 # new loan (not in the source) gets the same features from `applicant_features` now.
+# Like the applicant's attributes, the history is null when no version of the applicant
+# is known at applied_at (batch extraction first saw the applicant after a later update).
 APPLICATION_FEATURES = """
 WITH
 joined AS (
@@ -125,9 +127,9 @@ SELECT
         WHEN credit_score < 800 THEN 'very_good'
         ELSE 'exceptional'
     END AS credit_score_band,
-    coalesce(application_count, 0)::BIGINT AS application_count,
-    coalesce(approved_count, 0)::BIGINT AS approved_count,
-    coalesce(rejected_count, 0)::BIGINT AS rejected_count,
+    application_count::BIGINT AS application_count,
+    approved_count::BIGINT AS approved_count,
+    rejected_count::BIGINT AS rejected_count,
     mean_loan_amnt,
     days_since_last_at_history + epoch(applied_at - history_at) / 86400.0
         AS days_since_last_application,

@@ -181,6 +181,104 @@ def test_online_values_equal_latest_gold(lake: Lake) -> None:
             assert _same(a, b), (name, a, b)
 
 
+# The online store does not depend on where the tables live: local disk only.
+@pytest.mark.parametrize("lake", ["local"], indirect=True)
+def test_postgres_online_store_serves_the_latest_gold_values(lake: Lake) -> None:
+    """LAKEHOUSE_FEAST_ONLINE_STORE=postgres: apply creates its tables in the source server,
+    materialize fills them, and online reads equal the latest gold rows."""
+    settings = replace(lake.settings, feast_online_store="postgres")
+    store = features.feature_store(settings, lake.storage)
+    assert type(store.config.online_store).__name__ == "PostgreSQLOnlineStoreConfig"
+    online_schema = f"{settings.pg_schema}_online"
+    try:
+        features.apply(store)
+        features.materialize(store, None)
+        with psycopg.connect(settings.pg_dsn.get()) as conn:
+            tables = {
+                r[0]
+                for r in conn.execute(
+                    "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+                    (online_schema,),
+                )
+            }
+        assert "lakehouse_application_features" in tables, tables
+        apps = read(lake.storage, "gold", "application_features")
+        latest = apps.sort("event_timestamp").group_by("application_id").last()
+        sample = latest.sort("application_id").tail(25)
+        online = store.get_online_features(
+            features=[f"application_features:{n}" for n in FEATURES + APPLICANT],
+            entity_rows=[{"application_id": int(i)} for i in sample["application_id"]],
+        ).to_dict()
+        for name in FEATURES + APPLICANT:
+            for a, b in zip(online[name], sample[name].to_list(), strict=True):
+                assert _same(a, b), (name, a, b)
+    finally:
+        with psycopg.connect(settings.pg_dsn.get(), autocommit=True) as conn:
+            conn.execute(
+                psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+                    psycopg.sql.Identifier(online_schema)
+                )
+            )
+        # The environment and the registry's infrastructure back to SQLite.
+        features.apply(features.feature_store(lake.settings, lake.storage))
+
+
+def test_a_materialization_in_progress_stops_neither_training_nor_serving(lake: Lake) -> None:
+    """Feast marks views MATERIALIZING while it loads them; other processes still read."""
+    from feast.feature_view import FeatureViewState
+
+    ml_tasks.materialize(lake.settings, lake.storage)
+    writer = features.feature_store(lake.settings, lake.storage)
+    for name in features.FEATURE_VIEWS:
+        writer.set_feature_view_state(name, FeatureViewState.MATERIALIZING)
+    try:
+        reader = features.feature_store(lake.settings, lake.storage)
+        view = reader.get_feature_view("application_features")
+        assert view.state == FeatureViewState.MATERIALIZING
+        assert len(models.training_set(reader, lake.storage)) > 500
+        app_id = int(read(lake.storage, "gold", "application_features")["application_id"][0])
+        online = reader.get_online_features(
+            features=reader.get_feature_service(features.SERVICE),
+            entity_rows=[{"application_id": app_id}],
+        ).to_dict()
+        assert online["loan_amnt"][0] is not None
+    finally:
+        for name in features.FEATURE_VIEWS:
+            writer.set_feature_view_state(name, FeatureViewState.AVAILABLE_ONLINE)
+
+
+def test_the_feast_registry_is_never_seen_half_written(lake: Lake, tmp_path: Path) -> None:
+    """Readers in other processes read the registry file while a materialization rewrites it."""
+    import threading
+
+    from feast.repo_config import RegistryConfig
+
+    from lakehouse.feast_registry import AtomicFileRegistryStore
+
+    assert type(lake.store.registry._registry_store) is AtomicFileRegistryStore  # type: ignore[attr-defined]
+    proto = lake.store.registry.proto()  # type: ignore[attr-defined]
+    views = len(proto.feature_views)
+    assert views >= 3
+    store = AtomicFileRegistryStore(RegistryConfig(path=str(tmp_path / "registry.db")), tmp_path)
+    store.update_registry_proto(proto)
+    done = threading.Event()
+
+    def rewrite() -> None:
+        for _ in range(300):
+            store.update_registry_proto(proto)
+        done.set()
+
+    thread = threading.Thread(target=rewrite)
+    thread.start()
+    reads = 0
+    while not done.is_set():
+        assert len(store.get_registry_proto().feature_views) == views
+        reads += 1
+    thread.join()
+    assert reads > 10
+    assert not [p for p in tmp_path.iterdir() if p.name != "registry.db"]  # no temp left
+
+
 def test_training_writes_a_complete_registry_entry(lake: Lake) -> None:
     result = ml_tasks.train(lake.settings, lake.storage)
     registry = models.Registry(lake.storage)
