@@ -8,8 +8,11 @@ rest of the lakehouse always agree on where things are.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +39,14 @@ def _not_the_file_registry_warning(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("feast.repo_config").addFilter(_not_the_file_registry_warning)
+
+
+def _quiet_ibis() -> None:
+    # ibis (under Feast's DuckDB offline store) calls a method DuckDB 1.5 deprecates. Set
+    # after importing Feast, whose modules put their own DeprecationWarning filter first.
+    warnings.filterwarnings("ignore", message=".*fetch_arrow_table", category=DeprecationWarning)
+
+
 FEATURE_VIEWS = ("application_features", "applicant_features", "applicant_profile")
 
 
@@ -107,6 +118,7 @@ def feature_store(settings: Settings, storage: Storage) -> FeatureStore:
     """Open the Feast store for these settings (local disk or S3)."""
     from feast import FeatureStore
 
+    _quiet_ibis()
     (settings.home / "feast").mkdir(parents=True, exist_ok=True)
     os.environ.update(feast_env(settings))
     if storage.is_s3:
@@ -175,7 +187,9 @@ def materialize(store: FeatureStore, since: datetime | None = None) -> datetime:
     require_applied(store)
     end = datetime.now(UTC)
     start = datetime(1970, 1, 2, tzinfo=UTC) if since is None else since - LOOKBACK
-    store.materialize(start_date=start, end_date=end, feature_views=list(FEATURE_VIEWS))
+    # Feast prints a coloured banner per view to stdout; callers report the result.
+    with contextlib.redirect_stdout(io.StringIO()):
+        store.materialize(start_date=start, end_date=end, feature_views=list(FEATURE_VIEWS))
     return end
 
 

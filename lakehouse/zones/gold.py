@@ -119,7 +119,7 @@ def build(settings: Settings, storage: Storage, name: str) -> GoldResult:
                 return
             if parts > 1:
                 views(part)
-            yield from _chunks(_normalise(con.execute(spec.sql).fetch_record_batch(_BATCH)))
+            yield from _chunks(_normalise(con.execute(spec.sql).to_arrow_reader(_BATCH)))
 
         files = TableFiles(storage, "gold", name)
         for part in range(parts):

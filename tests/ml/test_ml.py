@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -179,6 +180,50 @@ def test_online_values_equal_latest_gold(lake: Lake) -> None:
     for name in APPLICANT:
         for a, b in zip(online[name], sample[name].to_list(), strict=True):
             assert _same(a, b), (name, a, b)
+
+
+# The online store does not depend on where the tables live: local disk only.
+@pytest.mark.parametrize("lake", ["local"], indirect=True)
+def test_batched_sqlite_writer_writes_what_feasts_writer_writes(lake: Lake, tmp_path: Path) -> None:
+    """The lakehouse's SQLite online store (batched writes) leaves the same table as Feast's."""
+    from datetime import UTC, datetime
+
+    from feast import FeatureStore
+
+    from lakehouse.feast_online import BatchSqliteOnlineStore
+
+    assert type(lake.store._get_provider().online_store) is BatchSqliteOnlineStore  # type: ignore[attr-defined]
+    features.feature_store(lake.settings, lake.storage)  # the environment Feast's YAML reads
+    source = (features.repo_path() / "feature_store.yaml").read_text()
+    dumps = {}
+    for kind in ("sqlite", "lakehouse.feast_online.BatchSqliteOnlineStore"):
+        name = kind.rsplit(".", 1)[-1]
+        yaml = tmp_path / f"{name}.yaml"
+        yaml.write_text(
+            source.replace(
+                "type: lakehouse.feast_online.BatchSqliteOnlineStore", f"type: {kind}"
+            ).replace("${LAKEHOUSE_HOME}/feast/online_store.db", str(tmp_path / f"{name}.db"))
+        )
+        store = FeatureStore(fs_yaml_file=yaml)
+        assert store.config.online_store.type == kind
+        features.apply(store)  # creates the online tables in this file
+        store.materialize(
+            start_date=datetime(1970, 1, 2, tzinfo=UTC),
+            end_date=datetime.now(UTC),
+            feature_views=list(features.FEATURE_VIEWS),
+        )
+        with sqlite3.connect(tmp_path / f"{name}.db") as conn:
+            dumps[kind] = {
+                view: conn.execute(
+                    f"SELECT entity_key, feature_name, value, value_text, event_ts, created_ts "
+                    f"FROM lakehouse_{view} ORDER BY entity_key, feature_name"
+                ).fetchall()
+                for view in features.FEATURE_VIEWS
+            }
+    features.apply(lake.store)  # type: ignore[arg-type]  # the registry's infrastructure back
+    ours, feasts = dumps["lakehouse.feast_online.BatchSqliteOnlineStore"], dumps["sqlite"]
+    assert all(len(feasts[v]) > 1000 for v in features.FEATURE_VIEWS)
+    assert ours == feasts
 
 
 # The online store does not depend on where the tables live: local disk only.
