@@ -12,6 +12,7 @@ import contextlib
 import io
 import logging
 import os
+import sys
 import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -39,6 +40,36 @@ def _not_the_file_registry_warning(record: logging.LogRecord) -> bool:
 
 
 logging.getLogger("feast.repo_config").addFilter(_not_the_file_registry_warning)
+
+
+def _unchecked(target: Any = None, **_: Any) -> Any:
+    return target if target is not None else (lambda t: t)
+
+
+def import_feast() -> None:
+    """Import Feast without typeguard instrumenting its classes as they load.
+
+    Feast decorates its classes with typeguard's `@typechecked`, which re-parses and
+    recompiles each one's source at import time: 6-10 s of a 2-core machine's time before
+    the first feature is read, in every process (the API, each Luigi worker). The checks
+    are a development aid (typeguard skips them under `python -O`); the lakehouse's feature
+    definitions are still checked by the `feast` CLI, which imports Feast as usual. Only
+    Feast's own import runs with the no-op; typeguard is restored for everything else.
+    """
+    if "feast" in sys.modules:
+        return
+    try:
+        import typeguard
+    except ImportError:  # a Feast release without typeguard
+        import feast
+
+        return
+    checked = typeguard.typechecked
+    typeguard.typechecked = _unchecked
+    try:
+        import feast  # noqa: F401
+    finally:
+        typeguard.typechecked = checked
 
 
 def _quiet_ibis() -> None:
@@ -116,6 +147,7 @@ def prepare_duckdb(settings: Settings, storage: Storage) -> None:
 
 def feature_store(settings: Settings, storage: Storage) -> FeatureStore:
     """Open the Feast store for these settings (local disk or S3)."""
+    import_feast()
     from feast import FeatureStore
 
     _quiet_ibis()
@@ -196,7 +228,7 @@ def materialize(store: FeatureStore, since: datetime | None = None) -> datetime:
 def check_repo_is_shipped() -> None:
     """Fail clearly if Feast is missing (it is a dependency; this catches broken installs)."""
     try:
-        import feast  # noqa: F401
+        import_feast()
     except ImportError as exc:
         msg = f"Feast is not installed ({exc}); reinstall the project: pip install ."
         raise UsageError(msg) from None
