@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from lakehouse import catalog, sql
+from lakehouse.errors import LakehouseError
 from lakehouse.pipeline import run_pipeline
 from lakehouse.settings import Settings
 from lakehouse.source import schema
@@ -116,6 +117,7 @@ def _predict_through_api(settings: Settings, storage: Storage) -> tuple[int, dic
     """Serve the API on a free local port, ask for one prediction over HTTP, stop."""
     import json
     import threading
+    import urllib.error
     import urllib.request
 
     import uvicorn
@@ -151,8 +153,13 @@ def _predict_through_api(settings: Settings, storage: Storage) -> tuple[int, dic
             data=json.dumps({"application_id": application_id}).encode(),
             headers={"Content-Type": "application/json"},
         )
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - localhost
-            answer: dict[str, Any] = json.loads(response.read())
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - localhost
+                answer: dict[str, Any] = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            detail = json.loads(exc.read() or b"{}").get("detail", exc.reason)
+            msg = f"the prediction API answered {exc.code}: {detail}"
+            raise LakehouseError(msg) from None
     finally:
         server.should_exit = True
         thread.join(timeout=10)

@@ -6,6 +6,9 @@ exactly the same rows and writes them with `executemany`, in the same transactio
 the same upsert, so the table, and everything that reads it (Feast's own `online_read`,
 `feast ui`), is unchanged. Reads, table creation and teardown are Feast's.
 
+It also puts the database in write-ahead-log mode, so readers (the prediction API) are
+not locked out while a materialization writes.
+
 `feature_store.yaml` selects it with `type: lakehouse.feast_online.BatchSqliteOnlineStore`
 (Feast requires the class name to end in `SqliteOnlineStore` for SQLite paths, and finds the
 config class by appending `Config`). Vector and numeric-search columns, which the lakehouse
@@ -45,6 +48,15 @@ class BatchSqliteOnlineStoreConfig(SqliteOnlineStoreConfig):
 
 class BatchSqliteOnlineStore(SqliteOnlineStore):
     """Feast's SQLite online store; writes are batched with `executemany`."""
+
+    def _get_conn(self, config: RepoConfig) -> Any:
+        fresh = self._conn is None
+        conn = super()._get_conn(config)
+        if fresh:
+            # Write-ahead log: the API keeps reading while a materialization writes (with
+            # the default rollback journal, a large write locks readers out until it ends).
+            conn.execute("PRAGMA journal_mode = WAL")
+        return conn
 
     def online_write_batch(
         self,

@@ -29,6 +29,13 @@ class AtomicFileRegistryStore(FileRegistryStore):
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{self._filepath.name}.", dir=folder)
         try:
+            # mkstemp makes the file owner-only; keep the registry's mode (an API running as
+            # another user reads it), or a plain file's for a new one.
+            try:
+                mode = self._filepath.stat().st_mode & 0o777
+            except FileNotFoundError:
+                mode = 0o644
+            os.fchmod(fd, mode)
             with os.fdopen(fd, "wb") as f:
                 f.write(registry_proto.SerializeToString())
                 f.flush()

@@ -104,14 +104,19 @@ def feast_env(settings: Settings) -> dict[str, str]:
         }
     if settings.feast_online_store == "postgres":
         info = conninfo_to_dict(source_dsn(settings))
+
+        def quoted(value: object) -> str:  # inside single quotes in the YAML
+            return str(value).replace("'", "''")
+
         env |= {
-            "LAKEHOUSE_FEAST_PG_HOST": str(info.get("host", "127.0.0.1")),
-            "LAKEHOUSE_FEAST_PG_PORT": str(info.get("port", "5432")),
-            "LAKEHOUSE_FEAST_PG_DATABASE": str(info.get("dbname", "postgres")),
-            "LAKEHOUSE_FEAST_PG_USER": str(info.get("user", "")),
-            "LAKEHOUSE_FEAST_PG_PASSWORD": str(info.get("password", "")),
+            "LAKEHOUSE_FEAST_PG_HOST": quoted(info.get("host", "127.0.0.1")),
+            "LAKEHOUSE_FEAST_PG_PORT": str(int(info.get("port") or 5432)),
+            "LAKEHOUSE_FEAST_PG_DATABASE": quoted(info.get("dbname", "postgres")),
+            "LAKEHOUSE_FEAST_PG_USER": quoted(info.get("user", "")),
+            "LAKEHOUSE_FEAST_PG_PASSWORD": quoted(info.get("password", "")),
+            "LAKEHOUSE_FEAST_PG_SSLMODE": quoted(info.get("sslmode", "prefer")),
             # Next to the source schema, so lakehouses sharing a server do not collide.
-            "LAKEHOUSE_FEAST_PG_SCHEMA": f"{settings.pg_schema}_online",
+            "LAKEHOUSE_FEAST_PG_SCHEMA": quoted(f"{settings.pg_schema}_online"),
         }
     return env
 
@@ -155,15 +160,8 @@ def feature_store(settings: Settings, storage: Storage) -> FeatureStore:
     os.environ.update(feast_env(settings))
     if storage.is_s3:
         # Feast infers Delta schemas with delta-rs, which reads these from the environment.
-        os.environ.update(
-            {
-                "AWS_ENDPOINT_URL": storage.s3["endpoint"],
-                "AWS_ALLOW_HTTP": "true",
-                "AWS_REGION": settings.s3_region,
-                "AWS_ACCESS_KEY_ID": settings.s3_access_key_id,
-                "AWS_SECRET_ACCESS_KEY": settings.s3_secret_access_key.get(),
-            }
-        )
+        # The same options as every other Delta read (no endpoint on AWS itself).
+        os.environ.update(storage.options)
     prepare_duckdb(settings, storage)
     yaml = "feature_store.postgres.yaml" if settings.feast_online_store == "postgres" else None
     path = repo_path()
@@ -211,14 +209,19 @@ after their `event_timestamp` (pipeline lag), and Feast's incremental window wou
 them. Writing a value twice is harmless (the online store keeps the latest)."""
 
 
-def materialize(store: FeatureStore, since: datetime | None = None) -> datetime:
+def materialize(
+    store: FeatureStore, since: datetime | None = None, changed_from: datetime | None = None
+) -> datetime:
     """Load feature values into the online store up to now; return the end used.
 
-    The first time (`since` None) everything is loaded; later, from `since - LOOKBACK`.
+    The first time (`since` None) everything is loaded; later, from `since - LOOKBACK`,
+    or from `changed_from` (the earliest event time of gold rows changed since) if earlier.
     """
     require_applied(store)
     end = datetime.now(UTC)
     start = datetime(1970, 1, 2, tzinfo=UTC) if since is None else since - LOOKBACK
+    if changed_from is not None:
+        start = min(start, changed_from)
     # Feast prints a coloured banner per view to stdout; callers report the result.
     with contextlib.redirect_stdout(io.StringIO()):
         store.materialize(start_date=start, end_date=end, feature_views=list(FEATURE_VIEWS))

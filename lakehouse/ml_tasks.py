@@ -42,24 +42,81 @@ def apply(settings: Settings, storage: Storage) -> list[str]:
     return features.apply(features.feature_store(settings, storage))
 
 
-def materialized(settings: Settings, storage: Storage) -> bool:
-    """Tell whether the online store holds the current gold versions."""
+def _online_store(settings: Settings) -> str:
+    """Name the online store the state file speaks of (switching stores reloads all)."""
+    if settings.feast_online_store == "postgres":
+        return f"postgres:{settings.pg_schema}_online"
+    return f"sqlite:{settings.home / 'feast' / 'online_store.db'}"
+
+
+def _state(settings: Settings) -> dict[str, Any] | None:
     path = _state_file(settings)
     if not path.exists():
-        return False
-    return json.loads(path.read_text()).get("gold") == _gold_versions(storage)
+        return None
+    state: dict[str, Any] = json.loads(path.read_text())
+    if state.get("online_store") != _online_store(settings):
+        return None
+    return state
+
+
+def materialized(settings: Settings, storage: Storage) -> bool:
+    """Tell whether this online store holds the current gold versions."""
+    state = _state(settings)
+    return state is not None and state.get("gold") == _gold_versions(storage)
+
+
+def _earliest_change(
+    settings: Settings, storage: Storage, before: dict[str, int]
+) -> datetime | None:
+    """Return the earliest event time among gold rows added or changed since `before`.
+
+    Rows can reach gold long after their event time (a pipeline down for days, a late
+    batch); a window on event time alone would never load them. Comparing each gold table
+    with its version at the last materialization finds them, whatever their time. Raises
+    `LookupError` when that version is gone (vacuumed): the caller reloads everything.
+    """
+    import duckdb
+
+    from lakehouse import duck
+
+    earliest: datetime | None = None
+    con = duck.connect(settings, storage)
+    try:
+        for name, version in before.items():
+            uri = storage.uri("gold", name)
+            if storage.table("gold", name).version() == version:
+                continue
+            try:
+                (found,) = con.execute(
+                    f"SELECT min(event_timestamp) FROM (SELECT * FROM {duck.scan(uri)} "
+                    f"EXCEPT SELECT * FROM {duck.scan(uri, version)})"
+                ).fetchone()  # type: ignore[misc]
+            except duckdb.Error as exc:
+                msg = f"gold.{name} version {version}: {exc}"
+                raise LookupError(msg) from None
+            if found is not None and (earliest is None or found < earliest):
+                earliest = found
+    finally:
+        con.close()
+    return earliest
 
 
 def materialize(settings: Settings, storage: Storage) -> datetime:
     """Materialize up to now (incrementally after the first time); record what it saw."""
     versions = _gold_versions(storage)
+    state = _state(settings)
+    since = changed_from = None
+    if state is not None:
+        try:
+            changed_from = _earliest_change(settings, storage, state["gold"])
+            since = datetime.fromisoformat(state["end"])
+        except LookupError:
+            since = None  # the last materialized versions are gone: reload everything
+    end = features.materialize(features.feature_store(settings, storage), since, changed_from)
     path = _state_file(settings)
-    since = None
-    if path.exists():
-        since = datetime.fromisoformat(json.loads(path.read_text())["end"])
-    end = features.materialize(features.feature_store(settings, storage), since)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"gold": versions, "end": end.isoformat()}))
+    record = {"online_store": _online_store(settings), "gold": versions, "end": end.isoformat()}
+    tmp.write_text(json.dumps(record))
     tmp.replace(path)
     return end
 

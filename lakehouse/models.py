@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -147,6 +148,9 @@ def training_set(store: FeatureStore, storage: Storage) -> pd.DataFrame:
     entities = entity_frame(storage)
     service = store.get_feature_service(features.SERVICE)
     frame = store.get_historical_features(entity_df=entities, features=service).to_df()
+    # A decision silver knows but gold does not yet (gold is behind a stream that promoted
+    # silver): no feature row at all. Such rows would teach the model on missing values.
+    frame = frame[frame["loan_amnt"].notna()]
     return frame.sort_values("application_id").reset_index(drop=True)
 
 
@@ -161,8 +165,29 @@ def frame_hash(frame: pd.DataFrame) -> str:
 # ---------------------------------------------------------------- model
 
 
+def _is_boolean(series: pd.Series) -> bool:
+    """Tell True/False columns, including objects of True/False/None.
+
+    A null in Feast's frame turns a bool column into objects.
+    """
+    import pandas as pd
+
+    if series.dtype == bool or str(series.dtype) == "boolean":
+        return True
+    return series.dtype == object and pd.api.types.infer_dtype(series, skipna=True) == "boolean"
+
+
 def _is_categorical(series: pd.Series) -> bool:
+    if _is_boolean(series):
+        return False
     return series.dtype == object or str(series.dtype) in ("string", "str", "category")
+
+
+def _as_float(value: Any) -> float:
+    """Encode a request's value: numbers and booleans as floats, anything else missing."""
+    if isinstance(value, bool | int | float | np.number | np.bool_):
+        return float(value)
+    return math.nan
 
 
 @dataclass
@@ -188,9 +213,12 @@ class Trained:
         for j, name in enumerate(self.columns):
             series = rows[name]
             if name in self.categories:
-                values = series.astype(object).where(series.notna(), None)
+                # Levels are strings (as `vector` looks them up), whatever the column holds.
+                values = [None if v is None or v != v else str(v) for v in series.astype(object)]
                 codes = pd.Categorical(values, categories=self.categories[name]).codes
                 out[:, j] = np.where(codes < 0, np.nan, codes)
+            elif _is_boolean(series):
+                out[:, j] = series.astype(object).map({True: 1.0, False: 0.0}).astype("float64")
             else:
                 out[:, j] = pd.to_numeric(series.astype(object), errors="coerce").astype("float64")
         return out
@@ -206,8 +234,8 @@ class Trained:
                 index = self._levels()[name].get(str(value))
                 if index is not None:
                     out[0, j] = index
-            elif isinstance(value, bool | int | float):
-                out[0, j] = float(value)
+            else:
+                out[0, j] = _as_float(value)
         return out
 
     def _levels(self) -> dict[str, dict[str, int]]:

@@ -9,6 +9,7 @@ and `/openapi.json`.
 from __future__ import annotations
 
 import math
+import threading
 import time
 from typing import Any, Literal
 
@@ -82,25 +83,38 @@ def create_app(settings: Settings) -> FastAPI:
     threadpool_limits(limits=1)
     storage = Storage.from_settings(settings)
     app = FastAPI(title="lakehouse loan approval", version="1")
-    state: dict[str, Any] = {"checked": 0.0}
+    lock = threading.Lock()
+    # One tuple (version, model, service, checked), replaced whole under the lock: a
+    # response never names one model version while scoring with another.
+    state: dict[str, Any] = {}
 
     def store() -> Any:
-        if "store" not in state:
-            state["store"] = features.feature_store(settings, storage)
-        return state["store"]
+        with lock:
+            if "store" not in state:
+                state["store"] = features.feature_store(settings, storage)
+            return state["store"]
 
     def model() -> tuple[str, models.Trained, Any]:
-        now = time.monotonic()
-        if "model" not in state or now - state["checked"] > REFRESH_SECONDS:
-            try:
-                latest = models.Registry(storage).latest()
-            except models.ModelError as exc:
-                raise HTTPException(503, str(exc)) from None
-            if state.get("version") != latest:
-                state["version"], state["model"] = models.load(storage, latest)
-            state["service"] = store().get_feature_service(features.SERVICE)
-            state["checked"] = now
-        return state["version"], state["model"], state["service"]
+        current = state.get("current")
+        if current is not None and time.monotonic() - current[3] <= REFRESH_SECONDS:
+            return current[0], current[1], current[2]
+        fs = store()
+        with lock:
+            current = state.get("current")
+            now = time.monotonic()
+            if current is None or now - current[3] > REFRESH_SECONDS:
+                try:
+                    latest = models.Registry(storage).latest()
+                    features.require_applied(fs)
+                except (models.ModelError, features.FeatureStoreError) as exc:
+                    raise HTTPException(503, str(exc)) from None
+                trained = current[1] if current and current[0] == latest else None
+                if trained is None:
+                    latest, trained = models.load(storage, latest)
+                service = fs.get_feature_service(features.SERVICE)
+                current = (latest, trained, service, now)
+                state["current"] = current
+        return current[0], current[1], current[2]
 
     @app.get("/health")
     def health() -> dict[str, Any]:

@@ -114,7 +114,7 @@ class Settings:
         # from LAKEHOUSE_PG_DSN for Feast's YAML by `lakehouse.features`.
         internal = {PREFIX + "FAILPOINT"} | {
             f"{PREFIX}FEAST_PG_{k}"
-            for k in ("HOST", "PORT", "DATABASE", "USER", "PASSWORD", "SCHEMA")
+            for k in ("HOST", "PORT", "DATABASE", "USER", "PASSWORD", "SCHEMA", "SSLMODE")
         }
         unknown = sorted(
             k for k in env if k.startswith(PREFIX) and k not in known and k not in internal

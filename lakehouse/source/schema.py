@@ -91,7 +91,10 @@ CREATE TABLE IF NOT EXISTS {schema}.loan_applications (
     loan_int_rate double precision,
     loan_percent_income double precision,
     loan_status smallint,
-    applied_at timestamptz NOT NULL DEFAULT now(),
+    -- clock_timestamp(), not now(): an applicant created in the same transaction (a new
+    -- customer's first application) must exist at applied_at, or gold finds no version
+    -- of them as of that instant (now() is the transaction's start, before the insert).
+    applied_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     updated_at timestamptz NOT NULL
 );
 

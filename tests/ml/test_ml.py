@@ -7,6 +7,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -180,6 +181,52 @@ def test_online_values_equal_latest_gold(lake: Lake) -> None:
     for name in APPLICANT:
         for a, b in zip(online[name], sample[name].to_list(), strict=True):
             assert _same(a, b), (name, a, b)
+    check_reads_go_on_while_a_materialization_writes(lake)
+
+
+def test_late_rows_reach_the_online_store(lake: Lake) -> None:
+    """A row reaching gold long after its event time (a backfill, a pipeline down for
+    days) is still materialized: the incremental window follows what changed in gold."""
+    ml_tasks.materialize(lake.settings, lake.storage)
+    with psycopg.connect(lake.settings.pg_dsn.get(), autocommit=True) as conn:
+        (app_id,) = conn.execute(
+            psycopg.sql.SQL(
+                "INSERT INTO {}.loan_applications (applicant_id, loan_amnt, loan_intent, "
+                "loan_int_rate, loan_percent_income, applied_at) "
+                "VALUES (1, 1234.5, 'EDUCATION', 10.5, 0.1, now() - interval '20 days') "
+                "RETURNING application_id"
+            ).format(psycopg.sql.Identifier(lake.settings.pg_schema))
+        ).fetchone()  # type: ignore[misc]
+    run_all(lake.settings, lake.storage)
+    assert not ml_tasks.materialized(lake.settings, lake.storage)
+    ml_tasks.materialize(lake.settings, lake.storage)
+    assert ml_tasks.materialized(lake.settings, lake.storage)
+    online = lake.store.get_online_features(  # type: ignore[attr-defined]
+        features=["application_features:loan_amnt"], entity_rows=[{"application_id": app_id}]
+    ).to_dict()
+    assert online["loan_amnt"] == [1234.5]
+
+
+def check_reads_go_on_while_a_materialization_writes(lake: Lake) -> None:
+    """A writer holding SQLite's write lock with its pages spilled (what a large
+    materialization does) does not lock the API's reads out: the store is in WAL mode."""
+    db = lake.settings.home / "feast" / "online_store.db"
+    writer = sqlite3.connect(db, timeout=0)
+    try:
+        assert writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        writer.execute("PRAGMA cache_size = 1")  # spill at once, as a big write does
+        writer.execute("BEGIN IMMEDIATE")
+        writer.execute("UPDATE lakehouse_application_features SET value = value")
+        reader = features.feature_store(lake.settings, lake.storage)
+        start = time.monotonic()
+        online = reader.get_online_features(
+            features=["application_features:loan_amnt"], entity_rows=[{"application_id": 1}]
+        ).to_dict()
+        assert time.monotonic() - start < 2  # SQLite's lock timeout is 5 s
+        assert online["loan_amnt"] is not None
+    finally:
+        writer.rollback()
+        writer.close()
 
 
 # The online store does not depend on where the tables live: local disk only.

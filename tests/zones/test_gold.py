@@ -10,8 +10,10 @@ from datetime import datetime, timedelta
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
+from psycopg import sql
 
 from lakehouse.settings import Settings
+from lakehouse.source import schema
 from lakehouse.source.schema import APPLICANTS
 from lakehouse.storage import Storage
 from lakehouse.transforms.gold import GOLD
@@ -102,6 +104,39 @@ def test_gold_features_are_point_in_time_correct(settings: Settings) -> None:
     check_applicant_features_match_brute_force_at_every_row(built)
     check_as_of_lookup_at_any_instant_sees_no_future(built)
     check_an_application_never_counts_itself(built)
+
+
+def test_a_new_customer_is_known_at_their_first_application(settings: Settings) -> None:
+    """A new customer and their first application, written in one transaction as a front
+    end would: the application's `applied_at` (the source's default) is not before the
+    customer exists, so gold finds their attributes and history as of it."""
+    storage = seeded(settings, rows=50)
+    run_all(settings, storage)
+    with schema.connect(settings, autocommit=False) as conn:
+        person = sql.SQL(", ").join(sql.Identifier(c) for c in ATTRS)
+        (applicant_id,) = conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.applicants ({}) VALUES (33, 'female', 'Master', 64000, 9, "
+                "'RENT', 8, 701, 'No') RETURNING applicant_id"
+            ).format(sql.Identifier(settings.pg_schema), person)
+        ).fetchone()  # type: ignore[misc]
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {}.loan_applications (applicant_id, loan_amnt, loan_intent, "
+                "loan_int_rate, loan_percent_income) VALUES (%s, 8000, 'VENTURE', 11.2, 0.13)"
+            ).format(sql.Identifier(settings.pg_schema)),
+            [applicant_id],
+        )
+        conn.commit()
+    run_all(settings, storage)
+    row = (
+        read(storage, "gold", "application_features")
+        .filter(pl.col("applicant_id") == applicant_id)
+        .row(0, named=True)
+    )
+    assert (row["person_age"], row["credit_score"], row["person_income"]) == (33, 701, 64000)
+    assert (row["application_count"], row["approved_count"], row["rejected_count"]) == (0, 0, 0)
+    assert row["days_since_last_application"] is None  # no earlier application
 
 
 HISTORY = (
