@@ -48,6 +48,27 @@ applicant_source = FileSource(
     file_format=DeltaFormat(),
 )
 
+# The applicant's attributes (a version of `silver.applicants`).
+PERSON = [
+    Field(name="person_age", dtype=Int64),
+    Field(name="person_gender", dtype=String),
+    Field(name="person_education", dtype=String),
+    Field(name="person_income", dtype=Float64),
+    Field(name="person_emp_exp", dtype=Int64),
+    Field(name="person_home_ownership", dtype=String),
+    Field(name="cb_person_cred_hist_length", dtype=Int64),
+    Field(name="credit_score", dtype=Int64),
+    Field(name="previous_loan_defaults_on_file", dtype=Bool),
+]
+# The applicant's history of applications before a time (earlier applications only).
+HISTORY = [
+    Field(name="application_count", dtype=Int64),
+    Field(name="approved_count", dtype=Int64),
+    Field(name="rejected_count", dtype=Int64),
+    Field(name="mean_loan_amnt", dtype=Float64),
+    Field(name="days_since_last_application", dtype=Float64),
+]
+
 # The application's own attributes, and the applicant and their history as of
 # `applied_at`: one row per application, so training (as of applied_at) and serving by
 # application_id (online, later) see the same values. No label here: `loan_status` is
@@ -64,21 +85,8 @@ application_features = FeatureView(
         Field(name="loan_to_income", dtype=Float64),
         Field(name="rate_spread", dtype=Float64),
         Field(name="credit_score_band", dtype=String),
-        Field(name="person_age", dtype=Int64),
-        Field(name="person_gender", dtype=String),
-        Field(name="person_education", dtype=String),
-        Field(name="person_income", dtype=Float64),
-        Field(name="person_emp_exp", dtype=Int64),
-        Field(name="person_home_ownership", dtype=String),
-        Field(name="cb_person_cred_hist_length", dtype=Int64),
-        Field(name="credit_score", dtype=Int64),
-        Field(name="previous_loan_defaults_on_file", dtype=Bool),
-        # The applicant's history as of applied_at (earlier applications only).
-        Field(name="application_count", dtype=Int64),
-        Field(name="approved_count", dtype=Int64),
-        Field(name="rejected_count", dtype=Int64),
-        Field(name="mean_loan_amnt", dtype=Float64),
-        Field(name="days_since_last_application", dtype=Float64),
+        *PERSON,
+        *HISTORY,  # as of applied_at: earlier applications only
     ],
     source=application_source,
     online=True,
@@ -91,13 +99,7 @@ applicant_features = FeatureView(
     name="applicant_features",
     entities=[applicant],
     ttl=timedelta(0),
-    schema=[
-        Field(name="application_count", dtype=Int64),
-        Field(name="approved_count", dtype=Int64),
-        Field(name="rejected_count", dtype=Int64),
-        Field(name="mean_loan_amnt", dtype=Float64),
-        Field(name="days_since_last_application", dtype=Float64),
-    ],
+    schema=list(HISTORY),
     source=applicant_source,
     online=True,
     tags={"zone": "gold", "table": "applicant_features"},
@@ -108,17 +110,7 @@ applicant_profile = FeatureView(
     name="applicant_profile",
     entities=[applicant],
     ttl=timedelta(0),
-    schema=[
-        Field(name="person_age", dtype=Int64),
-        Field(name="person_gender", dtype=String),
-        Field(name="person_education", dtype=String),
-        Field(name="person_income", dtype=Float64),
-        Field(name="person_emp_exp", dtype=Int64),
-        Field(name="person_home_ownership", dtype=String),
-        Field(name="cb_person_cred_hist_length", dtype=Int64),
-        Field(name="credit_score", dtype=Int64),
-        Field(name="previous_loan_defaults_on_file", dtype=Bool),
-    ],
+    schema=list(PERSON),
     source=applicant_source,
     online=True,
     tags={"zone": "gold", "table": "applicant_features"},

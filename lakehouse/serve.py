@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from lakehouse import features, models
 from lakehouse.settings import Settings
+from lakehouse.source.schema import APPLICANTS
 from lakehouse.storage import Storage
 
 INTENTS = ("PERSONAL", "EDUCATION", "MEDICAL", "VENTURE", "HOMEIMPROVEMENT", "DEBTCONSOLIDATION")
@@ -180,17 +181,7 @@ def _online(fs: Any, service: Any, application_id: int) -> dict[str, Any]:
     return {k: v[0] for k, v in result.items() if k != "application_id"}
 
 
-_PROFILE = (
-    "person_age",
-    "person_gender",
-    "person_education",
-    "person_income",
-    "person_emp_exp",
-    "person_home_ownership",
-    "cb_person_cred_hist_length",
-    "credit_score",
-    "previous_loan_defaults_on_file",
-)
+_PROFILE = APPLICANTS.column_names[1:-1]  # the applicant's attributes
 _HISTORY = (
     "application_count",
     "approved_count",
