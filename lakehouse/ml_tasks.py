@@ -121,18 +121,59 @@ def materialize(settings: Settings, storage: Storage) -> datetime:
     return end
 
 
+def _current_inputs(storage: Storage) -> dict[str, int]:
+    return {f"{z}.{t}": storage.table(z, t).version() for z, t in models.INPUT_TABLES}
+
+
+def training_set_built(settings: Settings, storage: Storage) -> bool:
+    """Tell whether the newest stored training set was built from the current inputs."""
+    manifest = models.latest_training_set(storage)
+    return manifest is not None and manifest["inputs"] == _current_inputs(storage)
+
+
+def build_training_set(settings: Settings, storage: Storage) -> dict[str, Any]:
+    """Build and store the training set through Feast."""
+    return models.build_training_set(features.feature_store(settings, storage), storage)
+
+
+def fitted(settings: Settings, storage: Storage) -> bool:
+    """Tell whether a version has been fitted on the newest training set."""
+    manifest = models.latest_training_set(storage)
+    return manifest is not None and models.fitted_on(storage, manifest["sha256"]) is not None
+
+
+def fit(settings: Settings, storage: Storage) -> str:
+    """Fit a new version on the newest training set; return the version."""
+    manifest = models.latest_training_set(storage)
+    if manifest is None:
+        msg = "no training set has been built; run `lakehouse train` (or the Luigi pipeline)"
+        raise models.ModelError(msg)
+    return models.fit_version(
+        storage, manifest, seed=settings.seed, threshold=settings.model_threshold
+    )
+
+
 def trained(settings: Settings, storage: Storage) -> bool:
-    """Tell whether the latest model was trained on the current input versions."""
+    """Tell whether the latest complete model was trained on the current input versions."""
     registry = models.Registry(storage)
     versions = registry.versions()
     if not versions:
         return False
     lineage = json.loads(registry.get(versions[-1], "lineage.json"))
-    current = {f"{z}.{t}": storage.table(z, t).version() for z, t in models.INPUT_TABLES}
-    return bool(lineage.get("inputs") == current)
+    return bool(lineage.get("inputs") == _current_inputs(storage))
+
+
+def evaluate(settings: Settings, storage: Storage) -> models.TrainResult:
+    """Evaluate the version fitted on the newest training set, completing it."""
+    manifest = models.latest_training_set(storage)
+    version = None if manifest is None else models.fitted_on(storage, manifest["sha256"])
+    if manifest is None or version is None:
+        msg = "no fitted model to evaluate; run `lakehouse train` (or the Luigi pipeline)"
+        raise models.ModelError(msg)
+    return models.evaluate_version(storage, version)
 
 
 def train(settings: Settings, storage: Storage) -> models.TrainResult:
-    """Train and register a model version."""
+    """Build the training set, fit and evaluate: a complete version (`lakehouse train`)."""
     store = features.feature_store(settings, storage)
     return models.train(store, storage, seed=settings.seed, threshold=settings.model_threshold)

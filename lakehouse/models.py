@@ -4,7 +4,10 @@ A training set is Feast's point-in-time join for decided applications at their
 `applied_at`, labelled from silver. A trained version is a folder
 `models/loan_approval/<version>/` next to the zones (local disk or S3) holding
 `model.joblib`, `metrics.json` and `lineage.json` (the Delta version of every input
-table, the feature references, a hash of the training set).
+table, the feature references, a hash of the training set). Training runs in three steps
+(the Luigi tasks `BuildTrainingSet`, `Train`, `Evaluate`): the training set is stored
+under `models/loan_approval/training_sets/<sha256>/`, a fitted version first holds only
+its models, and evaluation completes it with its metrics and lineage.
 """
 
 from __future__ import annotations
@@ -88,21 +91,43 @@ class Registry:
 
         return (Path(self.root) / version / name).read_bytes()
 
-    def versions(self) -> list[str]:
-        """Return the complete versions (those with `lineage.json`, written last), oldest first."""
+    def _folders_with(self, name: str) -> list[str]:
+        """Return the version folders that hold a file `name`, oldest first."""
         if self.storage.is_s3:
             client, bucket, prefix = self._s3()
             names = [
                 o.object_name[len(prefix) + 1 :]
                 for o in client.list_objects(bucket, prefix=prefix + "/", recursive=True)
             ]
-            return sorted({n.split("/")[0] for n in names if n.endswith("/lineage.json")})
+            return sorted({n.split("/")[0] for n in names if n.endswith(f"/{name}")})
         from pathlib import Path
 
         root = Path(self.root)
         if not root.is_dir():
             return []
-        return sorted(p.name for p in root.iterdir() if (p / "lineage.json").is_file())
+        return sorted(p.name for p in root.iterdir() if (p / name).is_file())
+
+    def versions(self) -> list[str]:
+        """Return the complete versions (those with `lineage.json`, written last), oldest first."""
+        return self._folders_with("lineage.json")
+
+    def folders(self) -> list[str]:
+        """Return every version folder holding a model, complete or not, oldest first."""
+        return self._folders_with("model.joblib")
+
+    def exists(self, version: str, name: str) -> bool:
+        """Tell whether a version (or training set) has this file."""
+        from minio.error import S3Error
+
+        try:
+            self.get(version, name)
+        except FileNotFoundError:
+            return False
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchBucket"):
+                return False
+            raise
+        return True
 
     def latest(self) -> str:
         """Return the newest complete version, or fail with what to run."""
@@ -318,13 +343,18 @@ class TrainResult:
     lineage: dict[str, Any]
 
 
-def train(
-    store: FeatureStore, storage: Storage, *, seed: int = 42, threshold: float = 0.5
-) -> TrainResult:
-    """Build the training set, fit, evaluate on a stratified hold-out, register a version."""
-    import joblib
-    from sklearn.model_selection import train_test_split
+TRAINING_SETS = "training_sets"
+"""Folder of the registry holding training sets: `<sha256>/training_set.parquet` and its
+`manifest.json`, and `latest.json` naming the newest."""
 
+
+def build_training_set(store: FeatureStore, storage: Storage) -> dict[str, Any]:
+    """Build the training set through Feast and store it; return its manifest.
+
+    The manifest records what the set was built from (the Delta version of every input
+    table, the feature references), its row count and its SHA-256; training and
+    evaluation read the stored set, so a model's lineage names exactly what it saw.
+    """
     versions = {f"{z}.{t}": storage.table(z, t).version() for z, t in INPUT_TABLES}
     frame = training_set(store, storage)
     counts = frame["label"].value_counts()
@@ -336,40 +366,128 @@ def train(
             "seed or simulate more data and run the pipeline"
         )
         raise ModelError(msg)
-    refs = feature_refs(store)
-    columns = [r.split(":", 1)[1] for r in refs]
+    sha = frame_hash(frame)
+    manifest = {
+        "sha256": sha,
+        "rows": len(frame),
+        "built_at": datetime.now(UTC).isoformat(),
+        "feature_service": features.SERVICE,
+        "features": feature_refs(store),
+        "inputs": versions,
+    }
+    registry = Registry(storage)
+    folder = f"{TRAINING_SETS}/{sha}"
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    registry.put(folder, "training_set.parquet", buffer.getvalue())
+    registry.put(folder, "manifest.json", json.dumps(manifest, indent=2).encode())
+    registry.put(TRAINING_SETS, "latest.json", json.dumps(manifest, indent=2).encode())  # last
+    return manifest
+
+
+def latest_training_set(storage: Storage) -> dict[str, Any] | None:
+    """Return the manifest of the newest stored training set, if any."""
+    registry = Registry(storage)
+    if not registry.exists(TRAINING_SETS, "latest.json"):
+        return None
+    manifest: dict[str, Any] = json.loads(registry.get(TRAINING_SETS, "latest.json"))
+    return manifest
+
+
+def _stored_set(storage: Storage, sha: str) -> pd.DataFrame:
+    import pandas as pd
+
+    data = Registry(storage).get(f"{TRAINING_SETS}/{sha}", "training_set.parquet")
+    return pd.read_parquet(io.BytesIO(data))
+
+
+def _split(frame: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    from sklearn.model_selection import train_test_split
+
     fit_rows, test_rows = train_test_split(
         frame, test_size=0.25, stratify=frame["label"], random_state=seed
     )
-    model = fit(fit_rows, columns, seed=seed, threshold=threshold)
-    without = [c for c in columns if c != LEAKY]
+    return fit_rows, test_rows
+
+
+def fit_version(
+    storage: Storage, manifest: dict[str, Any], *, seed: int = 42, threshold: float = 0.5
+) -> str:
+    """Fit on a stored training set's stratified split; write a new, incomplete version.
+
+    The version holds the model, the same model without `LEAKY` (for the comparison the
+    metrics report) and `training_set.json`; `evaluate_version` completes it.
+    """
+    import joblib
+
+    frame = _stored_set(storage, manifest["sha256"])
+    columns = [r.split(":", 1)[1] for r in manifest["features"]]
+    fit_rows, _ = _split(frame, seed)
+    version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
+    registry = Registry(storage)
+    for name, used in (
+        ("model_without_leaky.joblib", [c for c in columns if c != LEAKY]),
+        ("model.joblib", columns),  # last: a folder with it is a fitted version
+    ):
+        buffer = io.BytesIO()
+        joblib.dump(fit(fit_rows, used, seed=seed, threshold=threshold), buffer)
+        if name == "model.joblib":
+            record = {"sha256": manifest["sha256"], "seed": seed}
+            registry.put(version, "training_set.json", json.dumps(record).encode())
+        registry.put(version, name, buffer.getvalue())
+    return version
+
+
+def fitted_on(storage: Storage, sha: str) -> str | None:
+    """Return the newest version (complete or not) fitted on this training set."""
+    registry = Registry(storage)
+    for version in reversed(registry.folders()):
+        if json.loads(registry.get(version, "training_set.json"))["sha256"] == sha:
+            return version
+    return None
+
+
+def evaluate_version(storage: Storage, version: str) -> TrainResult:
+    """Evaluate a fitted version on its hold-out; write its metrics and lineage (last)."""
+    import joblib
+
+    registry = Registry(storage)
+    record = json.loads(registry.get(version, "training_set.json"))
+    manifest = json.loads(registry.get(f"{TRAINING_SETS}/{record['sha256']}", "manifest.json"))
+    frame = _stored_set(storage, record["sha256"])
+    fit_rows, test_rows = _split(frame, record["seed"])
+    model = joblib.load(io.BytesIO(registry.get(version, "model.joblib")))
+    without = joblib.load(io.BytesIO(registry.get(version, "model_without_leaky.joblib")))
+    columns = [r.split(":", 1)[1] for r in manifest["features"]]
     metrics = {
         "model": "HistGradientBoostingClassifier",
         "features_used": model.columns,
         "features_without_values": [c for c in columns if c not in model.columns],
         "split": {"train": len(fit_rows), "test": len(test_rows), "stratified": True},
         "test": evaluate(model, test_rows),
-        f"test_without_{LEAKY}": evaluate(
-            fit(fit_rows, without, seed=seed, threshold=threshold), test_rows
-        ),
+        f"test_without_{LEAKY}": evaluate(without, test_rows),
     }
-    version = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%fZ")
     lineage = {
         "version": version,
         "trained_at": datetime.now(UTC).isoformat(),
-        "feature_service": features.SERVICE,
-        "features": refs,
-        "inputs": versions,
-        "training_set": {"rows": len(frame), "sha256": frame_hash(frame)},
-        "seed": seed,
+        "feature_service": manifest["feature_service"],
+        "features": manifest["features"],
+        "inputs": manifest["inputs"],
+        "training_set": {"rows": manifest["rows"], "sha256": manifest["sha256"]},
+        "seed": record["seed"],
     }
-    registry = Registry(storage)
-    buffer = io.BytesIO()
-    joblib.dump(model, buffer)
-    registry.put(version, "model.joblib", buffer.getvalue())
     registry.put(version, "metrics.json", json.dumps(metrics, indent=2).encode())
     registry.put(version, "lineage.json", json.dumps(lineage, indent=2).encode())  # last
     return TrainResult(version, metrics, lineage)
+
+
+def train(
+    store: FeatureStore, storage: Storage, *, seed: int = 42, threshold: float = 0.5
+) -> TrainResult:
+    """Build the training set, fit, evaluate on a stratified hold-out, register a version."""
+    manifest = build_training_set(store, storage)
+    version = fit_version(storage, manifest, seed=seed, threshold=threshold)
+    return evaluate_version(storage, version)
 
 
 def load(storage: Storage, version: str | None = None) -> tuple[str, Trained]:

@@ -159,8 +159,8 @@ class Materialize(luigi.Task):
         ml_tasks.materialize(*_context())
 
 
-class Train(luigi.Task):
-    """Build the training set through Feast, train, evaluate and register a model version."""
+class BuildTrainingSet(luigi.Task):
+    """Build the training set through Feast (point in time) and store it with its manifest."""
 
     def requires(self) -> list[luigi.Task]:
         return [ApplyFeatures(), *[BuildGold(name=n) for n in sorted(GOLD)]]
@@ -168,12 +168,56 @@ class Train(luigi.Task):
     def complete(self) -> bool:
         from lakehouse import ml_tasks
 
-        return all(t.complete() for t in self.requires()) and ml_tasks.trained(*_context())
+        return all(t.complete() for t in self.requires()) and ml_tasks.training_set_built(
+            *_context()
+        )
 
     def run(self) -> None:
         from lakehouse import ml_tasks
 
-        result = ml_tasks.train(*_context())
+        manifest = ml_tasks.build_training_set(*_context())
+        self.set_status_message(f"training set {manifest['sha256'][:12]}: {manifest['rows']} rows")
+
+
+class Train(luigi.Task):
+    """Fit a new model version on the stored training set's stratified split.
+
+    With it, the comparison model without the leaky feature; the version is complete (and
+    served) once evaluated.
+    """
+
+    def requires(self) -> BuildTrainingSet:
+        return BuildTrainingSet()
+
+    def complete(self) -> bool:
+        from lakehouse import ml_tasks
+
+        return self.requires().complete() and ml_tasks.fitted(*_context())
+
+    def run(self) -> None:
+        from lakehouse import ml_tasks
+
+        self.set_status_message(f"fitted version {ml_tasks.fit(*_context())}")
+
+
+class Evaluate(luigi.Task):
+    """Evaluate the fitted version on its hold-out; write its metrics and lineage.
+
+    From then on the version is complete, listed and served.
+    """
+
+    def requires(self) -> Train:
+        return Train()
+
+    def complete(self) -> bool:
+        from lakehouse import ml_tasks
+
+        return self.requires().complete() and ml_tasks.trained(*_context())
+
+    def run(self) -> None:
+        from lakehouse import ml_tasks
+
+        result = ml_tasks.evaluate(*_context())
         self.set_status_message(f"model {result.version}: {result.metrics['test']}")
 
 
@@ -184,12 +228,14 @@ class Pipeline(luigi.WrapperTask):
 
     def requires(self) -> list[luigi.Task]:
         data: list[luigi.Task] = [BuildGold(name=n) for n in sorted(GOLD)]
-        return [*data, Materialize(), Train()] if self.ml else data
+        return [*data, Materialize(), Evaluate()] if self.ml else data
 
 
 __all__ = [
     "ApplyFeatures",
     "BuildGold",
+    "BuildTrainingSet",
+    "Evaluate",
     "IngestBronze",
     "Materialize",
     "Pipeline",

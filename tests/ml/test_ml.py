@@ -401,6 +401,39 @@ def test_training_writes_a_complete_registry_entry(lake: Lake) -> None:
     assert result.version in out and "ROC AUC" in out
 
 
+def test_training_steps_complete_a_version_only_when_evaluated(lake: Lake) -> None:
+    """The Luigi steps: a training set for the current inputs, a fitted version (not yet
+    listed nor served), then its evaluation, which completes it."""
+    if not models.Registry(lake.storage).versions():
+        ml_tasks.train(lake.settings, lake.storage)
+    before = models.Registry(lake.storage).latest()
+    churn(lake.settings, changes=150, seed_value=23)
+    run_all(lake.settings, lake.storage)
+    assert not ml_tasks.training_set_built(lake.settings, lake.storage)
+    manifest = ml_tasks.build_training_set(lake.settings, lake.storage)
+    assert ml_tasks.training_set_built(lake.settings, lake.storage)
+    assert not ml_tasks.fitted(lake.settings, lake.storage)
+    stored = models._stored_set(lake.storage, manifest["sha256"])
+    assert models.frame_hash(stored) == manifest["sha256"]
+    assert len(stored) == manifest["rows"]
+
+    version = ml_tasks.fit(lake.settings, lake.storage)
+    assert ml_tasks.fitted(lake.settings, lake.storage)
+    assert not ml_tasks.trained(lake.settings, lake.storage)
+    registry = models.Registry(lake.storage)
+    assert version in registry.folders() and version not in registry.versions()
+    assert registry.latest() == before  # a fitted version is not served before evaluation
+
+    result = ml_tasks.evaluate(lake.settings, lake.storage)
+    assert result.version == version == registry.latest()
+    assert ml_tasks.trained(lake.settings, lake.storage)
+    assert result.lineage["training_set"] == {
+        "rows": manifest["rows"],
+        "sha256": manifest["sha256"],
+    }
+    assert result.lineage["inputs"] == manifest["inputs"]
+
+
 def test_feast_cli_from_the_repository_folder(lake: Lake) -> None:
     """`feast apply` and `feast materialize-incremental` work from `feature_repo/`."""
     env = {**os.environ, **env_for(lake.settings), **features.feast_env(lake.settings)}
