@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
+from lakehouse import log
 from lakehouse.errors import LakehouseError, UsageError
 from lakehouse.settings import Settings
 
@@ -47,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="A single-node lakehouse for ML: Postgres -> Delta bronze/silver/gold.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and Luigi logs")
+    parser.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="text lines, or one JSON object per event (default LAKEHOUSE_LOG_FORMAT, text)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("demo", help="start Postgres, seed, run the pipeline, print a summary")
@@ -70,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="write a realistic change stream to the source")
     p.add_argument("--changes", type=_positive_int, help="how many changes (default 1,000)")
-    p.add_argument("--rate", type=_positive_float, help="changes per second (with --duration)")
+    p.add_argument(
+        "--rate",
+        type=_positive_float,
+        help="changes per second, for --duration seconds or until SIGTERM/Ctrl-C",
+    )
     p.add_argument("--duration", type=_positive_float, help="seconds to run at --rate")
     p.add_argument(
         "--batch-size", type=_positive_int, default=100, help="changes per source transaction"
@@ -81,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ml", action="store_true", help="stop at gold (no Feast, no training)")
     p.add_argument("--scheduler-host", help="use a luigid central scheduler at this host")
     p.add_argument("--scheduler-port", type=_positive_int, default=8082)
+    p.add_argument(
+        "--every",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="run again every SECONDS until SIGTERM/Ctrl-C (a failed run is retried)",
+    )
 
     p = sub.add_parser("sql", help="run a read-only DuckDB query over bronze/silver/gold")
     p.add_argument("query")
@@ -96,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("tables", help="list tables with version, rows, size and last update")
 
     p = sub.add_parser(
+        "status", help="tables and their freshness, the CDC slots, the last pipeline runs, model"
+    )
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = sub.add_parser(
         "stream", help="CDC: stream source changes into bronze (setup|run|status|teardown)"
     )
     p.add_argument(
@@ -108,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--promote", action="store_true", help="with run: also merge each micro-batch into silver"
+    )
+    p.add_argument(
+        "--setup",
+        action="store_true",
+        help="with run: first set up the slots and snapshot if they are missing",
     )
 
     p = sub.add_parser("features", help="Feast: register the repository, or materialize")
@@ -126,28 +154,47 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="time travel to keep (default LAKEHOUSE_VACUUM_RETENTION_HOURS)",
     )
+    p.add_argument(
+        "--every",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="maintain again every SECONDS until SIGTERM/Ctrl-C",
+    )
     return parser
+
+
+def _requested_format(args_list: list[str]) -> str:
+    """Find the log format before parsing, so that even a usage error is logged in it."""
+    for i, arg in enumerate(args_list):
+        if arg == "--log-format" and i + 1 < len(args_list):
+            return args_list[i + 1]
+        if arg.startswith("--log-format="):
+            return arg.split("=", 1)[1]
+    return os.environ.get("LAKEHOUSE_LOG_FORMAT", "text")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; return the exit code."""
     args_list = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args_list
+    fmt = _requested_format(args_list)
+    log.configure(fmt if fmt in log.FORMATS else "text")
     try:
         args = build_parser().parse_args(args_list)
-        return _dispatch(args)
+        settings = Settings.from_env()
+        log.configure(args.log_format or settings.log_format, settings)
+        return _dispatch(args, settings)
     except LakehouseError as exc:
         if debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        log.event("error", f"error: {exc}", level="error", error=str(exc), kind=type(exc).__name__)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        log.event("interrupted", "interrupted", level="error")
         return 130
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     command = args.command
     if command == "demo":
         from lakehouse.demo import demo
@@ -166,27 +213,45 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
             conn.commit()
         if result.skipped:
-            print(
+            log.event(
+                "seed.skipped",
                 f"source already holds {result.applicants:,} applicants; nothing loaded "
-                "(use --reset to drop and reload it)"
+                "(use --reset to drop and reload it)",
+                applicants=result.applicants,
             )
         else:
-            print(
+            log.event(
+                "seed.done",
                 f"seeded {result.applicants:,} applicants and {result.applications:,} "
-                f"applications into schema `{settings.pg_schema}`"
+                f"applications into schema `{settings.pg_schema}`",
+                applicants=result.applicants,
+                applications=result.applications,
+                schema=settings.pg_schema,
             )
         return 0
     if command == "simulate":
+        from lakehouse.service import StopSignal
         from lakehouse.source import schema
         from lakehouse.source.simulate import simulate
 
-        if (args.rate is None) != (args.duration is None):
-            msg = "--rate and --duration go together: give both"
+        if args.duration is not None and args.rate is None:
+            msg = "--duration needs --rate: give the changes per second too"
             raise UsageError(msg)
         if args.rate is not None and args.changes is not None:
-            msg = "give either --changes or --rate with --duration, not both"
+            msg = "give either --changes or --rate (with or without --duration), not both"
             raise UsageError(msg)
-        with schema.connect(settings, autocommit=True) as conn:
+
+        def report(sim: Any) -> None:
+            log.event(
+                "simulate.progress",
+                f"wrote {sim.total:,} changes in {sim.transactions:,} transactions "
+                f"({sim.seconds:.0f}s so far)",
+                changes=sim.total,
+                transactions=sim.transactions,
+                by_kind=dict(sim.counts),
+            )
+
+        with schema.connect(settings, autocommit=True) as conn, StopSignal() as stop:
             if not schema.schema_exists(conn, settings.pg_schema):
                 msg = f"schema `{settings.pg_schema}` has no lending tables; run `lakehouse seed`"
                 raise UsageError(msg)
@@ -198,31 +263,22 @@ def _dispatch(args: argparse.Namespace) -> int:
                 duration=args.duration,
                 batch_size=args.batch_size,
                 seed=settings.seed,
+                stop=stop.event,
+                report=report,
             )
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(sim.counts.items()))
-        print(
+        log.event(
+            "simulate.done",
             f"wrote {sim.total:,} changes in {sim.transactions:,} transactions "
-            f"({sim.seconds:.1f}s): {kinds}"
+            f"({sim.seconds:.1f}s): {kinds}",
+            changes=sim.total,
+            transactions=sim.transactions,
+            seconds=round(sim.seconds, 3),
+            by_kind=dict(sim.counts),
         )
         return 0
     if command == "run":
-        from lakehouse.pipeline import run_pipeline
-        from lakehouse.storage import Storage
-
-        Storage.from_settings(settings).check()
-        run = run_pipeline(
-            workers=args.workers,
-            scheduler_host=args.scheduler_host,
-            scheduler_port=args.scheduler_port,
-            progress=print,
-            debug=args.debug,
-            ml=not args.no_ml,
-        )
-        if run.ran:
-            print(f"{len(run.ran)} tasks ran in {run.seconds:.1f}s")
-        else:
-            print("nothing to do: bronze, silver and gold are up to date with the source")
-        return 0
+        return _run(settings, args)
     if command == "sql":
         from lakehouse import sql
         from lakehouse.storage import Storage
@@ -257,34 +313,130 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
         return 0
     if command == "stream":
-        return _stream(settings, args.action, promote=args.promote)
+        return _stream(settings, args.action, promote=args.promote, setup=args.setup)
     if command in ("features", "train", "models", "serve"):
         return _ml(settings, args)
     if command == "maintain":
-        from lakehouse.maintain import maintain
-        from lakehouse.storage import Storage
-
-        hours = (
-            settings.vacuum_retention_hours
-            if args.retention_hours is None
-            else args.retention_hours
-        )
-        if hours < 0:
-            msg = f"--retention-hours is {hours}; give 0 or more"
-            raise UsageError(msg)
-        storage = Storage.from_settings(settings)
-        storage.check()
-        for r in maintain(storage, retention_hours=hours):
-            print(
-                f"{r.table}: compacted {r.files_removed} files into {r.files_added}, "
-                f"vacuumed {r.vacuumed} files, now version {r.version}"
-            )
-        return 0
+        return _maintain(settings, args)
+    if command == "status":
+        return _status(settings, args.format)
     msg = f"unknown command `{command}`"
     raise UsageError(msg)
 
 
-def _stream(settings: Settings, action: str, *, promote: bool) -> int:
+def _run(settings: Settings, args: argparse.Namespace) -> int:
+    """`lakehouse run`: once, or every N seconds as a service; each run is recorded."""
+    from lakehouse.pipeline import run_pipeline
+    from lakehouse.service import repeat
+    from lakehouse.storage import Storage
+
+    storage = Storage.from_settings(settings)
+    storage.check()
+
+    def step() -> None:
+        try:
+            storage.check()
+            run = run_pipeline(
+                workers=args.workers,
+                scheduler_host=args.scheduler_host,
+                scheduler_port=args.scheduler_port,
+                progress=lambda line: log.event("pipeline.task", line.strip()),
+                debug=args.debug,
+                ml=not args.no_ml,
+                record=storage,
+            )
+        except LakehouseError as exc:
+            if args.every is None:
+                raise
+            log.event(
+                "pipeline.failed",
+                f"error: {exc} (next try in {args.every:g}s)",
+                level="error",
+                error=str(exc),
+            )
+            return
+        if run.ran:
+            log.event(
+                "pipeline.done",
+                f"{len(run.ran)} tasks ran in {run.seconds:.1f}s",
+                tasks=run.ran,
+                seconds=round(run.seconds, 3),
+            )
+        else:
+            log.event(
+                "pipeline.done",
+                "nothing to do: bronze, silver and gold are up to date with the source",
+                tasks=[],
+                seconds=round(run.seconds, 3),
+            )
+
+    repeat(args.every, step)
+    return 0
+
+
+def _maintain(settings: Settings, args: argparse.Namespace) -> int:
+    from lakehouse.maintain import maintain
+    from lakehouse.service import repeat
+    from lakehouse.storage import Storage
+
+    hours = (
+        settings.vacuum_retention_hours if args.retention_hours is None else args.retention_hours
+    )
+    if hours < 0:
+        msg = f"--retention-hours is {hours}; give 0 or more"
+        raise UsageError(msg)
+    storage = Storage.from_settings(settings)
+    storage.check()
+
+    def step() -> None:
+        try:
+            for r in maintain(storage, retention_hours=hours):
+                log.event(
+                    "maintain.table",
+                    f"{r.table}: compacted {r.files_removed} files into {r.files_added}, "
+                    f"vacuumed {r.vacuumed} files, now version {r.version}",
+                    table=r.table,
+                    files_removed=r.files_removed,
+                    files_added=r.files_added,
+                    vacuumed=r.vacuumed,
+                    version=r.version,
+                )
+        except LakehouseError as exc:
+            if args.every is None:
+                raise
+            log.event(
+                "maintain.failed",
+                f"error: {exc} (next try in {args.every:g}s)",
+                level="error",
+                error=str(exc),
+            )
+
+    repeat(args.every, step)
+    return 0
+
+
+def _status(settings: Settings, fmt: str) -> int:
+    import json
+
+    from lakehouse import status
+    from lakehouse.storage import Storage
+
+    storage = Storage.from_settings(settings)
+    storage.check(create_bucket=False)
+    state = status.collect(settings, storage)
+    if fmt == "json":
+        text = json.dumps(state.to_dict(), default=_json_default, indent=2) + "\n"
+    else:
+        text = status.render(state)
+    sys.stdout.write(log.redact(text))
+    return 0
+
+
+def _json_default(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def _stream(settings: Settings, action: str, *, promote: bool, setup: bool = False) -> int:
     from lakehouse.storage import Storage
 
     try:
@@ -294,22 +446,34 @@ def _stream(settings: Settings, action: str, *, promote: bool) -> int:
         raise UsageError(msg) from None
     storage = Storage.from_settings(settings)
     storage.check()
-    if action == "setup":
+    if action == "setup" or (action == "run" and setup):
         for r in stream_setup.setup(settings, storage):
             if r.created:
-                print(
+                log.event(
+                    "stream.setup",
                     f"{r.table}: slot {r.slot} created; snapshot of {r.snapshot_rows:,} rows "
-                    f"landed in bronze.{r.table} at LSN {_lsn(r.snapshot_lsn)}"
+                    f"landed in bronze.{r.table} at LSN {_lsn(r.snapshot_lsn)}",
+                    table=r.table,
+                    slot=r.slot,
+                    snapshot_rows=r.snapshot_rows,
                 )
             else:
                 at = _lsn(r.snapshot_lsn)
-                print(f"{r.table}: slot {r.slot} already set up (snapshot at LSN {at})")
-        return 0
+                log.event(
+                    "stream.setup",
+                    f"{r.table}: slot {r.slot} already set up (snapshot at LSN {at})",
+                    table=r.table,
+                    slot=r.slot,
+                )
+        if action == "setup":
+            return 0
     if action == "teardown":
         dropped = stream_setup.teardown(settings, storage)
-        print(
+        log.event(
+            "stream.teardown",
             ("dropped slots " + ", ".join(dropped) if dropped else "no slots to drop")
-            + "; batch extraction feeds bronze again"
+            + "; batch extraction feeds bronze again",
+            slots=dropped,
         )
         return 0
     if action == "status":
@@ -346,7 +510,7 @@ def _stream(settings: Settings, action: str, *, promote: bool) -> int:
         return 0
     from stream.run import run_stream
 
-    run_stream(settings, storage, promote=promote, progress=print)
+    run_stream(settings, storage, promote=promote, progress=lambda line: log.event("stream", line))
     return 0
 
 
@@ -378,7 +542,16 @@ def _ml(settings: Settings, args: argparse.Namespace) -> int:
 
         from lakehouse.serve import create_app
 
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level="warning")
+        app = create_app(settings)
+        log.event(
+            "serve.start",
+            f"serving the prediction API on http://{args.host}:{args.port} (docs at /docs)",
+            host=args.host,
+            port=args.port,
+        )
+        # In JSON, uvicorn's records go through the root logger's JSON handler.
+        log_config = None if log.is_json() else uvicorn.config.LOGGING_CONFIG
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", log_config=log_config)
     return 0
 
 

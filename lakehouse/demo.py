@@ -62,7 +62,7 @@ def demo(
             f"applications with COPY ({time.monotonic() - step:.1f}s)"
         )
     say("[3/4] running the Luigi pipeline (bronze -> silver -> gold -> Feast -> model)")
-    run = run_pipeline(workers=workers, progress=say, debug=debug)
+    run = run_pipeline(workers=workers, progress=say, debug=debug, record=storage)
     if run.ran:
         say(f"      {len(run.ran)} tasks ran in {run.seconds:.1f}s")
     else:

@@ -92,6 +92,11 @@ def repo_path() -> Path:
     return Path(feature_repo.__file__).resolve().parent
 
 
+def online_dsn(settings: Settings) -> str:
+    """Return the DSN of Feast's Postgres online store: its own, or the source's."""
+    return settings.feast_pg_dsn.get() or source_dsn(settings)
+
+
 def feast_env(settings: Settings) -> dict[str, str]:
     """Return the environment Feast needs: what its YAML expands, what the repo reads."""
     env = {"LAKEHOUSE_HOME": str(settings.home), "LAKEHOUSE_STORAGE_URI": settings.warehouse}
@@ -103,7 +108,7 @@ def feast_env(settings: Settings) -> dict[str, str]:
             "LAKEHOUSE_S3_SECRET_ACCESS_KEY": settings.s3_secret_access_key.get(),
         }
     if settings.feast_online_store == "postgres":
-        info = conninfo_to_dict(source_dsn(settings))
+        info = conninfo_to_dict(online_dsn(settings))
 
         def quoted(value: object) -> str:  # inside single quotes in the YAML
             return str(value).replace("'", "''")

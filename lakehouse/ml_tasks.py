@@ -45,7 +45,11 @@ def apply(settings: Settings, storage: Storage) -> list[str]:
 def _online_store(settings: Settings) -> str:
     """Name the online store the state file speaks of (switching stores reloads all)."""
     if settings.feast_online_store == "postgres":
-        return f"postgres:{settings.pg_schema}_online"
+        from psycopg.conninfo import conninfo_to_dict
+
+        info = conninfo_to_dict(features.online_dsn(settings))  # no password in the name
+        where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
+        return f"postgres:{where}/{settings.pg_schema}_online"
     return f"sqlite:{settings.home / 'feast' / 'online_store.db'}"
 
 
@@ -57,6 +61,11 @@ def _state(settings: Settings) -> dict[str, Any] | None:
     if state.get("online_store") != _online_store(settings):
         return None
     return state
+
+
+def materialized_state(settings: Settings) -> dict[str, Any] | None:
+    """Return what the last materialization into this online store recorded, if any."""
+    return _state(settings)
 
 
 def materialized(settings: Settings, storage: Storage) -> bool:

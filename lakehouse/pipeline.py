@@ -10,7 +10,9 @@ from typing import Any
 import luigi
 import luigi.execution_summary
 
+from lakehouse import log
 from lakehouse.errors import LakehouseError, PipelineError
+from lakehouse.storage import Storage
 
 
 @dataclass
@@ -30,11 +32,53 @@ def run_pipeline(
     progress: Callable[[str], None] | None = None,
     debug: bool = False,
     ml: bool = True,
+    record: Storage | None = None,
 ) -> PipelineRun:
     """Build `tasks.Pipeline`; raise `PipelineError` naming the first failed task.
 
-    With `ml`, the pipeline goes on to Feast (apply, materialize) and training.
+    With `ml`, the pipeline goes on to Feast (apply, materialize) and training. With
+    `record`, the run's outcome is appended to `_meta.pipeline_runs` there (for `lakehouse
+    status`), failed runs included; a failure to record only warns.
     """
+    from lakehouse import runs
+
+    started = runs.now()
+    outcome, ran, error = "failed", [], None
+    try:
+        run = _run(
+            workers=workers,
+            scheduler_host=scheduler_host,
+            scheduler_port=scheduler_port,
+            progress=progress,
+            debug=debug,
+            ml=ml,
+        )
+        outcome, ran = ("ran" if run.ran else "up to date"), run.ran
+        return run
+    except LakehouseError as exc:
+        error = str(exc)
+        raise
+    finally:
+        if record is not None:
+            try:
+                runs.record(record, runs.RunRecord(started, runs.now(), outcome, ran, error))
+            except Exception as exc:  # the run's own outcome matters more
+                log.event(
+                    "pipeline.record_failed",
+                    f"warning: could not record the run in _meta.pipeline_runs: {exc}",
+                    level="warning",
+                )
+
+
+def _run(
+    *,
+    workers: int,
+    scheduler_host: str | None,
+    scheduler_port: int | None,
+    progress: Callable[[str], None] | None,
+    debug: bool,
+    ml: bool,
+) -> PipelineRun:
     import tasks
 
     failures: list[str] = []

@@ -80,7 +80,9 @@ class Settings:
     duckdb_memory: str = "2GB"
     """DuckDB's memory limit; larger queries spill to `<home>/duckdb_tmp`."""
     feast_online_store: str = "sqlite"
-    """Feast's online store: `sqlite` (under `<home>/feast`) or `postgres` (the source)."""
+    """Feast's online store: `sqlite` (under `<home>/feast`) or `postgres`."""
+    feast_pg_dsn: Secret = field(default_factory=lambda: Secret(""))
+    """With `postgres`: the online store's server and role; empty means LAKEHOUSE_PG_DSN."""
     model_threshold: float = 0.5
     """Probability above which `lakehouse serve` answers `approve`."""
     stream_batch_rows: int = 100_000
@@ -89,6 +91,8 @@ class Settings:
     """CDC: a micro-batch closes this long after its first change (between transactions)."""
     stream_heartbeat_seconds: float = 5.0
     """CDC: while a table is idle, record the slot's position this often (a Delta commit)."""
+    log_format: str = "text"
+    """`text` (lines for people) or `json` (one JSON object per event); `--log-format`."""
 
     @property
     def warehouse(self) -> str:
@@ -161,11 +165,22 @@ class Settings:
                     "give a URL like `http://localhost:9000`"
                 )
                 raise ConfigError(msg)
-        dsn = self.pg_dsn.get()
-        if dsn and not dsn.startswith(("postgresql://", "postgres://")) and "=" not in dsn:
+        for var, secret in (
+            ("LAKEHOUSE_PG_DSN", self.pg_dsn),
+            ("LAKEHOUSE_FEAST_PG_DSN", self.feast_pg_dsn),
+        ):
+            dsn = secret.get()
+            if dsn and not dsn.startswith(("postgresql://", "postgres://")) and "=" not in dsn:
+                msg = (
+                    f"{var} is not a Postgres connection string; use "
+                    "`postgresql://user:password@host:port/dbname` or `host=... dbname=...`"
+                )
+                raise ConfigError(msg)
+        if self.feast_pg_dsn and self.feast_online_store != "postgres":
             msg = (
-                "LAKEHOUSE_PG_DSN is not a Postgres connection string; use "
-                "`postgresql://user:password@host:port/dbname` or `host=... dbname=...`"
+                "LAKEHOUSE_FEAST_PG_DSN is set but LAKEHOUSE_FEAST_ONLINE_STORE is "
+                f"`{self.feast_online_store}`; set LAKEHOUSE_FEAST_ONLINE_STORE=postgres or "
+                "unset the DSN"
             )
             raise ConfigError(msg)
 
@@ -208,7 +223,12 @@ def _parse(var: str, name: str, raw: str) -> Any:
             msg = f"{var} is `{raw}`; give a probability between 0 and 1"
             raise ConfigError(msg)
         return probability
-    if name in ("s3_secret_access_key", "pg_dsn"):
+    if name == "log_format":
+        if raw not in ("text", "json"):
+            msg = f"{var} is `{raw}`; use `text` or `json`"
+            raise ConfigError(msg)
+        return raw
+    if name in ("s3_secret_access_key", "pg_dsn", "feast_pg_dsn"):
         return Secret(raw)
     if name == "duckdb_memory":
         if not re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)", raw, re.IGNORECASE):

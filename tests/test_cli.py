@@ -185,7 +185,11 @@ def test_bad_setting(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-de
             ["seed", "--rows", "200000000"],
             "--rows is 200000000; give a whole number from 1 to 100,000,000",
         ),
-        (["simulate", "--rate", "10"], "--rate and --duration go together: give both"),
+        (["simulate", "--duration", "10"], "--duration needs --rate: give the changes per second"),
+        (
+            ["simulate", "--changes", "5", "--rate", "10"],
+            "give either --changes or --rate (with or without --duration), not both",
+        ),
         (["sql", "DROP TABLE silver.applicants"], "`lakehouse sql` is read-only: a DROP statement"),
         (["frobnicate"], "lakehouse: argument command: invalid choice: 'frobnicate'"),
     ],

@@ -32,8 +32,13 @@ def test_reads_every_variable() -> None:
             "LAKEHOUSE_SEED": "7",
             "LAKEHOUSE_VACUUM_RETENTION_HOURS": "24",
             "LAKEHOUSE_DUCKDB_MEMORY": "512MB",
+            "LAKEHOUSE_FEAST_ONLINE_STORE": "postgres",
+            "LAKEHOUSE_FEAST_PG_DSN": "postgresql://features:fp@h:5432/db",
+            "LAKEHOUSE_LOG_FORMAT": "json",
         }
     )
+    assert settings.feast_pg_dsn.get() == "postgresql://features:fp@h:5432/db"
+    assert settings.log_format == "json" and settings.feast_online_store == "postgres"
     assert settings.is_s3 and settings.s3_region == "eu-west-1"
     assert settings.pg_dsn.get() == "postgresql://u:p@h:5432/db"
     assert settings.batch_rows == 10_000 and settings.seed == 7
@@ -81,6 +86,16 @@ def test_secrets_never_show() -> None:
         (
             {"LAKEHOUSE_PG_SCHEMA": "drop table"},
             "LAKEHOUSE_PG_SCHEMA is `drop table`; use letters, digits and underscores only",
+        ),
+        ({"LAKEHOUSE_LOG_FORMAT": "xml"}, "LAKEHOUSE_LOG_FORMAT is `xml`; use `text` or `json`"),
+        (
+            {"LAKEHOUSE_FEAST_PG_DSN": "not a dsn", "LAKEHOUSE_FEAST_ONLINE_STORE": "postgres"},
+            "LAKEHOUSE_FEAST_PG_DSN is not a Postgres connection string",
+        ),
+        (
+            {"LAKEHOUSE_FEAST_PG_DSN": "postgresql://f:pw@h/db"},
+            "LAKEHOUSE_FEAST_PG_DSN is set but LAKEHOUSE_FEAST_ONLINE_STORE is `sqlite`; set "
+            "LAKEHOUSE_FEAST_ONLINE_STORE=postgres or unset the DSN",
         ),
     ],
 )

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -187,15 +189,23 @@ def simulate(
     duration: float | None = None,
     batch_size: int = 100,
     seed: int = 42,
+    stop: threading.Event | None = None,
+    report: Callable[[SimulationResult], None] | None = None,
+    report_every: float = 60.0,
 ) -> SimulationResult:
-    """Write `changes` changes as fast as possible, or `rate` a second for `duration` seconds."""
+    """Write `changes` changes as fast as possible, or `rate` a second.
+
+    At a rate, it runs for `duration` seconds, or without one until `stop` is set (the
+    change stream of a long-running demo); `report` gets the running totals every
+    `report_every` seconds.
+    """
     if changes is None and rate is None:
         changes = 1_000
     if changes is not None and changes < 1:
         msg = f"--changes is {changes}; give a whole number of at least 1"
         raise UsageError(msg)
-    if rate is not None and (rate <= 0 or duration is None or duration <= 0):
-        msg = "--rate needs a positive rate and a positive --duration in seconds"
+    if rate is not None and (rate <= 0 or (duration is not None and duration <= 0)):
+        msg = "--rate needs a positive rate (and --duration, if given, positive seconds)"
         raise UsageError(msg)
     if batch_size < 1:
         msg = f"--batch-size is {batch_size}; give a whole number of at least 1"
@@ -205,20 +215,32 @@ def simulate(
     start = time.monotonic()
     if changes is not None:
         left = changes
-        while left > 0:
+        while left > 0 and not (stop and stop.is_set()):
             size = min(batch_size, left)
             result.counts.update(sim.batch(size))
             result.transactions += 1
             left -= size
     else:
-        assert rate is not None and duration is not None
+        assert rate is not None
         per_tick = max(1, round(rate / 10))
         tick = per_tick / rate
         next_at = start
-        while time.monotonic() - start < duration:
+        next_report = start + report_every
+        while duration is None or time.monotonic() - start < duration:
+            if stop is not None and stop.is_set():
+                break
             result.counts.update(sim.batch(per_tick))
             result.transactions += 1
             next_at += tick
-            time.sleep(max(0.0, next_at - time.monotonic()))
+            now = time.monotonic()
+            if report is not None and now >= next_report:
+                result.seconds = now - start
+                report(result)
+                next_report += report_every
+            pause = max(0.0, next_at - time.monotonic())
+            if stop is not None:
+                stop.wait(pause)
+            else:
+                time.sleep(pause)
     result.seconds = time.monotonic() - start
     return result

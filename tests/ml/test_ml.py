@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -276,41 +277,84 @@ def test_batched_sqlite_writer_writes_what_feasts_writer_writes(lake: Lake, tmp_
 # The online store does not depend on where the tables live: local disk only.
 @pytest.mark.parametrize("lake", ["local"], indirect=True)
 def test_postgres_online_store_serves_the_latest_gold_values(lake: Lake) -> None:
-    """LAKEHOUSE_FEAST_ONLINE_STORE=postgres: apply creates its tables in the source server,
-    materialize fills them, and online reads equal the latest gold rows."""
-    settings = replace(lake.settings, feast_online_store="postgres")
-    store = features.feature_store(settings, lake.storage)
-    assert type(store.config.online_store).__name__ == "PostgreSQLOnlineStoreConfig"
-    online_schema = f"{settings.pg_schema}_online"
+    """LAKEHOUSE_FEAST_ONLINE_STORE=postgres with its own DSN (LAKEHOUSE_FEAST_PG_DSN), as in
+    the compose demo: a features role that owns only the online schema applies and
+    materializes, a serving role that may only SELECT reads, and the values read equal the
+    latest gold rows."""
+    from psycopg.conninfo import make_conninfo
+    from psycopg.sql import SQL, Identifier
+
+    admin = lake.settings.pg_dsn.get()
+    online_schema = f"{lake.settings.pg_schema}_online"
+    writer, reader = f"{lake.settings.pg_schema}_features", f"{lake.settings.pg_schema}_serving"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        for role, password in ((writer, "w'pass word"), (reader, "r-pass")):
+            conn.execute(
+                SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+                    Identifier(role), psycopg.sql.Literal(password)
+                )
+            )
+        conn.execute(
+            SQL("CREATE SCHEMA {} AUTHORIZATION {}").format(
+                Identifier(online_schema), Identifier(writer)
+            )
+        )
+        conn.execute(
+            SQL("GRANT USAGE ON SCHEMA {} TO {}").format(
+                Identifier(online_schema), Identifier(reader)
+            )
+        )
+        conn.execute(
+            SQL(
+                "ALTER DEFAULT PRIVILEGES FOR ROLE {} IN SCHEMA {} GRANT SELECT ON TABLES TO {}"
+            ).format(Identifier(writer), Identifier(online_schema), Identifier(reader))
+        )
+
+    def as_role(role: str, password: str) -> Settings:
+        dsn = make_conninfo(admin, user=role, password=password)
+        return replace(lake.settings, feast_online_store="postgres", feast_pg_dsn=Secret(dsn))
+
     try:
+        store = features.feature_store(as_role(writer, "w'pass word"), lake.storage)
+        assert type(store.config.online_store).__name__ == "PostgreSQLOnlineStoreConfig"
         features.apply(store)
         features.materialize(store, None)
-        with psycopg.connect(settings.pg_dsn.get()) as conn:
-            tables = {
-                r[0]
-                for r in conn.execute(
-                    "SELECT table_name FROM information_schema.tables WHERE table_schema = %s",
+        with psycopg.connect(admin) as conn:
+            owners = dict(
+                conn.execute(
+                    "SELECT tablename, tableowner FROM pg_tables WHERE schemaname = %s",
                     (online_schema,),
-                )
-            }
-        assert "lakehouse_application_features" in tables, tables
+                ).fetchall()
+            )
+        assert owners.get("lakehouse_application_features") == writer, owners
+        assert set(owners.values()) == {writer}
+        serving = features.feature_store(as_role(reader, "r-pass"), lake.storage)
         apps = read(lake.storage, "gold", "application_features")
         latest = apps.sort("event_timestamp").group_by("application_id").last()
         sample = latest.sort("application_id").tail(25)
-        online = store.get_online_features(
+        online = serving.get_online_features(
             features=[f"application_features:{n}" for n in FEATURES + APPLICANT],
             entity_rows=[{"application_id": int(i)} for i in sample["application_id"]],
         ).to_dict()
         for name in FEATURES + APPLICANT:
             for a, b in zip(online[name], sample[name].to_list(), strict=True):
                 assert _same(a, b), (name, a, b)
-    finally:
-        with psycopg.connect(settings.pg_dsn.get(), autocommit=True) as conn:
+        with (
+            psycopg.connect(make_conninfo(admin, user=reader, password="r-pass")) as conn,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+        ):
             conn.execute(
-                psycopg.sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
-                    psycopg.sql.Identifier(online_schema)
+                SQL("DELETE FROM {}").format(
+                    Identifier(online_schema, "lakehouse_application_features")
                 )
             )
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(Identifier(online_schema)))
+            for role in (writer, reader):
+                with contextlib.suppress(psycopg.errors.UndefinedObject):
+                    conn.execute(SQL("DROP OWNED BY {}").format(Identifier(role)))
+                conn.execute(SQL("DROP ROLE IF EXISTS {}").format(Identifier(role)))
         # The environment and the registry's infrastructure back to SQLite.
         features.apply(features.feature_store(lake.settings, lake.storage))
 

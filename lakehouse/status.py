@@ -1,0 +1,361 @@
+"""`lakehouse status`: tables, freshness against the source, the CDC slots, the last runs.
+
+Each section is read on its own: a section that cannot be read (Postgres down, no stream
+set up) says why in its place and the others are still shown.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from lakehouse import catalog, runs
+from lakehouse.errors import LakehouseError
+from lakehouse.settings import Settings
+from lakehouse.source.schema import TABLES
+from lakehouse.storage import Storage
+
+
+@dataclass
+class SourceTable:
+    """A source table's size and newest change."""
+
+    table: str
+    rows: int
+    newest_change: datetime | None
+
+
+@dataclass
+class TableState:
+    """A Delta table with what it holds of the source."""
+
+    table: str
+    version: int
+    rows: int
+    size_bytes: int
+    last_update: datetime | None
+    newest_change: datetime | None = None
+    """The newest source `updated_at` the table holds (from the file statistics)."""
+    behind_seconds: float | None = None
+    """How much newer the source's newest change is; 0 when the table holds it."""
+    current: bool | None = None
+    """Whether the step that writes the table has nothing left to take in."""
+
+
+@dataclass
+class Status:
+    """Everything `lakehouse status` shows; a section that failed holds its error instead."""
+
+    at: datetime
+    warehouse: str
+    source: list[SourceTable] = field(default_factory=list)
+    source_error: str | None = None
+    tables: list[TableState] = field(default_factory=list)
+    tables_error: str | None = None
+    stream: list[dict[str, Any]] = field(default_factory=list)
+    stream_error: str | None = None
+    runs: list[runs.RunRecord] = field(default_factory=list)
+    runs_error: str | None = None
+    features: dict[str, Any] = field(default_factory=dict)
+    features_error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict (`--format json`)."""
+        out = asdict(self)
+        out["runs"] = [{**asdict(r), "seconds": round(r.seconds, 3)} for r in self.runs]
+        return out
+
+
+def _error(exc: BaseException) -> str:
+    if isinstance(exc, LakehouseError):
+        return str(exc)
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def collect(settings: Settings, storage: Storage) -> Status:
+    """Read every section."""
+    status = Status(at=datetime.now(UTC), warehouse=storage.root)
+    try:
+        status.source = _source(settings)
+    except Exception as exc:
+        status.source_error = _error(exc)
+    try:
+        status.tables = _tables(settings, storage, status.source)
+    except Exception as exc:
+        status.tables_error = _error(exc)
+    try:
+        status.stream = _stream(settings, storage)
+    except Exception as exc:
+        status.stream_error = _error(exc)
+    try:
+        status.runs = runs.recent(storage)
+    except Exception as exc:
+        status.runs_error = _error(exc)
+    try:
+        status.features = _features(settings, storage)
+    except Exception as exc:
+        status.features_error = _error(exc)
+    return status
+
+
+def _source(settings: Settings) -> list[SourceTable]:
+    from psycopg import sql
+
+    from lakehouse.source.schema import connect, ident
+    from lakehouse.zones.bronze import require_source
+
+    out = []
+    with connect(settings, autocommit=True) as conn:
+        require_source(conn, settings.pg_schema)
+        for table in TABLES:
+            query = sql.SQL("SELECT count(*), max(updated_at) FROM {}").format(
+                ident(settings.pg_schema, table)
+            )
+            row = conn.execute(query).fetchone()
+            assert row is not None
+            out.append(SourceTable(table, int(row[0]), row[1]))
+    return out
+
+
+def _base_table(zone: str, name: str) -> str | None:
+    """Return the source table a bronze/silver table follows, if it follows one."""
+    if zone not in ("bronze", "silver") or name.endswith("_rejected"):
+        return None
+    for suffix in ("_history", "_changes", ""):
+        base = name.removesuffix(suffix) if suffix else name
+        if base in TABLES:
+            return base
+    return None
+
+
+def _tables(settings: Settings, storage: Storage, source: list[SourceTable]) -> list[TableState]:
+    from lakehouse.zones import bronze, gold, silver
+
+    newest_in_source = {s.table: s.newest_change for s in source}
+    checked: dict[tuple[str, str], bool | None] = {}
+
+    def current(zone: str, producer: str) -> bool | None:
+        if (zone, producer) not in checked:
+            try:
+                if zone == "bronze":
+                    checked[zone, producer] = bronze.is_current(settings, storage, producer)
+                elif zone == "silver":
+                    checked[zone, producer] = silver.is_current(storage, producer)
+                else:
+                    checked[zone, producer] = gold.is_current(storage, producer)
+            except Exception:  # the source is down: its own section says so
+                checked[zone, producer] = None
+        return checked[zone, producer]
+
+    out = []
+    for info in catalog.describe(storage):
+        state = TableState(
+            table=f"{info.zone}.{info.name}",
+            version=info.version,
+            rows=info.rows,
+            size_bytes=info.size_bytes,
+            last_update=info.last_update,
+        )
+        base = _base_table(info.zone, info.name)
+        if base is not None:
+            state.newest_change = _newest_change(storage, info.zone, info.name)
+            source_newest = newest_in_source.get(base)
+            if source_newest is not None and state.newest_change is not None:
+                # File statistics keep milliseconds: compare at that precision.
+                source_ms = source_newest.replace(
+                    microsecond=source_newest.microsecond // 1000 * 1000
+                )
+                behind = (source_ms - state.newest_change).total_seconds()
+                state.behind_seconds = max(0.0, behind)
+            if not info.name.endswith("_changes"):
+                state.current = current(info.zone, base)
+        elif info.zone == "gold":
+            state.current = current("gold", info.name)
+        out.append(state)
+    return out
+
+
+def _newest_change(storage: Storage, zone: str, name: str) -> datetime | None:
+    """Read the newest `updated_at` from the files' statistics (no data scan)."""
+    adds = pa.table(storage.table(zone, name).get_add_actions(flatten=True))
+    column = "max.updated_at"
+    if column not in adds.column_names or adds.num_rows == 0:
+        return None
+    value = pc.max(adds[column]).as_py()
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def _stream(settings: Settings, storage: Storage) -> list[dict[str, Any]]:
+    from stream import setup as stream_setup
+
+    rows = []
+    for t in stream_setup.status(settings, storage):
+        if not t.slot_exists and not t.changes:
+            continue
+        rows.append(
+            {
+                "table": t.table,
+                "slot": t.slot if t.slot_exists else None,
+                "active": t.active,
+                "wal_status": t.wal_status,
+                "lag_bytes": t.lag_bytes,
+                "confirmed_lsn": t.confirmed_lsn,
+                "landed_lsn": t.landed_lsn,
+                "changes": t.changes,
+                "since_last_change_seconds": t.freshness_seconds,
+            }
+        )
+    return rows
+
+
+def _features(settings: Settings, storage: Storage) -> dict[str, Any]:
+    from lakehouse import ml_tasks, models
+
+    state = ml_tasks.materialized_state(settings)
+    registry = models.Registry(storage)
+    versions = registry.versions()
+    out: dict[str, Any] = {
+        "online_store": settings.feast_online_store,
+        "materialized_up_to": state.get("end") if state else None,
+        "online_store_current": ml_tasks.materialized(settings, storage) if state else False,
+        "model_version": versions[-1] if versions else None,
+        "model_current": ml_tasks.trained(settings, storage) if versions else False,
+    }
+    if versions:
+        import json
+
+        metrics = json.loads(registry.get(versions[-1], "metrics.json"))
+        out["model_summary"] = models.summary(metrics)
+    return out
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def _when(value: datetime | None) -> str:
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S") if value else ""
+
+
+def _yes(value: bool | None) -> str:
+    return "" if value is None else ("yes" if value else "NO")
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m"
+    return f"{seconds / 3600:.1f}h"
+
+
+def render(status: Status) -> str:
+    """Render the status as one screen of aligned tables."""
+    from lakehouse.sql import QueryResult
+    from lakehouse.sql import render as table
+
+    parts = [f"lakehouse status at {_when(status.at)} UTC, warehouse {status.warehouse}\n"]
+    parts.append("\nSource (Postgres)\n")
+    if status.source_error:
+        parts.append(f"  unavailable: {status.source_error}\n")
+    else:
+        rows: list[tuple[Any, ...]] = [
+            (s.table, f"{s.rows:,}", _when(s.newest_change)) for s in status.source
+        ]
+        parts.append(table(QueryResult(["table", "rows", "newest change UTC"], rows)))
+
+    parts.append("\nTables\n")
+    if status.tables_error:
+        parts.append(f"  unavailable: {status.tables_error}\n")
+    elif not status.tables:
+        parts.append("  no tables yet; run `lakehouse run`\n")
+    else:
+        rows = [
+            (
+                t.table,
+                t.version,
+                f"{t.rows:,}",
+                catalog.human_size(t.size_bytes),
+                _when(t.last_update),
+                _when(t.newest_change),
+                _ago(t.behind_seconds),
+                _yes(t.current),
+            )
+            for t in status.tables
+        ]
+        header = [
+            "table",
+            "version",
+            "rows",
+            "size",
+            "last update UTC",
+            "newest change UTC",
+            "behind source",
+            "current",
+        ]
+        parts.append(table(QueryResult(header, rows)))
+
+    parts.append("\nCDC stream\n")
+    if status.stream_error:
+        parts.append(f"  unavailable: {status.stream_error}\n")
+    elif not status.stream:
+        parts.append("  no replication slots: batch extraction feeds bronze\n")
+    else:
+        rows = [
+            (
+                s["table"],
+                s["slot"] or "(dropped)",
+                "yes" if s["active"] else "no",
+                "" if s["lag_bytes"] is None else f"{s['lag_bytes']:,}",
+                s["landed_lsn"] or "",
+                f"{s['changes']:,}",
+                _ago(s["since_last_change_seconds"]),
+            )
+            for s in status.stream
+        ]
+        header = ["table", "slot", "active", "lag bytes", "landed LSN", "changes", "last change"]
+        parts.append(table(QueryResult(header, rows)))
+
+    parts.append("\nPipeline runs (newest first)\n")
+    if status.runs_error:
+        parts.append(f"  unavailable: {status.runs_error}\n")
+    elif not status.runs:
+        parts.append("  none recorded yet (`lakehouse run` records its runs)\n")
+    else:
+        rows = [
+            (
+                _when(r.started_at),
+                f"{r.seconds:.1f}s",
+                r.outcome,
+                len(r.tasks),
+                (r.error or "")[:80],
+            )
+            for r in status.runs
+        ]
+        parts.append(table(QueryResult(["started UTC", "took", "outcome", "tasks", "error"], rows)))
+
+    parts.append("\nFeatures and model\n")
+    if status.features_error:
+        parts.append(f"  unavailable: {status.features_error}\n")
+    else:
+        f = status.features
+        upto = f.get("materialized_up_to") or "never materialized"
+        parts.append(
+            f"  online store ({f['online_store']}): values up to {upto}; "
+            f"current: {_yes(f['online_store_current'])}\n"
+        )
+        if f.get("model_version"):
+            parts.append(
+                f"  model {f['model_version']}, current: {_yes(f['model_current'])}\n"
+                f"    {f.get('model_summary', '')}\n"
+            )
+        else:
+            parts.append("  no model yet; run `lakehouse train` or `lakehouse run`\n")
+    return "".join(parts)

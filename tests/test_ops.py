@@ -1,0 +1,275 @@
+"""Operations: `lakehouse status`, long-running commands, run records and JSON logs.
+
+Every command runs as the compose services run it: a separate process, stopped by SIGTERM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from lakehouse import log
+from lakehouse.settings import Settings
+from lakehouse.source.embedded import free_port
+from tests.conftest import env_for
+from tests.helpers import seeded
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(settings: Settings, **extra: str) -> dict[str, str]:
+    return {**os.environ, **env_for(settings), "PYTHONPATH": str(ROOT), **extra}
+
+
+def lakehouse(
+    settings: Settings, *args: str, timeout: float = 300, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "lakehouse.cli", *args],
+        capture_output=True,
+        text=True,
+        env=_env(settings, **extra),
+        cwd=ROOT,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@contextmanager
+def service(settings: Settings, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """A long-running `lakehouse` command, like a compose service; killed if left running."""
+    child = subprocess.Popen(
+        [sys.executable, "-m", "lakehouse.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(settings),
+        cwd=ROOT,
+    )
+    try:
+        yield child
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.communicate()
+
+
+def stop(child: subprocess.Popen[str], timeout: float = 120) -> tuple[int, str, str]:
+    """SIGTERM, as `docker compose stop` sends; return the exit code and the output."""
+    child.send_signal(signal.SIGTERM)
+    out, err = child.communicate(timeout=timeout)
+    return child.returncode, out, err
+
+
+def status(settings: Settings) -> dict[str, Any]:
+    result = lakehouse(settings, "status", "--format", "json")
+    assert result.returncode == 0, result.stderr
+    document: dict[str, Any] = json.loads(result.stdout)
+    return document
+
+
+def wait_until(check: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+
+
+def source_counts(settings: Settings) -> dict[str, int]:
+    with psycopg.connect(settings.pg_dsn.get()) as conn:
+        return {
+            t: conn.execute(f'SELECT count(*) FROM "{settings.pg_schema}".{t}').fetchone()[0]  # type: ignore[index]
+            for t in ("applicants", "loan_applications")
+        }
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """Parse output that must be JSON lines only, each with the common fields."""
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    for record in records:
+        assert {"ts", "level", "event", "message"} <= record.keys(), record
+    return records
+
+
+def test_runs_under_live_changes_succeed_are_recorded_and_status_shows_them(
+    settings: Settings,
+) -> None:
+    """The compose demo's situation: the simulator writes while the pipeline runs.
+
+    Every run must succeed (Luigi's run-time re-check of a dependency used to fail the
+    first silver task whenever a change arrived after bronze ran), land in
+    `_meta.pipeline_runs`, and `status` must show the tables caught up afterwards.
+    """
+    seeded(settings, rows=300)
+    with service(settings, "--log-format", "json", "simulate", "--rate", "100") as simulator:
+        time.sleep(1)
+        for _ in range(2):
+            run = lakehouse(settings, "--log-format", "json", "run", "--no-ml")
+            assert run.returncode == 0, run.stderr[-2000:]
+            events = json_lines(run.stdout)
+            assert events[-1]["event"] == "pipeline.done"
+            assert events[-1]["tasks"], events[-1]
+            assert any(e["event"] == "pipeline.task" for e in events)
+        code, out, _ = stop(simulator)
+    assert code == 0
+    done = json_lines(out)[-1]
+    assert done["event"] == "simulate.done" and done["changes"] > 0, done
+    # Caught up: nothing left behind, every table current.
+    assert lakehouse(settings, "run", "--no-ml").returncode == 0
+    state = status(settings)
+    assert [r["outcome"] for r in state["runs"]] == ["ran", "ran", "ran"]
+    assert all(r["error"] is None and r["tasks"] for r in state["runs"])
+    assert {s["table"]: s["rows"] for s in state["source"]} == source_counts(settings)
+    tables = {t["table"]: t for t in state["tables"]}
+    for name in ("bronze.applicants", "silver.applicants", "silver.loan_applications_history"):
+        assert tables[name]["behind_seconds"] == 0, tables[name]
+        assert tables[name]["current"] is True, tables[name]
+    for name in ("application_features", "applicant_features", "approval_rate_daily"):
+        assert tables[f"gold.{name}"]["current"] is True
+    silver_rows = tables["silver.applicants"]["rows"] + tables["silver.applicants_rejected"]["rows"]
+    assert silver_rows >= state["source"][0]["rows"]
+    assert state["stream"] == [] and state["source_error"] is None
+    text = lakehouse(settings, "status")
+    assert text.returncode == 0
+    assert "Pipeline runs (newest first)" in text.stdout
+    assert "no replication slots: batch extraction feeds bronze" in text.stdout
+
+
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
+def test_status_against_a_running_pipeline_and_stream(settings: Settings) -> None:
+    """The compose services at once: stream (--setup --promote), pipeline every 2 s,
+    simulator; status shows the active slots, their lag and the runs, then all catch up and
+    every service stops on SIGTERM with exit code 0."""
+    seeded(settings, rows=300)
+    with (
+        service(settings, "--log-format", "json", "stream", "--setup", "--promote") as stream,
+        service(settings, "--log-format", "json", "run", "--no-ml", "--every", "2") as runner,
+        service(settings, "simulate", "--rate", "50") as simulator,
+    ):
+
+        def live() -> dict[str, Any] | None:
+            state = status(settings)
+            slots = state["stream"]
+            ok = (
+                len(slots) == 2
+                and all(s["active"] and s["changes"] > 0 for s in slots)
+                and any(r["outcome"] == "ran" for r in state["runs"])
+            )
+            return state if ok else None
+
+        state = wait_until(live, 120, "active slots with landed changes and a pipeline run")
+        for slot in state["stream"]:
+            assert isinstance(slot["lag_bytes"], int) and slot["lag_bytes"] >= 0
+            assert slot["landed_lsn"] and slot["slot"].startswith("lakehouse_")
+        assert state["source_error"] is None and state["tables_error"] is None
+        assert {"bronze.applicants_changes", "silver.applicants"} <= {
+            t["table"] for t in state["tables"]
+        }
+        code, _, _ = stop(simulator)
+        assert code == 0
+
+        def caught_up() -> bool:
+            tables = {t["table"]: t for t in status(settings)["tables"]}
+            return all(
+                tables[f"silver.{t}"]["behind_seconds"] == 0
+                for t in ("applicants", "loan_applications")
+            )
+
+        wait_until(caught_up, 120, "silver to hold the source's newest change")
+        code, out, err = stop(runner)
+        assert code == 0, err[-2000:]
+        assert any(e["event"] == "pipeline.done" for e in json_lines(out))
+        code, out, err = stop(stream)
+        assert code == 0, err[-2000:]
+        messages = [e["message"] for e in json_lines(out)]
+        assert any("slot lakehouse_" in m and "created" in m for m in messages), messages
+        assert messages[-1] == "stopped; every change received was landed"
+
+
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
+def test_a_service_survives_failed_runs_records_them_and_stops_cleanly(
+    settings: Settings,
+) -> None:
+    """`run --every`: a failing run is logged and recorded, the next one is tried, and
+    SIGTERM ends the service with exit code 0 (as `maintain --every` does)."""
+    with service(settings, "run", "--no-ml", "--every", "1") as runner:  # nothing seeded
+        wait_until(lambda: len(status(settings)["runs"]) >= 2, 60, "two recorded runs")
+        code, _, err = stop(runner)
+    assert code == 0
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) >= 2
+    assert "the source has no lending tables in schema" in errors[0]
+    assert "(next try in 1s)" in errors[0]
+    runs = status(settings)["runs"]
+    assert {r["outcome"] for r in runs} == {"failed"}
+    assert "run `lakehouse seed`" in runs[0]["error"]
+    with service(settings, "maintain", "--every", "1") as maintainer:
+        time.sleep(3)
+        assert maintainer.poll() is None  # still serving
+        code, out, err = stop(maintainer)
+    assert code == 0, err
+    # The run records are compacted too (one small commit per run otherwise).
+    assert "_meta.pipeline_runs: compacted" in out
+
+
+def test_json_logs_carry_no_secrets(tmp_path: Path) -> None:
+    """An error in JSON is one JSON line on stderr; the DSN's password never appears."""
+    password = "s3cr3t-Pa55"
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("LAKEHOUSE_")},
+        "LAKEHOUSE_HOME": str(tmp_path),
+        "LAKEHOUSE_PG_DSN": f"postgresql://app:{password}@127.0.0.1:{free_port()}/db",
+        "LAKEHOUSE_LOG_FORMAT": "json",
+        "PYTHONPATH": str(ROOT),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "lakehouse.cli", "seed"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode != 0
+    (record,) = json_lines(result.stderr)
+    assert record["level"] == "error" and record["kind"] == "SourceError"
+    assert "Postgres is not reachable at LAKEHOUSE_PG_DSN" in record["message"]
+    assert password not in result.stderr + result.stdout
+    # A usage error is JSON too (the format is known before the arguments are parsed).
+    bad = subprocess.run(
+        [sys.executable, "-m", "lakehouse.cli", "run", "--every", "soon"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert bad.returncode == 2
+    (record,) = json_lines(bad.stderr)
+    assert "argument --every: `soon` is not a number" in record["message"]
+
+
+def test_redact_hides_passwords_in_any_form() -> None:
+    cases = {
+        "postgresql://app:pw-1@db:5432/x": "postgresql://app:****@db:5432/x",
+        "host=db password=pw-2 user=app": "host=db password=**** user=app",
+        "password: 'pw 3'": "password: ****",
+        "aws_secret_access_key=abc/def": "aws_secret_access_key=****",
+        "http://minio:9000/bucket": "http://minio:9000/bucket",
+    }
+    for text, expected in cases.items():
+        assert log.redact(text) == expected
