@@ -160,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="maintain again every SECONDS until SIGTERM/Ctrl-C",
     )
+    # The global options are accepted after the command too (`lakehouse run --debug`).
+    for command_parser in sub.choices.values():
+        command_parser.add_argument(
+            "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+        )
+        command_parser.add_argument(
+            "--log-format",
+            choices=["text", "json"],
+            default=argparse.SUPPRESS,
+            help=argparse.SUPPRESS,
+        )
     return parser
 
 
@@ -390,7 +401,10 @@ def _maintain(settings: Settings, args: argparse.Namespace) -> int:
 
     def step() -> None:
         try:
-            for r in maintain(storage, retention_hours=hours):
+            results = maintain(storage, retention_hours=hours)
+            if not results:
+                log.event("maintain.empty", "no tables yet; run `lakehouse run`")
+            for r in results:
                 log.event(
                     "maintain.table",
                     f"{r.table}: compacted {r.files_removed} files into {r.files_added}, "
@@ -515,12 +529,30 @@ def _stream(settings: Settings, action: str, *, promote: bool, setup: bool = Fal
 
 
 def _ml(settings: Settings, args: argparse.Namespace) -> int:
-    from lakehouse import features, ml_tasks, models
+    from lakehouse import features
     from lakehouse.storage import Storage
 
     features.check_repo_is_shipped()
     storage = Storage.from_settings(settings)
     storage.check()
+    try:
+        return _ml_command(settings, storage, args)
+    except LakehouseError:
+        raise
+    except Exception as exc:  # Feast, the online store, scikit-learn: one line, no traceback
+        if args.debug:
+            raise
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        msg = (
+            f"`lakehouse {args.command}` failed: {type(exc).__name__}: {text}; rerun with "
+            "--debug for the traceback"
+        )
+        raise LakehouseError(msg) from None
+
+
+def _ml_command(settings: Settings, storage: Any, args: argparse.Namespace) -> int:
+    from lakehouse import ml_tasks, models
+
     if args.command == "features" and args.action == "apply":
         names = ml_tasks.apply(settings, storage)
         print(f"registered {len(names)} Feast objects: {', '.join(names)}")

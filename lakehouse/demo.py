@@ -145,8 +145,11 @@ def _predict_through_api(settings: Settings, storage: Storage) -> tuple[int, dic
         deadline = time.monotonic() + 30
         while not server.started:
             if time.monotonic() > deadline:
-                msg = "the prediction API did not start within 30 s"
-                raise RuntimeError(msg)
+                msg = (
+                    "the prediction API did not start within 30 s; rerun `lakehouse demo` (the "
+                    "machine may be busy) or start `lakehouse serve` to see why"
+                )
+                raise LakehouseError(msg)
             time.sleep(0.05)
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/predict",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lakehouse.errors import StorageError
 from lakehouse.storage import Storage
 
 
@@ -32,14 +33,25 @@ def maintain(storage: Storage, *, retention_hours: int) -> list[MaintainResult]:
     results = []
     for zone, name in tables:
         dt = storage.table(zone, name)
-        metrics = dt.optimize.compact()
-        dt.create_checkpoint()
-        vacuumed = dt.vacuum(
-            retention_hours=retention_hours,
-            dry_run=False,
-            enforce_retention_duration=False,
-        )
-        dt.cleanup_metadata()
+        try:
+            metrics = dt.optimize.compact()
+            dt.create_checkpoint()
+            vacuumed = dt.vacuum(
+                retention_hours=retention_hours,
+                dry_run=False,
+                enforce_retention_duration=False,
+            )
+            dt.cleanup_metadata()
+        except Exception as exc:
+            # Most often a writer committed to the table meanwhile: the compaction is
+            # discarded (the data is untouched) and the next run tries again.
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            msg = (
+                f"maintaining {zone}.{name} failed ({text}); the table is unchanged: rerun "
+                "`lakehouse maintain` (a pipeline run committing at the same time is the usual "
+                "cause)"
+            )
+            raise StorageError(msg) from exc
         results.append(
             MaintainResult(
                 table=f"{zone}.{name}",

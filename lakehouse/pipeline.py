@@ -9,6 +9,7 @@ from typing import Any
 
 import luigi
 import luigi.execution_summary
+import luigi.rpc
 
 from lakehouse import log
 from lakehouse.errors import LakehouseError, PipelineError
@@ -118,6 +119,13 @@ def _run(
     start = time.monotonic()
     try:
         result = luigi.build([tasks.Pipeline(ml=ml)], **params)
+    except luigi.rpc.RPCError:
+        port = params.get("scheduler_port")
+        msg = (
+            f"the Luigi scheduler at {scheduler_host}:{port} is not reachable; start "
+            f"`luigid --port {port}` there or fix --scheduler-host/--scheduler-port"
+        )
+        raise PipelineError(msg) from None
     finally:
         for event, handler in handlers:
             luigi.Task._event_callbacks.get(luigi.Task, {}).get(event, set()).discard(handler)
@@ -129,7 +137,14 @@ def _run(
         msg = f"checking what is done failed: {type(first).__name__}: {first}"
         raise PipelineError(msg)
     if failures or summary.get("failed") or summary.get("scheduling_error"):
-        detail = failures[0] if failures else result.summary_text.strip().splitlines()[-1]
+        detail = (
+            failures[0]
+            if failures
+            else (
+                "a task could not be scheduled (its completion check or requirements failed); "
+                "rerun with --debug for Luigi's summary"
+            )
+        )
         raise PipelineError(detail)
     if result.status not in (
         luigi.LuigiStatusCode.SUCCESS,

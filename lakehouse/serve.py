@@ -13,10 +13,11 @@ import threading
 import time
 from typing import Any, Literal
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 
-from lakehouse import features, models
+from lakehouse import features, log, models
 from lakehouse.settings import Settings
 from lakehouse.source.schema import APPLICANTS
 from lakehouse.storage import Storage
@@ -84,6 +85,15 @@ def create_app(settings: Settings) -> FastAPI:
     threadpool_limits(limits=1)
     storage = Storage.from_settings(settings)
     app = FastAPI(title="lakehouse loan approval", version="1")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        # Anything unexpected (the online store down, a corrupt model file): a JSON detail
+        # naming it, without secrets; uvicorn logs the traceback.
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        detail = log.redact(f"internal error: {type(exc).__name__}: {text}; see the server log")
+        return JSONResponse(status_code=500, content={"detail": detail})
+
     lock = threading.Lock()
     # One tuple (version, model, service, checked), replaced whole under the lock: a
     # response never names one model version while scoring with another.

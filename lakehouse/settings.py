@@ -239,7 +239,10 @@ def _parse(var: str, name: str, raw: str) -> Any:
         return Path(raw).expanduser().resolve()
     if name == "pg_schema":
         if not raw.replace("_", "").isalnum() or raw[0].isdigit():
-            msg = f"{var} is `{raw}`; use letters, digits and underscores only"
+            msg = (
+                f"{var} is `{raw}`; use letters, digits and underscores only, not starting "
+                "with a digit"
+            )
             raise ConfigError(msg)
         return raw
     return raw

@@ -123,7 +123,10 @@ class Storage:
         try:
             if not client.bucket_exists(bucket):
                 if not create_bucket:
-                    msg = f"bucket `{bucket}` does not exist at {endpoint}; create it first"
+                    msg = (
+                        f"bucket `{bucket}` does not exist at {endpoint}; `lakehouse run` "
+                        "creates it (or fix LAKEHOUSE_STORAGE_URI)"
+                    )
                     raise StorageError(msg)
                 client.make_bucket(bucket, location=self.s3["region"])
         except StorageError:

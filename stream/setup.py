@@ -90,11 +90,20 @@ def _setup_table(
     name = slot_name(settings.pg_schema, table)
     exists = conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone()
     if not exists:
-        conn.execute(
-            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                sql.Identifier(name), ident(settings.pg_schema, table)
+        try:
+            conn.execute(
+                sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                    sql.Identifier(name), ident(settings.pg_schema, table)
+                )
             )
-        )
+        except psycopg.errors.InsufficientPrivilege as exc:
+            msg = (
+                f"the Postgres user may not create publication {name} ({_first_line(exc)}); "
+                "it needs CREATE on the database and ownership of the table (membership in "
+                f"the owner's role): `GRANT CREATE ON DATABASE <db> TO <user>` and "
+                f"`GRANT <owner of {settings.pg_schema}.{table}> TO <user>`"
+            )
+            raise StreamError(msg) from None
     info = slot_info(conn, name)
     if info is not None and bronze.stream_snapshot_lsn(storage, table):
         return SetupResult(table, name, False, bronze.stream_snapshot_lsn(storage, table), 0)
@@ -202,3 +211,8 @@ def status(settings: Settings, storage: Storage) -> list[TableStatus]:
                 )
             )
     return out
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -7,8 +7,11 @@ skipped without scanning data.
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
+from collections.abc import Callable
 from functools import cache
+from typing import TypeVar
 
 import luigi
 
@@ -43,6 +46,24 @@ if multiprocessing.get_start_method(allow_none=True) != "spawn":
 
 
 COMPLETION_ERRORS: list[BaseException] = []
+T = TypeVar("T", bound=luigi.Task)
+
+
+def _recorded(complete: Callable[[T], bool]) -> Callable[[T], bool]:
+    """Keep a failed completion check's error for `lakehouse run`'s one-line message.
+
+    Luigi itself keeps only the traceback text.
+    """
+
+    @functools.wraps(complete)
+    def check(self: T) -> bool:
+        try:
+            return complete(self)
+        except Exception as exc:
+            COMPLETION_ERRORS.append(exc)
+            raise
+
+    return check
 
 
 @cache
@@ -64,16 +85,11 @@ class _Task(luigi.Task):
         """Tell whether this task's own Delta output is up to date."""
         raise NotImplementedError
 
+    @_recorded
     def complete(self) -> bool:
-        try:
-            return self.output_current() and all(
-                dep.complete() for dep in luigi.task.flatten(self.requires())
-            )
-        except Exception as exc:
-            # Luigi keeps only the traceback text of a failed completion check; keep the
-            # error itself so `lakehouse run` can print its one-line message.
-            COMPLETION_ERRORS.append(exc)
-            raise
+        return self.output_current() and all(
+            dep.complete() for dep in luigi.task.flatten(self.requires())
+        )
 
 
 class IngestBronze(_Task):
@@ -138,6 +154,7 @@ class BuildGold(_Task):
 class ApplyFeatures(luigi.Task):
     """Register the Feast repository (`feast apply`); complete once the service exists."""
 
+    @_recorded
     def complete(self) -> bool:
         from lakehouse import ml_tasks
 
@@ -155,6 +172,7 @@ class Materialize(luigi.Task):
     def requires(self) -> list[luigi.Task]:
         return [ApplyFeatures(), *[BuildGold(name=n) for n in sorted(GOLD)]]
 
+    @_recorded
     def complete(self) -> bool:
         from lakehouse import ml_tasks
 
@@ -172,6 +190,7 @@ class BuildTrainingSet(luigi.Task):
     def requires(self) -> list[luigi.Task]:
         return [ApplyFeatures(), *[BuildGold(name=n) for n in sorted(GOLD)]]
 
+    @_recorded
     def complete(self) -> bool:
         from lakehouse import ml_tasks
 
@@ -196,6 +215,7 @@ class Train(luigi.Task):
     def requires(self) -> BuildTrainingSet:
         return BuildTrainingSet()
 
+    @_recorded
     def complete(self) -> bool:
         from lakehouse import ml_tasks
 
@@ -216,6 +236,7 @@ class Evaluate(luigi.Task):
     def requires(self) -> Train:
         return Train()
 
+    @_recorded
     def complete(self) -> bool:
         from lakehouse import ml_tasks
 

@@ -79,7 +79,7 @@ def test_wrong_password(cli, pg_server: str, tmp_path: Path) -> None:  # type: i
     assert_one_line_error(
         code,
         err,
-        "Postgres rejected the password (LAKEHOUSE_PG_DSN); fix the password in LAKEHOUSE_PG_DSN",
+        "Postgres rejected the password (LAKEHOUSE_PG_DSN); fix the password in the DSN",
     )
     assert "wrong-password" not in err
 
@@ -244,4 +244,23 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
     assert result.stderr.strip() == (
         "error: `lakehouse sql` is read-only: a INSERT statement is not allowed; "
         "use SELECT (tables change only through the pipeline)"
+    )
+
+
+def test_an_unreachable_luigi_scheduler_is_one_line(cli, base_settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    seeded(base_settings, rows=5)
+    port = free_port()
+    code, _, err = cli(
+        env_for(base_settings),
+        "run",
+        "--no-ml",
+        "--scheduler-host",
+        "127.0.0.1",
+        "--scheduler-port",
+        str(port),
+        "--log-format",  # global options are accepted after the command too
+        "text",
+    )
+    assert_one_line_error(
+        code, err, f"the Luigi scheduler at 127.0.0.1:{port} is not reachable; start `luigid"
     )

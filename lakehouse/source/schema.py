@@ -175,7 +175,13 @@ def explain_connect_error(exc: BaseException, settings: Settings) -> str:
     where = "the embedded Postgres" if settings.embedded_pg else "LAKEHOUSE_PG_DSN"
     lowered = text.lower()
     if "password authentication failed" in lowered:
-        return f"Postgres rejected the password ({where}); fix the password in LAKEHOUSE_PG_DSN"
+        if settings.embedded_pg:
+            return (
+                "the embedded Postgres rejected its stored password "
+                f"({settings.home / 'postgres' / 'password'}); restore that file or remove "
+                f"{settings.home / 'postgres'} and run `lakehouse db start` to recreate the cluster"
+            )
+        return "Postgres rejected the password (LAKEHOUSE_PG_DSN); fix the password in the DSN"
     if "does not exist" in lowered and "database" in lowered:
         return f"Postgres: {text}; create the database or fix LAKEHOUSE_PG_DSN"
     if "connection refused" in lowered or "could not connect" in lowered or "timeout" in lowered:

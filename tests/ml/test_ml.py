@@ -562,3 +562,32 @@ def test_prediction_api_contract(lake: Lake, tmp_path: Path) -> None:
         answer = client.post("/predict", json=bad)
         assert answer.status_code == 422, (bad, answer.text)
         assert answer.json()["detail"]
+
+    # Anything unexpected is a 500 whose JSON detail names it: here a newer model version
+    # whose model file is corrupt.
+    registry = models.Registry(lake.storage)
+    latest = registry.latest()
+    broken = "99999999T000000000000Z"
+    for name in ("metrics.json", "lineage.json"):
+        registry.put(broken, name, registry.get(latest, name))
+    registry.put(broken, "model.joblib", b"not a model")
+    try:
+        raw = TestClient(create_app(lake.settings), raise_server_exceptions=False)
+        answer = raw.post("/predict", json={"application_id": app_id})
+        assert answer.status_code == 500
+        assert answer.json()["detail"].startswith("internal error: "), answer.text
+    finally:
+        _remove_version(lake.storage, broken)
+
+
+def _remove_version(storage: Storage, version: str) -> None:
+    registry = models.Registry(storage)
+    if storage.is_s3:
+        client, bucket, prefix = registry._s3()
+        for obj in client.list_objects(bucket, prefix=f"{prefix}/{version}/", recursive=True):
+            client.remove_object(bucket, obj.object_name)
+    else:
+        import shutil
+
+        shutil.rmtree(Path(registry.root) / version)
+    assert version not in registry.folders()
