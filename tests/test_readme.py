@@ -1,0 +1,132 @@
+"""The README's commands exist as written: parsed by the real CLIs, not by eye.
+
+Running them all is `python tests/readme_commands.py --run` (minutes, by hand); these
+checks are the part that fits in CI.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lakehouse.cli import build_parser
+from lakehouse.settings import PREFIX, Settings
+from tests.readme_commands import README, ROOT, commands
+
+TEXT = README.read_text()
+
+
+def _parts(text: str) -> list[list[str]]:
+    """Split a command line on `&&`, `|` and `;` into word lists."""
+    import shlex
+
+    lexer = shlex.shlex(text, posix=True, punctuation_chars="&|;")
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    parts: list[list[str]] = [[]]
+    for word in lexer:
+        if word in ("&&", "|", ";", "||"):
+            parts.append([])
+        elif word not in ("&", ">", ">>") and not word.endswith(".csv"):
+            parts[-1].append(word)
+    return [p for p in parts if p]
+
+
+def _invocations(program: str) -> list[list[str]]:
+    found = []
+    for command in commands():
+        for words in _parts(command.text):
+            if Path(words[0]).name == program:
+                found.append(words[1:])
+    return found
+
+
+def test_the_readme_opens_with_the_two_commands() -> None:
+    first = re.search(r"```bash\n(.*?)```", TEXT, re.S)
+    assert first is not None and TEXT.index("```bash") < TEXT.index("\n## ")
+    lines = first.group(1).strip().splitlines()
+    assert lines == [
+        "python3 -m venv .venv && .venv/bin/pip install . && .venv/bin/lakehouse demo",
+        "python3 -m venv .venv && .venv/bin/pip install '.[dev]' && .venv/bin/pytest",
+    ]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "pip\" install --quiet '.[dev]'" in ci and '"$venv/bin/pytest"' in ci
+
+
+def test_every_lakehouse_command_parses() -> None:
+    invocations = _invocations("lakehouse")
+    assert len(invocations) > 30
+    parser = build_parser()
+    seen = set()
+    for argv in invocations:
+        args = parser.parse_args(argv)  # raises UsageError naming the bad option
+        seen.add(args.command)
+    # Every subcommand the CLI has is shown at least once.
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) - seen == set(), set(sub.choices) - seen  # type: ignore[arg-type]
+
+
+def test_every_luigi_command_names_real_tasks_and_parameters() -> None:
+    import luigi.cmdline_parser
+
+    import tasks
+
+    invocations = _invocations("luigi")
+    assert invocations
+    for argv in invocations:
+        with luigi.cmdline_parser.CmdlineParser.global_instance(argv) as parser:
+            task = parser.get_task_obj()
+        assert task.task_family in tasks.__all__
+
+
+def test_the_other_programs_and_flows_exist() -> None:
+    from stream import cdc
+
+    assert "python -m bytewax.run stream.cdc:flow" in TEXT
+    assert cdc.flow is not None
+    feast = [argv[0] for argv in _invocations("feast")]
+    assert feast
+    listed = subprocess.run(
+        [str(Path(sys.executable).parent / "feast"), "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    for sub in feast:
+        assert re.search(rf"^\s+{re.escape(sub)}\s", listed, re.M), sub
+    luigid = subprocess.run(
+        [str(Path(sys.executable).parent / "luigid"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert luigid.returncode == 0 and "--port" in luigid.stdout
+
+
+def test_every_setting_is_documented_and_every_documented_variable_exists() -> None:
+    fields = {PREFIX + f.name.upper() for f in dataclasses.fields(Settings)}
+    internal = {
+        f"{PREFIX}FEAST_PG_{k}"
+        for k in ("HOST", "PORT", "DATABASE", "USER", "PASSWORD", "SCHEMA", "SSLMODE")
+    }
+    table = TEXT[TEXT.index("## Configuration") :]
+    table = table[: table.index("\n## ", 5)]
+    documented = set(re.findall(r"^\| `(LAKEHOUSE_[A-Z0-9_]+)`", table, re.M))
+    assert documented == fields
+    named = set(re.findall(r"\bLAKEHOUSE_[A-Z0-9_]*[A-Z0-9]\b", TEXT))
+    named -= {"LAKEHOUSE_FEAST_PG"}  # "LAKEHOUSE_FEAST_PG_HOST, _PORT, ..." in prose
+    assert named - fields - internal == set()
+
+
+@pytest.mark.parametrize(
+    "link", sorted(set(re.findall(r"\]\(((?!https?:)[^)#]+)\)", TEXT))), ids=str
+)
+def test_local_links_point_at_files(link: str) -> None:
+    assert (ROOT / link).exists(), link
