@@ -256,91 +256,100 @@ def _ago(seconds: float | None) -> str:
     return f"{seconds / 3600:.1f}h"
 
 
-def render(status: Status) -> str:
-    """Render the status as one screen of aligned tables."""
+def _section(
+    title: str, error: str | None, empty: str, header: list[str], rows: list[tuple[Any, ...]]
+) -> str:
+    """One titled section: its error, a line saying it is empty, or an aligned table."""
     from lakehouse.sql import QueryResult
     from lakehouse.sql import render as table
 
+    if error:
+        return f"\n{title}\n  unavailable: {error}\n"
+    if not rows:
+        return f"\n{title}\n  {empty}\n"
+    return f"\n{title}\n" + table(QueryResult(header, rows))
+
+
+def render(status: Status) -> str:
+    """Render the status as one screen of aligned tables."""
     parts = [f"lakehouse status at {_when(status.at)} UTC, warehouse {status.warehouse}\n"]
-    parts.append("\nSource (Postgres)\n")
-    if status.source_error:
-        parts.append(f"  unavailable: {status.source_error}\n")
-    else:
-        rows: list[tuple[Any, ...]] = [
-            (s.table, f"{s.rows:,}", _when(s.newest_change)) for s in status.source
-        ]
-        parts.append(table(QueryResult(["table", "rows", "newest change UTC"], rows)))
-
-    parts.append("\nTables\n")
-    if status.tables_error:
-        parts.append(f"  unavailable: {status.tables_error}\n")
-    elif not status.tables:
-        parts.append("  no tables yet; run `lakehouse run`\n")
-    else:
-        rows = [
-            (
-                t.table,
-                t.version,
-                f"{t.rows:,}",
-                catalog.human_size(t.size_bytes),
-                _when(t.last_update),
-                _when(t.newest_change),
-                _ago(t.behind_seconds),
-                _yes(t.current),
-            )
-            for t in status.tables
-        ]
-        header = [
-            "table",
-            "version",
-            "rows",
-            "size",
-            "last update UTC",
-            "newest change UTC",
-            "behind source",
-            "current",
-        ]
-        parts.append(table(QueryResult(header, rows)))
-
-    parts.append("\nCDC stream\n")
-    if status.stream_error:
-        parts.append(f"  unavailable: {status.stream_error}\n")
-    elif not status.stream:
-        parts.append("  no replication slots: batch extraction feeds bronze\n")
-    else:
-        rows = [
-            (
-                s["table"],
-                s["slot"] or "(dropped)",
-                "yes" if s["active"] else "no",
-                "" if s["lag_bytes"] is None else f"{s['lag_bytes']:,}",
-                s["landed_lsn"] or "",
-                f"{s['changes']:,}",
-                _ago(s["since_last_change_seconds"]),
-            )
-            for s in status.stream
-        ]
-        header = ["table", "slot", "active", "lag bytes", "landed LSN", "changes", "last change"]
-        parts.append(table(QueryResult(header, rows)))
-
-    parts.append("\nPipeline runs (newest first)\n")
-    if status.runs_error:
-        parts.append(f"  unavailable: {status.runs_error}\n")
-    elif not status.runs:
-        parts.append("  none recorded yet (`lakehouse run` records its runs)\n")
-    else:
-        rows = [
-            (
-                _when(r.started_at),
-                f"{r.seconds:.1f}s",
-                r.outcome,
-                len(r.tasks),
-                (r.error or "")[:80],
-            )
-            for r in status.runs
-        ]
-        parts.append(table(QueryResult(["started UTC", "took", "outcome", "tasks", "error"], rows)))
-
+    parts.append(
+        _section(
+            "Source (Postgres)",
+            status.source_error,
+            "no source tables",
+            ["table", "rows", "newest change UTC"],
+            [(s.table, f"{s.rows:,}", _when(s.newest_change)) for s in status.source],
+        )
+    )
+    parts.append(
+        _section(
+            "Tables",
+            status.tables_error,
+            "no tables yet; run `lakehouse run`",
+            [
+                "table",
+                "version",
+                "rows",
+                "size",
+                "last update UTC",
+                "newest change UTC",
+                "behind source",
+                "current",
+            ],
+            [
+                (
+                    t.table,
+                    t.version,
+                    f"{t.rows:,}",
+                    catalog.human_size(t.size_bytes),
+                    _when(t.last_update),
+                    _when(t.newest_change),
+                    _ago(t.behind_seconds),
+                    _yes(t.current),
+                )
+                for t in status.tables
+            ],
+        )
+    )
+    parts.append(
+        _section(
+            "CDC stream",
+            status.stream_error,
+            "no replication slots: batch extraction feeds bronze",
+            ["table", "slot", "active", "lag bytes", "landed LSN", "changes", "last change"],
+            [
+                (
+                    s["table"],
+                    s["slot"] or "(dropped)",
+                    "yes" if s["active"] else "no",
+                    "" if s["lag_bytes"] is None else f"{s['lag_bytes']:,}",
+                    s["landed_lsn"] or "",
+                    f"{s['changes']:,}",
+                    _ago(s["since_last_change_seconds"]),
+                )
+                for s in status.stream
+            ],
+        )
+    )
+    parts.append(
+        _section(
+            "Pipeline runs (newest first)",
+            status.runs_error,
+            "none recorded yet (`lakehouse run` records its runs)",
+            ["started UTC", "took", "outcome", "tasks", "error"],
+            [
+                (
+                    _when(r.started_at),
+                    f"{r.seconds:.1f}s",
+                    r.outcome,
+                    len(r.tasks),
+                    (r.error or "")[:80],
+                )
+                for r in status.runs
+            ],
+        )
+    )
     parts.append("\nFeatures and model\n")
     if status.features_error:
         parts.append(f"  unavailable: {status.features_error}\n")
