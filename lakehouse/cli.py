@@ -366,11 +366,13 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
                 error=str(exc),
             )
             return
-        if run.ran:
+        if run.ran or run.elsewhere:
+            others = f"; another worker ran {len(run.elsewhere)}" if run.elsewhere else ""
             log.event(
                 "pipeline.done",
-                f"{len(run.ran)} tasks ran in {run.seconds:.1f}s",
+                f"{len(run.ran)} tasks ran in {run.seconds:.1f}s{others}",
                 tasks=run.ran,
+                elsewhere=run.elsewhere,
                 seconds=round(run.seconds, 3),
             )
         else:

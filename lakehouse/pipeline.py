@@ -22,6 +22,8 @@ class PipelineRun:
 
     ran: list[str] = field(default_factory=list)
     already_done: list[str] = field(default_factory=list)
+    elsewhere: list[str] = field(default_factory=list)
+    """Tasks another worker of the same central scheduler ran meanwhile."""
     seconds: float = 0.0
 
 
@@ -146,9 +148,17 @@ def _run(
             )
         )
         raise PipelineError(detail)
-    if result.status not in (
-        luigi.LuigiStatusCode.SUCCESS,
-        luigi.LuigiStatusCode.SUCCESS_WITH_RETRY,
+    elsewhere = summary.get("run_by_other_worker", set()) | summary.get("not_run", set())
+    # NOT_RUN: the central scheduler gave some tasks to another worker (another `lakehouse
+    # run` or `luigi` process), which is how several runners share the work, not a failure.
+    shared = result.status == luigi.LuigiStatusCode.NOT_RUN and scheduler_host
+    if (
+        result.status
+        not in (
+            luigi.LuigiStatusCode.SUCCESS,
+            luigi.LuigiStatusCode.SUCCESS_WITH_RETRY,
+        )
+        and not shared
     ):
         msg = f"the pipeline did not finish ({result.status.name}); rerun with --debug for details"
         raise PipelineError(msg)
@@ -159,6 +169,7 @@ def _run(
             if not isinstance(t, luigi.WrapperTask)
         ),
         already_done=sorted(_label(t) for t in summary.get("already_done", set())),
+        elsewhere=sorted(_label(t) for t in elsewhere if not isinstance(t, luigi.WrapperTask)),
         seconds=time.monotonic() - start,
     )
 

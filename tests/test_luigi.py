@@ -115,3 +115,46 @@ def test_runs_against_a_central_scheduler(base_settings: Settings, tmp_path: Pat
     finally:
         luigid.terminate()
         luigid.wait()
+
+
+def test_two_runners_share_one_central_scheduler(base_settings: Settings, tmp_path: Path) -> None:
+    """Two `lakehouse run` processes against one luigid, started together: the scheduler
+    gives each task to one of them, both exit 0, and every table gets exactly one commit."""
+    storage = seeded(base_settings, rows=200)
+    port = free_port()
+    luigid = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "luigid"),
+            "--port",
+            str(port),
+            "--logdir",
+            str(tmp_path),
+            "--state-path",
+            str(tmp_path / "state.pickle"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    env = {**os.environ, **env_for(base_settings), "PYTHONPATH": str(ROOT)}
+    central = ["--scheduler-host", "127.0.0.1", "--scheduler-port", str(port)]
+    try:
+        wait_for_port(port)
+        runners = [
+            subprocess.Popen(
+                [sys.executable, "-m", "lakehouse.cli", "run", "--no-ml", *central],
+                env=env,
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(2)
+        ]
+        outputs = [r.communicate(timeout=300) for r in runners]
+        for runner, (out, err) in zip(runners, outputs, strict=True):
+            assert runner.returncode == 0, (out, err)
+    finally:
+        luigid.terminate()
+        luigid.wait()
+    for zone, name in storage.list_tables():
+        assert storage.table(zone, name).version() == 0, f"{zone}.{name}"
