@@ -77,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reset", action="store_true", help="drop and reload the source schema")
 
     p = sub.add_parser("simulate", help="write a realistic change stream to the source")
-    p.add_argument("--changes", type=_positive_int, help="how many changes (default 1,000)")
+    p.add_argument(
+        "--changes",
+        type=_positive_int,
+        help="how many changes (default 1,000); a new customer's first application also "
+        "inserts the applicant",
+    )
     p.add_argument(
         "--rate",
         type=_positive_float,

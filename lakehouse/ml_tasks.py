@@ -121,7 +121,12 @@ def materialize(settings: Settings, storage: Storage) -> datetime:
             since = datetime.fromisoformat(state["end"])
         except LookupError:
             since = None  # the last materialized versions are gone: reload everything
-    end = features.materialize(features.feature_store(settings, storage), since, changed_from)
+    store = features.feature_store(settings, storage)
+    if state is None:
+        # A first load into this online store (or another store than last time): `apply`
+        # creates its tables; the registry alone may have been applied with the old one.
+        features.apply(store)
+    end = features.materialize(store, since, changed_from)
     path = _state_file(settings)
     tmp = path.with_suffix(".tmp")
     record = {"online_store": _online_store(settings), "gold": versions, "end": end.isoformat()}

@@ -315,10 +315,11 @@ def test_postgres_online_store_serves_the_latest_gold_values(lake: Lake) -> None
         return replace(lake.settings, feast_online_store="postgres", feast_pg_dsn=Secret(dsn))
 
     try:
-        store = features.feature_store(as_role(writer, "w'pass word"), lake.storage)
+        writing = as_role(writer, "w'pass word")
+        store = features.feature_store(writing, lake.storage)
         assert type(store.config.online_store).__name__ == "PostgreSQLOnlineStoreConfig"
-        features.apply(store)
-        features.materialize(store, None)
+        # Switching stores: the first materialization into it applies (creates its tables).
+        ml_tasks.materialize(writing, lake.storage)
         with psycopg.connect(admin) as conn:
             owners = dict(
                 conn.execute(
