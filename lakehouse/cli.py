@@ -152,6 +152,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="the prediction API (FastAPI + uvicorn)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=_positive_int, default=8000)
+    p.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="server processes (each loads the model and opens the online store)",
+    )
 
     p = sub.add_parser("maintain", help="compact, checkpoint and vacuum every table")
     p.add_argument(
@@ -581,16 +587,28 @@ def _ml_command(settings: Settings, storage: Any, args: argparse.Namespace) -> i
 
         from lakehouse.serve import create_app
 
-        app = create_app(settings)
+        # One process builds the app here (errors surface before serving); several run
+        # uvicorn's factory in each worker process, from the same environment.
+        app: Any = create_app(settings) if args.workers == 1 else "lakehouse.serve:app_from_env"
         log.event(
             "serve.start",
-            f"serving the prediction API on http://{args.host}:{args.port} (docs at /docs)",
+            f"serving the prediction API on http://{args.host}:{args.port} with "
+            f"{args.workers} worker(s) (docs at /docs)",
             host=args.host,
             port=args.port,
+            workers=args.workers,
         )
         # In JSON, uvicorn's records go through the root logger's JSON handler.
         log_config = None if log.is_json() else uvicorn.config.LOGGING_CONFIG
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", log_config=log_config)
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            factory=args.workers > 1,
+            log_level="warning",
+            log_config=log_config,
+        )
     return 0
 
 

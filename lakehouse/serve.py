@@ -72,6 +72,11 @@ REFRESH_SECONDS = 10.0
 """How often the API looks for a newer model version and re-reads the feature service."""
 
 
+def app_from_env() -> FastAPI:
+    """Build the app from the `LAKEHOUSE_*` environment (uvicorn's factory, one per worker)."""
+    return create_app(Settings.from_env())
+
+
 def create_app(settings: Settings) -> FastAPI:
     """Build the app; the store, the service and the model are opened lazily and cached.
 

@@ -273,3 +273,31 @@ def test_redact_hides_passwords_in_any_form() -> None:
     }
     for text, expected in cases.items():
         assert log.redact(text) == expected
+
+
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
+def test_serve_with_several_workers(settings: Settings) -> None:
+    """`lakehouse serve --workers 2`: two server processes built from the environment
+    answer, and SIGTERM stops them all."""
+    import urllib.request
+
+    import psutil
+
+    port = free_port()
+    with service(settings, "serve", "--port", str(port), "--workers", "2") as server:
+
+        def health() -> dict[str, Any] | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                    answer: dict[str, Any] = json.loads(r.read())
+                    return answer
+            except OSError:
+                return None
+
+        answer = wait_until(health, 120, "the API to answer")
+        assert answer == {"status": "ok", "model_version": None}
+        workers = [p for p in psutil.Process(server.pid).children(recursive=True)]
+        assert sum("multiprocessing" in " ".join(p.cmdline()) for p in workers) >= 2
+        code, out, err = stop(server)
+    assert code == 0, err[-2000:]
+    assert "with 2 worker(s)" in out
