@@ -378,7 +378,7 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
             )
             return
         if run.ran or run.elsewhere:
-            others = f"; another worker ran {len(run.elsewhere)}" if run.elsewhere else ""
+            others = "; another worker ran the rest" if run.elsewhere else ""
             log.event(
                 "pipeline.done",
                 f"{len(run.ran)} tasks ran in {run.seconds:.1f}s{others}",
