@@ -111,15 +111,19 @@ def commands(text: str | None = None) -> list[Command]:
     text = README.read_text() if text is None else text
     found: list[Command] = []
     for index, (_, lines) in enumerate(blocks(text)):
-        pending, first = "", 0
+        pending, first, continued = "", 0, False
         for number, line in lines:
             if not pending and not line.strip():
                 continue
             if not pending:
                 first = number
-            pending = f"{pending}\n{line}" if pending else line
-            if pending.endswith("\\"):
-                pending = pending[:-1]
+            # A backslash joins lines into one (the shell's line continuation); an open
+            # quote keeps the newline (a multi-line SQL string).
+            joiner = " " if continued else "\n"
+            pending = f"{pending}{joiner}{line}" if pending else line
+            continued = pending.endswith("\\")
+            if continued:
+                pending = pending[:-1].rstrip()
                 continue
             try:
                 words = shlex.split(pending, comments=True)

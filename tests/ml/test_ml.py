@@ -480,7 +480,7 @@ def test_training_steps_complete_a_version_only_when_evaluated(lake: Lake) -> No
 
 
 def test_feast_cli_from_the_repository_folder(lake: Lake) -> None:
-    """`feast apply` and `feast materialize-incremental` work from `feature_repo/`."""
+    """`feast apply`, `feast materialize-incremental` and `feast ui` work from `feature_repo/`."""
     env = {**os.environ, **env_for(lake.settings), **features.feast_env(lake.settings)}
     feast = Path(sys.executable).parent / "feast"
     commands = [["apply"]]
@@ -496,6 +496,37 @@ def test_feast_cli_from_the_repository_folder(lake: Lake) -> None:
             timeout=300,
         )
         assert done.returncode == 0, done.stderr[-2000:]
+    # `feast ui` serves the registry (it needs Feast's grpcio extra).
+    import urllib.request
+
+    from lakehouse.source.embedded import free_port
+
+    port = free_port()
+    ui = subprocess.Popen(
+        [str(feast), "ui", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=features.repo_path(),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert ui.poll() is None, ui.communicate()[1][-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/projects-list.json") as r:
+                    projects = json.loads(r.read())
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "feast ui did not answer"
+                time.sleep(0.5)
+        assert any("lakehouse" in (p.get("id"), p.get("name")) for p in projects["projects"]), (
+            projects
+        )
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
 
 
 def test_prediction_api_contract(lake: Lake, tmp_path: Path) -> None:
