@@ -6,6 +6,7 @@ set up) says why in its place and the others are still shown.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -79,26 +80,18 @@ def _error(exc: BaseException) -> str:
 def collect(settings: Settings, storage: Storage) -> Status:
     """Read every section."""
     status = Status(at=datetime.now(UTC), warehouse=storage.root)
-    try:
-        status.source = _source(settings)
-    except Exception as exc:
-        status.source_error = _error(exc)
-    try:
-        status.tables = _tables(settings, storage, status.source)
-    except Exception as exc:
-        status.tables_error = _error(exc)
-    try:
-        status.stream = _stream(settings, storage)
-    except Exception as exc:
-        status.stream_error = _error(exc)
-    try:
-        status.runs = runs.recent(storage)
-    except Exception as exc:
-        status.runs_error = _error(exc)
-    try:
-        status.features = _features(settings, storage)
-    except Exception as exc:
-        status.features_error = _error(exc)
+    readers: list[tuple[str, Callable[[], Any]]] = [
+        ("source", lambda: _source(settings)),
+        ("tables", lambda: _tables(settings, storage, status.source)),
+        ("stream", lambda: _stream(settings, storage)),
+        ("runs", lambda: runs.recent(storage)),
+        ("features", lambda: _features(settings, storage)),
+    ]
+    for section, read in readers:
+        try:
+            setattr(status, section, read())
+        except Exception as exc:  # this section shows why; the others are still read
+            setattr(status, f"{section}_error", _error(exc))
     return status
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lakehouse.settings import Settings
@@ -26,6 +28,31 @@ def luigi(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
         timeout=300,
         check=False,
     )
+
+
+@contextmanager
+def central_scheduler(tmp_path: Path) -> Iterator[int]:
+    """A `luigid` on a free port for one test; yields the port."""
+    port = free_port()
+    luigid = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "luigid"),
+            "--port",
+            str(port),
+            "--logdir",
+            str(tmp_path),
+            "--state-path",
+            str(tmp_path / "state.pickle"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        yield port
+    finally:
+        luigid.terminate()
+        luigid.wait()
 
 
 def test_second_run_does_nothing_and_new_changes_run_again(settings: Settings) -> None:
@@ -88,22 +115,7 @@ def test_a_failing_task_exits_non_zero(settings: Settings) -> None:
 
 def test_runs_against_a_central_scheduler(base_settings: Settings, tmp_path: Path) -> None:
     seeded(base_settings, rows=50)
-    port = free_port()
-    luigid = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "luigid"),
-            "--port",
-            str(port),
-            "--logdir",
-            str(tmp_path),
-            "--state-path",
-            str(tmp_path / "state.pickle"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port(port)
+    with central_scheduler(tmp_path) as port:
         central = ("--scheduler-host", "127.0.0.1", "--scheduler-port", str(port))
         # The data pipeline only (`--ml false`): 50 rows are too few to train on.
         result = luigi(base_settings, *central, "--ml", "false")
@@ -112,33 +124,15 @@ def test_runs_against_a_central_scheduler(base_settings: Settings, tmp_path: Pat
         again = luigi(base_settings, *central, "--ml", "false")
         assert again.returncode == 0
         assert "Did not run any tasks" in again.stderr
-    finally:
-        luigid.terminate()
-        luigid.wait()
 
 
 def test_two_runners_share_one_central_scheduler(base_settings: Settings, tmp_path: Path) -> None:
     """Two `lakehouse run` processes against one luigid, started together: the scheduler
     gives each task to one of them, both exit 0, and every table gets exactly one commit."""
     storage = seeded(base_settings, rows=200)
-    port = free_port()
-    luigid = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "luigid"),
-            "--port",
-            str(port),
-            "--logdir",
-            str(tmp_path),
-            "--state-path",
-            str(tmp_path / "state.pickle"),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
     env = {**os.environ, **env_for(base_settings), "PYTHONPATH": str(ROOT)}
-    central = ["--scheduler-host", "127.0.0.1", "--scheduler-port", str(port)]
-    try:
-        wait_for_port(port)
+    with central_scheduler(tmp_path) as port:
+        central = ["--scheduler-host", "127.0.0.1", "--scheduler-port", str(port)]
         runners = [
             subprocess.Popen(
                 [sys.executable, "-m", "lakehouse.cli", "run", "--no-ml", *central],
@@ -153,8 +147,5 @@ def test_two_runners_share_one_central_scheduler(base_settings: Settings, tmp_pa
         outputs = [r.communicate(timeout=300) for r in runners]
         for runner, (out, err) in zip(runners, outputs, strict=True):
             assert runner.returncode == 0, (out, err)
-    finally:
-        luigid.terminate()
-        luigid.wait()
     for zone, name in storage.list_tables():
         assert storage.table(zone, name).version() == 0, f"{zone}.{name}"
