@@ -21,7 +21,8 @@ For each source size N, under a temporary home with an embedded Postgres (fsync 
 3. **Online latency** (the smallest size only): `lakehouse train`, then `lakehouse serve`
    in its own process; `POST /predict {"application_id": ...}` for random decided
    applications over keep-alive HTTP, with 1 client, then 32 concurrent clients (threads
-   of this process: on 2 cores they share the CPU with the server). Floors: Feast
+   of this process: on 2 cores they share the CPU with the server), then 32 clients
+   against `lakehouse serve --workers 2`. Floors: Feast
    `get_online_features` in process for the same service and entity, and a bare SQLite
    `SELECT` of the entity's rows in Feast's online table (no decoding).
 
@@ -229,28 +230,31 @@ def measure_materialize(
     }
 
 
-def measure_latency(
-    settings: Any, storage: Any, env: dict[str, str], requests: int
+def _serve_and_measure(
+    env: dict[str, str],
+    ids: list[int],
+    rng: random.Random,
+    requests: int,
+    workers: int,
+    client_counts: tuple[int, ...],
 ) -> list[Latency]:
-    """`/predict` over HTTP with 1 and 32 clients; Feast and SQLite reads as floors."""
+    """Start `lakehouse serve --workers N` and time `/predict` for each client count."""
     import httpx
-    import polars as pl
-    from feast.infra.key_encoding_utils import serialize_entity_key
-    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-    from feast.protos.feast.types.Value_pb2 import Value
 
-    from lakehouse import features
     from lakehouse.source.embedded import free_port
 
-    ids = (
-        pl.read_delta(storage.uri("silver", "loan_applications"), storage_options=storage.options)
-        .filter(pl.col("loan_status").is_not_null())["application_id"]
-        .to_list()
-    )
-    rng = random.Random(7)
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "lakehouse.cli", "serve", "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "lakehouse.cli",
+            "serve",
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -280,9 +284,17 @@ def measure_latency(
                     if answer.status_code != 200:
                         raise RuntimeError(f"/predict answered {answer.status_code}")
 
+        # Each worker process loads its model on first use: warm them all, concurrently
+        # (connections are spread over the workers by the kernel).
         warm: list[float] = []
-        client_run(200, warm)
-        for clients in CLIENTS:
+        warmers = [
+            threading.Thread(target=client_run, args=(100, warm)) for _ in range(2 * workers)
+        ]
+        for t in warmers:
+            t.start()
+        for t in warmers:
+            t.join()
+        for clients in client_counts:
             samples: list[float] = []
             per_client = max(1, requests // clients) if clients > 1 else requests
             threads = [
@@ -293,10 +305,37 @@ def measure_latency(
                 t.start()
             for t in threads:
                 t.join()
-            results.append(Latency(f"POST /predict, {clients} client(s), HTTP", samples))
+            name = f"POST /predict, {clients} client(s), HTTP"
+            if workers > 1:
+                name += f", serve --workers {workers}"
+            results.append(Latency(name, samples))
     finally:
         server.terminate()
         server.wait(timeout=30)
+    return results
+
+
+def measure_latency(
+    settings: Any, storage: Any, env: dict[str, str], requests: int
+) -> list[Latency]:
+    """`/predict` over HTTP with 1 and 32 clients; Feast and SQLite reads as floors."""
+    import polars as pl
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    from lakehouse import features
+
+    ids = (
+        pl.read_delta(storage.uri("silver", "loan_applications"), storage_options=storage.options)
+        .filter(pl.col("loan_status").is_not_null())["application_id"]
+        .to_list()
+    )
+    rng = random.Random(7)
+    results = []
+    # One server process with 1 and 32 clients, then `--workers 2` with 32 clients.
+    for workers, client_counts in ((1, CLIENTS), (2, (max(CLIENTS),))):
+        results += _serve_and_measure(env, ids, rng, requests, workers, client_counts)
 
     store = features.feature_store(settings, storage)
     service = store.get_feature_service(features.SERVICE)

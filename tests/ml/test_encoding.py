@@ -44,3 +44,40 @@ def test_training_matrix_and_served_vector_encode_alike() -> None:
         }
     )[0]
     np.testing.assert_array_equal(one, [1.0, 600.0, 0.0, np.nan])
+
+
+def test_one_row_scoring_equals_predict_proba() -> None:
+    """Serving scores one row without scikit-learn's per-call overhead (3 ms of the 3.5):
+    the result must be exactly `predict_proba`'s, for known, unknown and missing values."""
+    rng = np.random.default_rng(1)
+    n = 1000
+    frame = pd.DataFrame(
+        {
+            "loan_amnt": rng.normal(9000, 3000, n),
+            "loan_intent": rng.choice(["EDUCATION", "MEDICAL", "VENTURE", None], n),
+            "credit_score": np.where(rng.random(n) < 0.1, np.nan, rng.normal(650, 50, n)),
+            "person_home_ownership": rng.choice(["RENT", "OWN", "MORTGAGE"], n),
+            "previous_loan_defaults_on_file": pd.Series(rng.random(n) < 0.5, dtype=object),
+        }
+    )
+    logit = (frame["credit_score"].fillna(650) - 650) / 40 + (frame["loan_intent"] == "VENTURE")
+    frame["label"] = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    columns = [c for c in frame.columns if c != "label"]
+    trained = models.fit(frame, columns, seed=3, threshold=0.5)
+    assert trained._fast_path() is not None  # in use, not fallen back
+    rows = frame.drop(columns="label").to_dict("records")
+    rows += [
+        {"loan_amnt": 5000.0, "loan_intent": "YACHT", "credit_score": None},  # unknown level
+        {},  # everything missing
+        {"loan_amnt": -1.0, "person_home_ownership": "OTHER", "credit_score": 300.0},
+    ]
+    for row in rows:
+        row = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+        expected = float(trained.model.predict_proba(trained.vector(row))[0, 1])
+        assert trained.predict_one(row) == expected, row
+    # The cache never reaches the pickled model (a closure cannot be pickled).
+    import pickle
+
+    again = pickle.loads(pickle.dumps(trained))
+    assert "_fast_predict" not in again.__dict__
+    assert again.predict_one(rows[0]) == trained.predict_one(rows[0])
