@@ -311,9 +311,11 @@ class Trained:
             known, f_idx_map = model._bin_mapper.make_known_categories_bitsets()
             trees = [(p.nodes, p.raw_left_cat_bitsets) for (p,) in model._predictors]
             baseline = float(np.asarray(model._baseline_prediction).ravel()[0])
-            out = np.zeros(1)
 
             def score(x: np.ndarray) -> float:
+                # Per call: the routine writes `out` without the GIL, and the API scores
+                # requests in a thread pool.
+                out = np.zeros(1)
                 data = prepare(x)
                 total = baseline
                 for nodes, left_cats in trees:

@@ -81,3 +81,27 @@ def test_one_row_scoring_equals_predict_proba() -> None:
     again = pickle.loads(pickle.dumps(trained))
     assert "_fast_predict" not in again.__dict__
     assert again.predict_one(rows[0]) == trained.predict_one(rows[0])
+
+
+def test_one_row_scoring_is_safe_across_threads() -> None:
+    """The API scores requests in a thread pool: concurrent calls must not share state
+    (the trees' routine runs without the GIL)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(2)
+    n = 600
+    frame = pd.DataFrame(
+        {
+            "a": rng.normal(0, 1, n),
+            "b": rng.normal(0, 1, n),
+            "c": rng.choice(["x", "y", "z"], n),
+        }
+    )
+    frame["label"] = (frame["a"] + rng.normal(0, 0.5, n) > 0).astype(int)
+    trained = models.fit(frame, ["a", "b", "c"], seed=1, threshold=0.5)
+    assert trained._fast_path() is not None
+    rows = frame.drop(columns="label").to_dict("records")
+    expected = [float(trained.model.predict_proba(trained.vector(r))[0, 1]) for r in rows]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(5):
+            assert list(pool.map(trained.predict_one, rows)) == expected
