@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lakehouse import log
-from lakehouse.errors import LakehouseError, UsageError
+from lakehouse.errors import LakehouseError, UsageError, first_line
 from lakehouse.settings import Settings
 
 
@@ -555,10 +555,9 @@ def _ml(settings: Settings, args: argparse.Namespace) -> int:
     except Exception as exc:  # Feast, the online store, scikit-learn: one line, no traceback
         if args.debug:
             raise
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         msg = (
-            f"`lakehouse {args.command}` failed: {type(exc).__name__}: {text}; rerun with "
-            "--debug for the traceback"
+            f"`lakehouse {args.command}` failed: {type(exc).__name__}: {first_line(exc)}; "
+            "rerun with --debug for the traceback"
         )
         raise LakehouseError(msg) from None
 

@@ -1,6 +1,12 @@
 """The lakehouse's error hierarchy: every message names the problem and the fix."""
 
 
+def first_line(exc: BaseException) -> str:
+    """Return an exception's first line of text (its type name when it has none)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class LakehouseError(Exception):
     """Base class: the CLI prints the message on one line and exits with `exit_code`."""
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lakehouse.errors import StorageError
+from lakehouse.errors import StorageError, first_line
 from lakehouse.storage import Storage
 
 
@@ -45,11 +45,10 @@ def maintain(storage: Storage, *, retention_hours: int) -> list[MaintainResult]:
         except Exception as exc:
             # Most often a writer committed to the table meanwhile: the compaction is
             # discarded (the data is untouched) and the next run tries again.
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             msg = (
-                f"maintaining {zone}.{name} failed ({text}); the table is unchanged: rerun "
-                "`lakehouse maintain` (a pipeline run committing at the same time is the usual "
-                "cause)"
+                f"maintaining {zone}.{name} failed ({first_line(exc)}); the table is unchanged: "
+                "rerun `lakehouse maintain` (a pipeline run committing at the same time is the "
+                "usual cause)"
             )
             raise StorageError(msg) from exc
         results.append(

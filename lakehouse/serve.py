@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 
 from lakehouse import features, log, models
+from lakehouse.errors import first_line
 from lakehouse.settings import Settings
 from lakehouse.source.schema import APPLICANTS
 from lakehouse.storage import Storage
@@ -95,7 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         # Anything unexpected (the online store down, a corrupt model file): a JSON detail
         # naming it, without secrets; uvicorn logs the traceback.
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        text = first_line(exc)
         detail = log.redact(f"internal error: {type(exc).__name__}: {text}; see the server log")
         return JSONResponse(status_code=500, content={"detail": detail})
 

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lakehouse import catalog, runs
-from lakehouse.errors import LakehouseError
+from lakehouse.errors import LakehouseError, first_line
 from lakehouse.settings import Settings
 from lakehouse.source.schema import TABLES
 from lakehouse.storage import Storage
@@ -74,7 +74,7 @@ class Status:
 def _error(exc: BaseException) -> str:
     if isinstance(exc, LakehouseError):
         return str(exc)
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    return f"{type(exc).__name__}: {first_line(exc)}"
 
 
 def collect(settings: Settings, storage: Storage) -> Status:

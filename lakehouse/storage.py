@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError as DeltaTableNotFound
 
-from lakehouse.errors import StorageError, TableNotFoundError
+from lakehouse.errors import StorageError, TableNotFoundError, first_line
 from lakehouse.settings import Settings
 
 ZONES = ("bronze", "silver", "gold")
@@ -78,7 +78,7 @@ class Storage:
             raise TableNotFoundError(msg) from None
         except Exception as exc:
             if version is not None and "version" in str(exc).lower():
-                msg = f"table `{zone}.{table}` has no version {version}: {_first_line(exc)}"
+                msg = f"table `{zone}.{table}` has no version {version}: {first_line(exc)}"
                 raise TableNotFoundError(msg) from None
             raise StorageError(explain(exc, self.root)) from exc
 
@@ -162,11 +162,6 @@ def _split_s3(uri: str) -> tuple[str, str]:
     return parts.netloc, parts.path.strip("/")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def explain(exc: BaseException, where: str) -> str:
     """Turn a client error into one line that says what to do."""
     text = str(exc)
@@ -193,4 +188,4 @@ def explain(exc: BaseException, where: str) -> str:
         )
     ):
         return f"S3 endpoint {where} is not reachable; start it or fix LAKEHOUSE_S3_ENDPOINT"
-    return f"storage error at {where}: {_first_line(exc)}"
+    return f"storage error at {where}: {first_line(exc)}"

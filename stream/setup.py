@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 import psycopg
 from psycopg import pq, sql
 
+from lakehouse.errors import first_line
 from lakehouse.settings import Settings
 from lakehouse.source.schema import TABLES, connect, ident
 from lakehouse.storage import Storage
@@ -98,7 +99,7 @@ def _setup_table(
             )
         except psycopg.errors.InsufficientPrivilege as exc:
             msg = (
-                f"the Postgres user may not create publication {name} ({_first_line(exc)}); "
+                f"the Postgres user may not create publication {name} ({first_line(exc)}); "
                 "it needs CREATE on the database and ownership of the table (membership in "
                 f"the owner's role): `GRANT CREATE ON DATABASE <db> TO <user>` and "
                 f"`GRANT <owner of {settings.pg_schema}.{table}> TO <user>`"
@@ -211,8 +212,3 @@ def status(settings: Settings, storage: Storage) -> list[TableStatus]:
                 )
             )
     return out
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
