@@ -22,6 +22,8 @@ class TableInfo:
     files: int
     size_bytes: int
     last_update: datetime | None
+    newest_change: datetime | None = None
+    """The newest source `updated_at` the table holds, from the files' statistics."""
 
 
 def describe(storage: Storage) -> list[TableInfo]:
@@ -43,9 +45,20 @@ def describe(storage: Storage) -> list[TableInfo]:
                 files=adds.num_rows,
                 size_bytes=int(pc.sum(adds["size_bytes"]).as_py() or 0) if adds.num_rows else 0,
                 last_update=last,
+                newest_change=_max_stat(adds, "max.updated_at"),
             )
         )
     return infos
+
+
+def _max_stat(adds: pa.Table, column: str) -> datetime | None:
+    """Return the largest value of a timestamp column's file statistics, in UTC."""
+    if column not in adds.column_names or adds.num_rows == 0:
+        return None
+    value = pc.max(adds[column]).as_py()
+    if not isinstance(value, datetime):
+        return None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def human_size(size: int) -> str:

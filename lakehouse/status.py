@@ -11,9 +11,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from lakehouse import catalog, runs
 from lakehouse.errors import LakehouseError, first_line
 from lakehouse.settings import Settings
@@ -155,7 +152,7 @@ def _tables(settings: Settings, storage: Storage, source: list[SourceTable]) -> 
         )
         base = _base_table(info.zone, info.name)
         if base is not None:
-            state.newest_change = _newest_change(storage, info.zone, info.name)
+            state.newest_change = info.newest_change
             source_newest = newest_in_source.get(base)
             if source_newest is not None and state.newest_change is not None:
                 # File statistics keep milliseconds: compare at that precision.
@@ -170,18 +167,6 @@ def _tables(settings: Settings, storage: Storage, source: list[SourceTable]) -> 
             state.current = current("gold", info.name)
         out.append(state)
     return out
-
-
-def _newest_change(storage: Storage, zone: str, name: str) -> datetime | None:
-    """Read the newest `updated_at` from the files' statistics (no data scan)."""
-    adds = pa.table(storage.table(zone, name).get_add_actions(flatten=True))
-    column = "max.updated_at"
-    if column not in adds.column_names or adds.num_rows == 0:
-        return None
-    value = pc.max(adds[column]).as_py()
-    if not isinstance(value, datetime):
-        return None
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _stream(settings: Settings, storage: Storage) -> list[dict[str, Any]]:
