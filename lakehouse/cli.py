@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from lakehouse import log
+from lakehouse import environment, log
 from lakehouse.errors import LakehouseError, UsageError, first_line
 from lakehouse.settings import Settings
 
@@ -205,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(args_list)
         settings = Settings.from_env()
         log.configure(args.log_format or settings.log_format, settings)
+        # Before any work starts a native thread that reads the environment (see there).
+        environment.export_for_feast(settings)
         return _dispatch(args, settings)
     except LakehouseError as exc:
         if debug:

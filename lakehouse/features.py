@@ -11,19 +11,16 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
 import sys
 import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from psycopg.conninfo import conninfo_to_dict
-
 from lakehouse import duck
+from lakehouse.environment import export_for_feast
 from lakehouse.errors import LakehouseError, UsageError
 from lakehouse.settings import Settings
-from lakehouse.source.schema import dsn as source_dsn
 from lakehouse.storage import Storage
 
 if TYPE_CHECKING:
@@ -92,40 +89,6 @@ def repo_path() -> Path:
     return Path(feature_repo.__file__).resolve().parent
 
 
-def online_dsn(settings: Settings) -> str:
-    """Return the DSN of Feast's Postgres online store: its own, or the source's."""
-    return settings.feast_pg_dsn.get() or source_dsn(settings)
-
-
-def feast_env(settings: Settings) -> dict[str, str]:
-    """Return the environment Feast needs: what its YAML expands, what the repo reads."""
-    env = {"LAKEHOUSE_HOME": str(settings.home), "LAKEHOUSE_STORAGE_URI": settings.warehouse}
-    if settings.is_s3:
-        env |= {
-            "LAKEHOUSE_S3_ENDPOINT": settings.s3_endpoint,
-            "LAKEHOUSE_S3_REGION": settings.s3_region,
-            "LAKEHOUSE_S3_ACCESS_KEY_ID": settings.s3_access_key_id,
-            "LAKEHOUSE_S3_SECRET_ACCESS_KEY": settings.s3_secret_access_key.get(),
-        }
-    if settings.feast_online_store == "postgres":
-        info = conninfo_to_dict(online_dsn(settings))
-
-        def quoted(value: object) -> str:  # inside single quotes in the YAML
-            return str(value).replace("'", "''")
-
-        env |= {
-            "LAKEHOUSE_FEAST_PG_HOST": quoted(info.get("host", "127.0.0.1")),
-            "LAKEHOUSE_FEAST_PG_PORT": str(int(info.get("port") or 5432)),
-            "LAKEHOUSE_FEAST_PG_DATABASE": quoted(info.get("dbname", "postgres")),
-            "LAKEHOUSE_FEAST_PG_USER": quoted(info.get("user", "")),
-            "LAKEHOUSE_FEAST_PG_PASSWORD": quoted(info.get("password", "")),
-            "LAKEHOUSE_FEAST_PG_SSLMODE": quoted(info.get("sslmode", "prefer")),
-            # Next to the source schema, so lakehouses sharing a server do not collide.
-            "LAKEHOUSE_FEAST_PG_SCHEMA": quoted(f"{settings.pg_schema}_online"),
-        }
-    return env
-
-
 def prepare_duckdb(settings: Settings, storage: Storage) -> None:
     """Give Feast's DuckDB (the ibis default backend) the offline extensions and S3 secret.
 
@@ -162,11 +125,8 @@ def feature_store(settings: Settings, storage: Storage) -> FeatureStore:
 
     _quiet_ibis()
     (settings.home / "feast").mkdir(parents=True, exist_ok=True)
-    os.environ.update(feast_env(settings))
-    if storage.is_s3:
-        # Feast infers Delta schemas with delta-rs, which reads these from the environment.
-        # The same options as every other Delta read (no endpoint on AWS itself).
-        os.environ.update(storage.options)
+    # A no-op when the command exported it at start, as every command does (see there).
+    export_for_feast(settings)
     prepare_duckdb(settings, storage)
     yaml = "feature_store.postgres.yaml" if settings.feast_online_store == "postgres" else None
     path = repo_path()

@@ -47,7 +47,9 @@ def _online_store(settings: Settings) -> str:
     if settings.feast_online_store == "postgres":
         from psycopg.conninfo import conninfo_to_dict
 
-        info = conninfo_to_dict(features.online_dsn(settings))  # no password in the name
+        from lakehouse.environment import online_dsn
+
+        info = conninfo_to_dict(online_dsn(settings))  # no password in the name
         where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
         return f"postgres:{where}/{settings.pg_schema}_online"
     return f"sqlite:{settings.home / 'feast' / 'online_store.db'}"

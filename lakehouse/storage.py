@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from deltalake import DeltaTable
 from deltalake.exceptions import TableNotFoundError as DeltaTableNotFound
 
+from lakehouse.environment import s3_options
 from lakehouse.errors import StorageError, TableNotFoundError, first_line
 from lakehouse.settings import Settings
 
@@ -34,19 +35,10 @@ class Storage:
             root = root[len("file://") :]
         if not settings.is_s3:
             return cls(root=str(Path(root).resolve()), options={}, s3={})
-        options = {
-            "AWS_REGION": settings.s3_region,
-            "AWS_ACCESS_KEY_ID": settings.s3_access_key_id,
-            "AWS_SECRET_ACCESS_KEY": settings.s3_secret_access_key.get(),
-            # No unsafe-rename flag: delta-rs 1.x commits with conditional puts (safe with
-            # concurrent writers); the rename flag would lose commits silently.
-        }
+        options = s3_options(settings)
         s3 = {"region": settings.s3_region}
-        if settings.s3_endpoint:
-            endpoint = settings.s3_endpoint.rstrip("/")
-            options["AWS_ENDPOINT_URL"] = endpoint
-            options["AWS_ALLOW_HTTP"] = "true" if endpoint.startswith("http://") else "false"
-            s3["endpoint"] = endpoint
+        if "AWS_ENDPOINT_URL" in options:
+            s3["endpoint"] = options["AWS_ENDPOINT_URL"]
         return cls(root=root, options=options, s3=s3)
 
     @property

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import luigi
 
+from lakehouse import environment
 from lakehouse.settings import Settings
 from lakehouse.source.schema import TABLES
 from lakehouse.storage import Storage
@@ -69,6 +70,8 @@ def _recorded(complete: Callable[[T], bool]) -> Callable[[T], bool]:
 @cache
 def _context() -> tuple[Settings, Storage]:
     settings = Settings.from_env()
+    # Before the first task reads from S3 (lakehouse.environment says why).
+    environment.export_for_feast(settings)
     storage = Storage.from_settings(settings)
     storage.check()
     return settings, storage

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lakehouse import features
+from lakehouse import environment, features
 from lakehouse.settings import Secret, Settings
 
 
@@ -28,7 +28,7 @@ def test_postgres_online_store_settings_survive_the_yaml(
         pg_dsn=Secret(f"postgresql://app:{quoted}@db.internal:5433/lending?sslmode=require"),
         feast_online_store="postgres",
     )
-    for name, value in features.feast_env(settings).items():
+    for name, value in environment.feast_env(settings).items():
         monkeypatch.setenv(name, value)
     text = (features.repo_path() / "feature_store.postgres.yaml").read_text()
     config = PostgreSQLOnlineStoreConfig(**yaml.safe_load(os.path.expandvars(text))["online_store"])

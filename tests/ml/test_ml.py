@@ -19,7 +19,7 @@ import polars as pl
 import psycopg
 import pytest
 
-from lakehouse import features, ml_tasks, models
+from lakehouse import environment, features, ml_tasks, models
 from lakehouse.settings import Secret, Settings
 from lakehouse.source import schema
 from lakehouse.storage import Storage
@@ -481,7 +481,7 @@ def test_training_steps_complete_a_version_only_when_evaluated(lake: Lake) -> No
 
 def test_feast_cli_from_the_repository_folder(lake: Lake) -> None:
     """`feast apply`, `feast materialize-incremental` and `feast ui` work from `feature_repo/`."""
-    env = {**os.environ, **env_for(lake.settings), **features.feast_env(lake.settings)}
+    env = {**os.environ, **env_for(lake.settings), **environment.feast_env(lake.settings)}
     feast = Path(sys.executable).parent / "feast"
     commands = [["apply"]]
     if not lake.settings.is_s3:  # on S3 the DuckDB secret is set by `lakehouse features`
