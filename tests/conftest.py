@@ -11,12 +11,13 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from lakehouse import environment
 from lakehouse.settings import PREFIX, Secret, Settings
 from lakehouse.source import schema
 from lakehouse.source.embedded import EmbeddedPostgres, free_port
@@ -32,12 +33,41 @@ def shared_tmp(prefix: str) -> Path:
     return path
 
 
+# The S3 server's address is fixed before any test runs: the environment below holds it.
+S3_PORT = free_port()
+
+
+def _session_environment() -> dict[str, str]:
+    """Every variable the library or a test sets in this process, present from the start.
+
+    Tests then only replace values, never add a variable: adding one while a native thread
+    reads the environment can crash the process (`lakehouse.environment` says why; it
+    segfaulted this suite twice). An empty `LAKEHOUSE_*` value means unset to `Settings`.
+    """
+    env = {PREFIX + f.name.upper(): "" for f in fields(Settings)}
+    env |= {PREFIX + "FAILPOINT": ""}
+    online = Settings(feast_online_store="postgres", feast_pg_dsn=Secret("postgresql://h/db"))
+    env |= {key: "" for key in environment.feast_env(online)}
+    s3 = Settings(
+        storage_uri="s3://bucket/lakehouse",
+        s3_endpoint=f"http://127.0.0.1:{S3_PORT}",
+        s3_access_key_id=S3_KEY,
+        s3_secret_access_key=Secret(S3_SECRET),
+    )
+    # The values every S3 test exports for Feast: exporting them again changes nothing.
+    return env | environment.s3_options(s3)
+
+
+os.environ.update(_session_environment())  # also drops a developer's LAKEHOUSE_* values
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Settings must never read a developer's shell."""
+    """Settings never read a developer's shell nor an earlier test's exports: every
+    `LAKEHOUSE_*` variable is empty (unset) when a test starts."""
     for key in list(os.environ):
-        if key.startswith(PREFIX):
-            monkeypatch.delenv(key)
+        if key.startswith(PREFIX) and os.environ[key]:
+            monkeypatch.setenv(key, "")
 
 
 @contextlib.contextmanager
@@ -74,7 +104,7 @@ def s3_endpoint() -> Iterator[str]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
-    port = free_port()
+    port = S3_PORT
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"
