@@ -1,9 +1,10 @@
 """Feast wiring: the repository, its environment, and S3 access for its DuckDB offline store.
 
 The repository lives in the `feature_repo` package (shipped in the wheel). Its
-`feature_store.yaml` reads `${LAKEHOUSE_HOME}`; `feature_store()` exports that (and the
-Postgres online store's connection when selected) from the settings, so Feast and the
-rest of the lakehouse always agree on where things are.
+`feature_store.yaml` reads `${LAKEHOUSE_HOME}`; every command exports that (and the
+Postgres online store's connection when selected) from the settings when it starts
+(`lakehouse.environment`), so Feast and the rest of the lakehouse always agree on where
+things are.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import luigi
 import psycopg
 import pytest
 
@@ -250,17 +251,24 @@ def test_console_script_exit_code(tmp_path: Path) -> None:
 def test_an_unreachable_luigi_scheduler_is_one_line(cli, base_settings: Settings) -> None:  # type: ignore[no-untyped-def]
     seeded(base_settings, rows=5)
     port = free_port()
-    code, _, err = cli(
-        env_for(base_settings),
-        "run",
-        "--no-ml",
-        "--scheduler-host",
-        "127.0.0.1",
-        "--scheduler-port",
-        str(port),
-        "--log-format",  # global options are accepted after the command too
-        "text",
-    )
+    config = luigi.configuration.get_config()
+    if not config.has_section("core"):
+        config.add_section("core")
+    config.set("core", "rpc-retry-wait", "0")  # Luigi's 3 tries are 30 s apart otherwise
+    try:
+        code, _, err = cli(
+            env_for(base_settings),
+            "run",
+            "--no-ml",
+            "--scheduler-host",
+            "127.0.0.1",
+            "--scheduler-port",
+            str(port),
+            "--log-format",  # global options are accepted after the command too
+            "text",
+        )
+    finally:
+        config.remove_option("core", "rpc-retry-wait")
     assert_one_line_error(
         code, err, f"the Luigi scheduler at 127.0.0.1:{port} is not reachable; start `luigid"
     )
