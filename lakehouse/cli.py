@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from lakehouse import environment, log
-from lakehouse.errors import LakehouseError, UsageError, first_line
+from lakehouse.errors import LakehouseError, UsageError, described
 from lakehouse.settings import Settings
 
 
@@ -558,7 +558,7 @@ def _ml(settings: Settings, args: argparse.Namespace) -> int:
         if args.debug:
             raise
         msg = (
-            f"`lakehouse {args.command}` failed: {type(exc).__name__}: {first_line(exc)}; "
+            f"`lakehouse {args.command}` failed: {described(exc)}; "
             "rerun with --debug for the traceback"
         )
         raise LakehouseError(msg) from None

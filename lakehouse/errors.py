@@ -7,6 +7,12 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def described(exc: BaseException) -> str:
+    """Return `Type: first line`, or just `Type` when the exception has no text."""
+    name = type(exc).__name__
+    return f"{name}: {first_line(exc)}" if str(exc).strip() else name
+
+
 class LakehouseError(Exception):
     """Base class: the CLI prints the message on one line and exits with `exit_code`."""
 

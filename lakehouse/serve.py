@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 
 from lakehouse import features, log, models
-from lakehouse.errors import first_line
+from lakehouse.errors import described
 from lakehouse.settings import Settings
 from lakehouse.source.schema import APPLICANTS
 from lakehouse.storage import Storage
@@ -96,8 +96,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         # Anything unexpected (the online store down, a corrupt model file): a JSON detail
         # naming it, without secrets; uvicorn logs the traceback.
-        text = first_line(exc)
-        detail = log.redact(f"internal error: {type(exc).__name__}: {text}; see the server log")
+        detail = log.redact(f"internal error: {described(exc)}; see the server log")
         return JSONResponse(status_code=500, content={"detail": detail})
 
     lock = threading.Lock()

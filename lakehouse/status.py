@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from lakehouse import catalog, runs
-from lakehouse.errors import LakehouseError, first_line
+from lakehouse.errors import LakehouseError, described
 from lakehouse.settings import Settings
 from lakehouse.source.schema import TABLES
 from lakehouse.storage import Storage
@@ -71,7 +71,7 @@ class Status:
 def _error(exc: BaseException) -> str:
     if isinstance(exc, LakehouseError):
         return str(exc)
-    return f"{type(exc).__name__}: {first_line(exc)}"
+    return described(exc)
 
 
 def collect(settings: Settings, storage: Storage) -> Status:
