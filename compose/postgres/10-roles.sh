@@ -17,10 +17,9 @@ CREATE ROLE lakehouse_owner LOGIN PASSWORD :'owner_pw';
 CREATE SCHEMA lending AUTHORIZATION lakehouse_owner;
 GRANT CREATE ON DATABASE :"db" TO lakehouse_owner;
 
--- Batch extraction (the pipeline): reads the tables, and sees other sessions' open
--- transactions in pg_stat_activity (the watermark's fence).
+-- Batch extraction (the pipeline): reads the tables (its fence is its own snapshot's
+-- xmin, which needs no privilege).
 CREATE ROLE lakehouse_batch LOGIN PASSWORD :'batch_pw';
-GRANT pg_read_all_stats TO lakehouse_batch;
 GRANT USAGE ON SCHEMA lending TO lakehouse_batch;
 ALTER DEFAULT PRIVILEGES FOR ROLE lakehouse_owner IN SCHEMA lending
     GRANT SELECT ON TABLES TO lakehouse_batch;

@@ -25,6 +25,16 @@ class SourceTable:
         """Return the column names in table order."""
         return [c for c, _ in self.columns]
 
+    @property
+    def timestamps(self) -> list[str]:
+        """Return the timestamp columns (their extreme values need care downstream)."""
+        return [c for c, t in self.columns if t == "timestamptz"]
+
+    @property
+    def attributes(self) -> list[str]:
+        """Return the descriptive columns: neither the key nor a timestamp."""
+        return [c for c, t in self.columns if c != self.key and t != "timestamptz"]
+
 
 APPLICANTS = SourceTable(
     "applicants",
@@ -40,6 +50,7 @@ APPLICANTS = SourceTable(
         ("cb_person_cred_hist_length", "integer"),
         ("credit_score", "integer"),
         ("previous_loan_defaults_on_file", "text"),
+        ("created_at", "timestamptz"),
         ("updated_at", "timestamptz"),
     ),
 )
@@ -62,10 +73,15 @@ LOAN_APPLICATIONS = SourceTable(
 
 TABLES = {t.name: t for t in (APPLICANTS, LOAN_APPLICATIONS)}
 
-# Why the triggers look like this: incremental extraction reads rows whose `updated_at`
-# is below a fence computed from the oldest writing transaction (see extract.py). That is
-# only sound if a row's timestamp is taken *after* its transaction has an xid, so the
-# trigger asks for the xid first. Deletes leave a tombstone so batch ELT sees them too.
+# Why the source looks like this. Batch extraction must find every committed change
+# without trusting any timestamp (clocks step back, rows are imported with old or future
+# `updated_at`). So each row carries `updated_xid`, the transaction that last wrote it,
+# stamped by a trigger that no INSERT or UPDATE can bypass; an extraction takes the rows
+# whose transaction is below its snapshot's xmin and not below the previous one's (all
+# those transactions have finished, so none can still add a row to that range). Deletes
+# leave a tombstone with the same stamp (so does the old key of an UPDATE that changes
+# the key; a TRUNCATE leaves one without a row), so batch ELT sees them too. `updated_at` stays
+# data: it dates a version in history, it never orders changes.
 _DDL = """
 CREATE SCHEMA IF NOT EXISTS {schema};
 
@@ -80,7 +96,10 @@ CREATE TABLE IF NOT EXISTS {schema}.applicants (
     cb_person_cred_hist_length integer,
     credit_score integer,
     previous_loan_defaults_on_file text,
-    updated_at timestamptz NOT NULL
+    -- When the applicant became a customer: an application cannot be older.
+    created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at timestamptz NOT NULL,
+    updated_xid xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
 
 CREATE TABLE IF NOT EXISTS {schema}.loan_applications (
@@ -95,28 +114,48 @@ CREATE TABLE IF NOT EXISTS {schema}.loan_applications (
     -- customer's first application) must exist at applied_at, or gold finds no version
     -- of them as of that instant (now() is the transaction's start, before the insert).
     applied_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    updated_at timestamptz NOT NULL
+    updated_at timestamptz NOT NULL,
+    updated_xid xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
 
+-- A tombstone per deleted row; one with no row_id marks a TRUNCATE (which fires no row
+-- trigger): every row written before it is gone.
 CREATE TABLE IF NOT EXISTS {schema}.deleted_rows (
     table_name text NOT NULL,
-    row_id bigint NOT NULL,
-    deleted_at timestamptz NOT NULL
+    row_id bigint,
+    deleted_at timestamptz NOT NULL,
+    deleted_xid xid8 NOT NULL DEFAULT pg_current_xact_id()
 );
 
+-- A source seeded by an earlier version gains the columns (the stamps of existing rows
+-- are this transaction's: the next extraction takes them all once, silver keeps one copy).
+ALTER TABLE {schema}.applicants
+    ADD COLUMN IF NOT EXISTS created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    ADD COLUMN IF NOT EXISTS updated_xid xid8 NOT NULL DEFAULT pg_current_xact_id();
+ALTER TABLE {schema}.loan_applications
+    ADD COLUMN IF NOT EXISTS updated_xid xid8 NOT NULL DEFAULT pg_current_xact_id();
+ALTER TABLE {schema}.deleted_rows
+    ADD COLUMN IF NOT EXISTS deleted_xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    ALTER COLUMN row_id DROP NOT NULL;
+
 CREATE INDEX IF NOT EXISTS applicants_updated_at ON {schema}.applicants (updated_at);
+CREATE INDEX IF NOT EXISTS applicants_updated_xid ON {schema}.applicants (updated_xid);
 CREATE INDEX IF NOT EXISTS loan_applications_updated_at
     ON {schema}.loan_applications (updated_at);
+CREATE INDEX IF NOT EXISTS loan_applications_updated_xid
+    ON {schema}.loan_applications (updated_xid);
 CREATE INDEX IF NOT EXISTS loan_applications_applicant
     ON {schema}.loan_applications (applicant_id);
 CREATE INDEX IF NOT EXISTS loan_applications_pending
     ON {schema}.loan_applications (application_id) WHERE loan_status IS NULL;
 CREATE INDEX IF NOT EXISTS deleted_rows_deleted_at ON {schema}.deleted_rows (deleted_at);
+CREATE INDEX IF NOT EXISTS deleted_rows_deleted_xid
+    ON {schema}.deleted_rows (table_name, deleted_xid);
 
 CREATE OR REPLACE FUNCTION {schema}.touch_updated_at() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM pg_current_xact_id();
+    NEW.updated_xid := pg_current_xact_id();
     IF TG_OP = 'UPDATE' OR NEW.updated_at IS NULL THEN
         NEW.updated_at := clock_timestamp();
     END IF;
@@ -126,10 +165,19 @@ END $$;
 CREATE OR REPLACE FUNCTION {schema}.record_delete() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    EXECUTE format('INSERT INTO %I.deleted_rows VALUES ($1, $2, clock_timestamp())',
-                   TG_TABLE_SCHEMA)
+    EXECUTE format('INSERT INTO %I.deleted_rows VALUES ($1, $2, clock_timestamp(), '
+                   'pg_current_xact_id())', TG_TABLE_SCHEMA)
         USING TG_TABLE_NAME, (to_jsonb(OLD) ->> TG_ARGV[0])::bigint;
     RETURN OLD;
+END $$;
+
+CREATE OR REPLACE FUNCTION {schema}.record_truncate() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('INSERT INTO %I.deleted_rows VALUES ($1, NULL, clock_timestamp(), '
+                   'pg_current_xact_id())', TG_TABLE_SCHEMA)
+        USING TG_TABLE_NAME;
+    RETURN NULL;
 END $$;
 
 CREATE OR REPLACE TRIGGER applicants_touch BEFORE INSERT OR UPDATE ON {schema}.applicants
@@ -142,6 +190,18 @@ CREATE OR REPLACE TRIGGER applicants_tombstone AFTER DELETE ON {schema}.applican
 CREATE OR REPLACE TRIGGER loan_applications_tombstone
     AFTER DELETE ON {schema}.loan_applications
     FOR EACH ROW EXECUTE FUNCTION {schema}.record_delete('application_id');
+-- An UPDATE of the key removes the old key: a tombstone for it, like a delete.
+CREATE OR REPLACE TRIGGER applicants_rekey AFTER UPDATE OF applicant_id ON {schema}.applicants
+    FOR EACH ROW WHEN (OLD.applicant_id IS DISTINCT FROM NEW.applicant_id)
+    EXECUTE FUNCTION {schema}.record_delete('applicant_id');
+CREATE OR REPLACE TRIGGER loan_applications_rekey
+    AFTER UPDATE OF application_id ON {schema}.loan_applications
+    FOR EACH ROW WHEN (OLD.application_id IS DISTINCT FROM NEW.application_id)
+    EXECUTE FUNCTION {schema}.record_delete('application_id');
+CREATE OR REPLACE TRIGGER applicants_truncate AFTER TRUNCATE ON {schema}.applicants
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.record_truncate();
+CREATE OR REPLACE TRIGGER loan_applications_truncate AFTER TRUNCATE ON {schema}.loan_applications
+    FOR EACH STATEMENT EXECUTE FUNCTION {schema}.record_truncate();
 """
 
 

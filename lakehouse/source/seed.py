@@ -98,6 +98,7 @@ def synthesize(
         pl.col("cb_person_cred_hist_length").cast(pl.Int32),
         pl.col("credit_score").cast(pl.Int32),
         "previous_loan_defaults_on_file",
+        pl.col("profile_at").alias("created_at"),
         pl.col("profile_at").alias("updated_at"),
     )
     applications = data.select(

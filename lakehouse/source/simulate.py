@@ -26,9 +26,11 @@ MIX = {
 }
 
 # The applicant's own columns (no key, no timestamp) and how to cast them in unnest().
-_PERSON = tuple(name for name, _ in APPLICANTS.columns[1:-1])
+_PERSON = tuple(APPLICANTS.attributes)
 _PG_TYPES = tuple(
-    {"integer": "int", "double precision": "float8"}.get(t, t) for _, t in APPLICANTS.columns[1:-1]
+    {"integer": "int", "double precision": "float8"}.get(t, t)
+    for name, t in APPLICANTS.columns
+    if name in _PERSON
 )
 
 
@@ -44,6 +46,15 @@ class SimulationResult:
     def total(self) -> int:
         """Return the number of changed rows."""
         return sum(self.counts.values())
+
+    @property
+    def changes(self) -> int:
+        """Return the number of changes, as `--changes` counts them.
+
+        A new customer's first application is one change that writes two rows (the
+        customer and the application): `new_applicant` rows are not changes of their own.
+        """
+        return self.total - self.counts.get("new_applicant", 0)
 
 
 class Simulator:
