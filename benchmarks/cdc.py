@@ -61,7 +61,7 @@ def say(text: str) -> None:
 
 
 def lsn_now(conn: psycopg.Connection) -> int:
-    row = conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint").fetchone()
+    row = conn.execute("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint").fetchone()
     assert row is not None
     return int(row[0])
 

@@ -116,7 +116,7 @@ class Settings:
         known = {PREFIX + f.name.upper(): f for f in fields(cls)}
         # FAILPOINT: fault-injection tests only (lakehouse.failpoints); FEAST_PG_*: derived
         # from LAKEHOUSE_PG_DSN for Feast's YAML by `lakehouse.features`.
-        internal = {PREFIX + "FAILPOINT"} | {
+        internal = {PREFIX + "FAILPOINT", PREFIX + "FAILPOINT_PAUSE"} | {
             f"{PREFIX}FEAST_PG_{k}"
             for k in ("HOST", "PORT", "DATABASE", "USER", "PASSWORD", "SCHEMA", "SSLMODE")
         }

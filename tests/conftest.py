@@ -45,7 +45,7 @@ def _session_environment() -> dict[str, str]:
     segfaulted this suite twice). An empty `LAKEHOUSE_*` value means unset to `Settings`.
     """
     env = {PREFIX + f.name.upper(): "" for f in fields(Settings)}
-    env |= {PREFIX + "FAILPOINT": ""}
+    env |= {PREFIX + "FAILPOINT": "", PREFIX + "FAILPOINT_PAUSE": ""}
     online = Settings(feast_online_store="postgres", feast_pg_dsn=Secret("postgresql://h/db"))
     env |= {key: "" for key in environment.feast_env(online)}
     s3 = Settings(

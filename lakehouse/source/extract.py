@@ -1,16 +1,28 @@
-"""Fenced snapshot and incremental extraction from Postgres into Arrow batches, via COPY."""
+"""Snapshot and incremental extraction from Postgres into Arrow batches, via COPY.
+
+What a batch takes is decided by transaction ids, never by a timestamp: each source row
+carries `updated_xid` (the transaction that last wrote it, stamped by a trigger), and an
+extraction takes the rows with `lo <= updated_xid < hi`, where `hi` is the xmin of its
+own snapshot: every transaction below it has finished, so no row can still appear below
+`hi` later, and the next extraction starts there. A row inserted with an old or a future
+`updated_at`, or written while the clock stepped back, is taken exactly once.
+
+A timestamp Arrow and Delta cannot hold (`infinity`, BC dates, years past 9999) arrives
+as null, with its text in `_unrepresentable` (a JSON object, column -> text), so that the
+row still lands in bronze and silver can reject it by a rule that names the column.
+"""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import polars as pl
 import psycopg
 from psycopg import sql
 
-from lakehouse.errors import SourceError
 from lakehouse.source.schema import SourceTable, ident
 
 PG_TO_POLARS: dict[str, pl.DataType] = {
@@ -21,122 +33,198 @@ PG_TO_POLARS: dict[str, pl.DataType] = {
     "text": pl.Utf8(),
     "timestamptz": pl.Datetime("us", "UTC"),
 }
+# The instants Python, Arrow, Delta's statistics and DuckDB all hold: years 1 to 9999.
+REPRESENTABLE_FROM = "0001-01-01 00:00:00+00"
+REPRESENTABLE_UNTIL = "10000-01-01 00:00:00+00"
 _BYTES_PER_ROW = 160  # rough CSV width of a row: sizes the read buffer from batch_rows
-NO_UPPER_BOUND = 253_402_300_799_000_000  # 9999-12-31: a window with no upper fence
 
 
 @dataclass(frozen=True)
 class Window:
-    """Rows changed in `[lo_us, hi_us)` (µs since the epoch); `lo_us=None` is a snapshot."""
+    """Rows written by transactions in `[lo, hi)`; `lo=None`: from the start, `hi=None`: no end."""
 
-    lo_us: int | None
-    hi_us: int
+    lo: int | None
+    hi: int | None
 
     @property
     def mode(self) -> str:
         """Return `snapshot` or `incremental`."""
-        return "snapshot" if self.lo_us is None else "incremental"
+        return "snapshot" if self.lo is None else "incremental"
 
 
-def fence(conn: psycopg.Connection) -> int:
-    """Return the high watermark: no transaction still open can write a timestamp below it.
+@dataclass(frozen=True)
+class Snapshot:
+    """Where an extraction's snapshot sits: its WAL position and its xmin."""
 
-    The triggers take `clock_timestamp()` only after their transaction has an xid, so any
-    writer not yet listed here will stamp rows later than now, and any listed writer stamps
-    rows no earlier than its own start.
+    lsn: int
+    """Every change the snapshot sees was committed below this WAL position."""
+    xmin: int
+    """Every transaction below this id has finished (committed ones are visible)."""
+
+
+@contextmanager
+def snapshot(
+    conn: psycopg.Connection, *, exported: str | None = None, after: int | None = None
+) -> Iterator[Snapshot]:
+    """Open one REPEATABLE READ transaction and take its snapshot (or an exported one).
+
+    Everything read inside sees the same committed state. Its WAL position is read just
+    before the snapshot is taken: a transaction the snapshot sees had inserted its
+    commit record before, so it sorts below (the insert position, not the written one:
+    with `synchronous_commit = off` the latter lags behind visible commits). `after`
+    (the previous batch's position) is exceeded: when no WAL was written since, a commit
+    record is written first, so that batch positions strictly increase.
     """
-    try:
+    conn.autocommit = True
+    lsn = _wal_position(conn)
+    if after is not None and lsn <= after:
+        conn.execute("SELECT pg_current_xact_id()")  # a transaction with an id: one record
+        lsn = _wal_position(conn)
+    conn.autocommit = False
+    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
+    with conn.transaction():
+        if exported is not None:
+            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(exported)))
+        # The first statement takes the snapshot.
         row = conn.execute(
-            "SELECT (extract(epoch FROM least(clock_timestamp(),"
-            " (SELECT min(xact_start) FROM pg_stat_activity"
-            "   WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()),"
-            " (SELECT min(prepared) FROM pg_prepared_xacts))) * 1000000)::bigint"
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
         ).fetchone()
-    except psycopg.errors.InsufficientPrivilege as exc:
-        msg = (
-            f"cannot read pg_stat_activity ({exc.diag.message_primary}); grant the "
-            "pg_read_all_stats role to the lakehouse's Postgres user"
-        )
-        raise SourceError(msg) from None
+        assert row is not None
+        conn.execute("SET LOCAL TIME ZONE 'UTC'")
+        conn.execute("SET LOCAL DateStyle = 'ISO, YMD'")
+        yield Snapshot(lsn, int(row[0]))
+
+
+def _wal_position(conn: psycopg.Connection) -> int:
+    """Return the WAL insert position (on a standby: its replay position)."""
+    row = conn.execute(
+        "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
+        " ELSE pg_current_wal_insert_lsn() END - '0/0'::pg_lsn)::bigint"
+    ).fetchone()
     assert row is not None
     return int(row[0])
 
 
-def check_can_fence(conn: psycopg.Connection) -> None:
-    """Fail early if the role cannot see other sessions' transactions (needed by `fence`)."""
-    row = conn.execute(
-        "SELECT rolsuper OR pg_has_role(current_user, 'pg_read_all_stats', 'MEMBER') "
-        "FROM pg_roles WHERE rolname = current_user"
-    ).fetchone()
-    if not row or not row[0]:
-        msg = (
-            "the Postgres user cannot see other sessions' open transactions, so incremental "
-            "extraction could miss rows; `GRANT pg_read_all_stats TO <user>`"
-        )
-        raise SourceError(msg)
+def fence(conn: psycopg.Connection) -> int:
+    """Return the current xmin: every transaction below it has finished."""
+    row = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
-def has_changes(
-    conn: psycopg.Connection, schema: str, table: SourceTable, lo_us: int | None
-) -> bool:
-    """Tell whether anything changed at or after `lo_us` (cheap: uses the timestamp indexes)."""
-    if lo_us is None:
-        return True
+def _xid(value: int) -> sql.Composable:
+    return sql.SQL("{}::xid8").format(sql.Literal(str(value)))
+
+
+def _in_window(column: str, window: Window) -> sql.Composable:
+    parts: list[sql.Composable] = [sql.SQL("TRUE")]
+    if window.lo is not None:
+        parts.append(sql.SQL("{} >= {}").format(ident(column), _xid(window.lo)))
+    if window.hi is not None:
+        parts.append(sql.SQL("{} < {}").format(ident(column), _xid(window.hi)))
+    return sql.SQL(" AND ").join(parts)
+
+
+def has_changes(conn: psycopg.Connection, schema: str, table: SourceTable, window: Window) -> bool:
+    """Tell whether any row or tombstone falls in `window` (cheap: the xid indexes)."""
     row = conn.execute(
         sql.SQL(
-            "SELECT EXISTS (SELECT 1 FROM {t} WHERE updated_at >= to_timestamp(%s / 1e6))"
-            " OR EXISTS (SELECT 1 FROM {d} WHERE table_name = %s"
-            " AND deleted_at >= to_timestamp(%s / 1e6))"
-        ).format(t=ident(schema, table.name), d=ident(schema, "deleted_rows")),
-        (lo_us, table.name, lo_us),
+            "SELECT EXISTS (SELECT 1 FROM {t} WHERE {w1})"
+            " OR EXISTS (SELECT 1 FROM {d} WHERE table_name = {name} AND {w2})"
+        ).format(
+            t=ident(schema, table.name),
+            w1=_in_window("updated_xid", window),
+            d=ident(schema, "deleted_rows"),
+            name=sql.Literal(table.name),
+            w2=_in_window("deleted_xid", window),
+        )
     ).fetchone()
-    return bool(row and (row[0]))
+    return bool(row and row[0])
 
 
-def _query(schema: str, table: SourceTable, window: Window) -> sql.Composable:
+def _representable(column: str) -> sql.Composable:
+    return sql.SQL("({c} >= {lo}::timestamptz AND {c} < {hi}::timestamptz)").format(
+        c=ident(column), lo=sql.Literal(REPRESENTABLE_FROM), hi=sql.Literal(REPRESENTABLE_UNTIL)
+    )
+
+
+def _micros(column: str) -> sql.Composable:
+    """Return a timestamp as µs since the epoch, or NULL when Arrow cannot hold it."""
+    return sql.SQL("CASE WHEN {ok} THEN (extract(epoch FROM {c}) * 1000000)::bigint END").format(
+        ok=_representable(column), c=ident(column)
+    )
+
+
+def _unrepresentable(table: SourceTable) -> sql.Composable:
+    """Return a JSON object of the timestamps Arrow cannot hold (column -> text), or NULL."""
+    pairs = [
+        sql.SQL("{name}, CASE WHEN NOT {ok} THEN {c}::text END").format(
+            name=sql.Literal(name), ok=_representable(name), c=ident(name)
+        )
+        for name in table.timestamps
+    ]
+    if not pairs:
+        return sql.NULL
+    return sql.SQL("nullif(jsonb_strip_nulls(jsonb_build_object({}))::text, '{{}}')").format(
+        sql.SQL(", ").join(pairs)
+    )
+
+
+def _query(
+    schema: str, table: SourceTable, window: Window, keys: list[int] | None = None
+) -> sql.Composable:
+    """Rows and tombstones in `window`; with `keys`, those keys' current rows only."""
     cols: list[sql.Composable] = []
     tomb: list[sql.Composable] = []
     for name, pg_type in table.columns:
-        if pg_type == "timestamptz":
-            cols.append(
-                sql.SQL("(extract(epoch FROM {c}) * 1000000)::bigint").format(c=ident(name))
-            )
-        else:
-            cols.append(ident(name))
+        cols.append(_micros(name) if pg_type == "timestamptz" else ident(name))
         tomb.append(sql.SQL("row_id") if name == table.key else sql.NULL)
-    lo = sql.Literal(window.lo_us)
-    hi = sql.Literal(window.hi_us)
-    in_window = sql.SQL(
-        "{c} < to_timestamp({hi} / 1e6)"
-        + (" AND {c} >= to_timestamp({lo} / 1e6)" if window.lo_us is not None else "")
-    )
+    if keys is not None:
+        return sql.SQL(
+            "SELECT {cols}, 'upsert', {ts}, updated_xid::text::bigint, {raw} FROM {t}"
+            " WHERE {key} = ANY({keys})"
+        ).format(
+            cols=sql.SQL(", ").join(cols),
+            ts=_micros("updated_at"),
+            raw=_unrepresentable(table),
+            t=ident(schema, table.name),
+            key=ident(table.key),
+            keys=sql.Literal(keys),
+        )
     return sql.SQL(
-        "SELECT {cols}, 'upsert', (extract(epoch FROM updated_at) * 1000000)::bigint FROM {t}"
-        " WHERE {w1}"
+        "SELECT {cols}, 'upsert', {ts}, updated_xid::text::bigint, {raw} FROM {t} WHERE {w1}"
         " UNION ALL "
-        "SELECT {tomb}, 'delete', (extract(epoch FROM deleted_at) * 1000000)::bigint FROM {d}"
+        "SELECT {tomb}, CASE WHEN row_id IS NULL THEN 'truncate' ELSE 'delete' END, {dts},"
+        " deleted_xid::text::bigint, NULL FROM {d}"
         " WHERE table_name = {name} AND {w2}"
     ).format(
         cols=sql.SQL(", ").join(cols),
+        ts=_micros("updated_at"),
+        raw=_unrepresentable(table),
         t=ident(schema, table.name),
-        w1=in_window.format(c=ident("updated_at"), lo=lo, hi=hi),
+        w1=_in_window("updated_xid", window),
         tomb=sql.SQL(", ").join(tomb),
+        dts=_micros("deleted_at"),
         d=ident(schema, "deleted_rows"),
         name=sql.Literal(table.name),
-        w2=in_window.format(c=ident("deleted_at"), lo=lo, hi=hi),
+        w2=_in_window("deleted_xid", window),
     )
 
 
 def extracted_schema(table: SourceTable) -> dict[str, pl.DataType]:
     """Return the Polars schema of extracted rows.
 
-    The source columns, then `_op` (upsert or delete), `_source_ts` (the row's
-    `updated_at` or the delete time) and `_source_lsn` (the WAL position the extraction's
-    snapshot was taken at: orders batch rows against CDC changes).
+    The source columns, then `_op` (upsert, delete, or truncate: every row written
+    before it is gone), `_source_ts` (the row's
+    `updated_at` or the delete time), `_source_xid` (the transaction that wrote it),
+    `_unrepresentable` (timestamps Arrow cannot hold, as text) and `_source_lsn` (the WAL
+    position the extraction's snapshot was taken at: orders batch rows against CDC changes).
     """
     schema = {name: PG_TO_POLARS[pg_type] for name, pg_type in table.columns}
     schema["_op"] = pl.Utf8()
     schema["_source_ts"] = pl.Datetime("us", "UTC")
+    schema["_source_xid"] = pl.Int64()
+    schema["_unrepresentable"] = pl.Utf8()
     schema["_source_lsn"] = pl.Int64()
     return schema
 
@@ -148,46 +236,32 @@ def extract(
     window: Window,
     *,
     batch_rows: int,
-    snapshot: str | None = None,
-    snapshot_lsn: int | None = None,
+    lsn: int,
+    keys: list[int] | None = None,
 ) -> Iterator[pl.DataFrame]:
-    """Yield the rows changed in `window` (and tombstones of deleted rows) as frames.
+    """Yield the rows written in `window` (and tombstones of deleted rows) as frames.
 
-    Runs in one REPEATABLE READ transaction so every batch sees the same snapshot (or
-    in the exported `snapshot` of a replication slot, whose consistent point is
-    `snapshot_lsn`); memory is bounded by `batch_rows` because COPY output is parsed a
-    slice at a time.
+    Runs inside `snapshot(conn)`, so every batch sees the same state; `lsn` is the
+    snapshot's WAL position. Memory is bounded by `batch_rows`: the COPY output is parsed
+    a slice at a time. With `keys`, only those keys' current rows (a repair).
     """
     target = extracted_schema(table)
     lsn_type = target.pop("_source_lsn")
     raw = {k: (pl.Int64() if isinstance(v, pl.Datetime) else v) for k, v in target.items()}
     limit = max(1 << 16, batch_rows * _BYTES_PER_ROW)
-    stmt = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(_query(schema, table, window))
-    conn.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
-    with conn.transaction(), conn.cursor() as cur:
-        if snapshot is not None:
-            cur.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-            lsn = snapshot_lsn
-        else:
-            # The first statement takes the snapshot: every change it sees was committed
-            # at a WAL position below this one (on a standby: below its replay position).
-            row = cur.execute(
-                "SELECT (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()"
-                " ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::bigint"
-            ).fetchone()
-            lsn = row[0] if row else None
-        position = pl.lit(lsn, lsn_type).alias("_source_lsn")
-        with cur.copy(stmt) as copy:
-            pending = bytearray()
-            for block in copy:
-                pending += block
-                if len(pending) >= limit:
-                    cut = _row_boundary(pending)
-                    if cut > 0:
-                        yield _parse(bytes(pending[:cut]), raw, target).with_columns(position)
-                        del pending[:cut]
-            if pending:
-                yield _parse(bytes(pending), raw, target).with_columns(position)
+    stmt = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(_query(schema, table, window, keys))
+    position = pl.lit(lsn, lsn_type).alias("_source_lsn")
+    with conn.cursor() as cur, cur.copy(stmt) as copy:
+        pending = bytearray()
+        for block in copy:
+            pending += block
+            if len(pending) >= limit:
+                cut = _row_boundary(pending)
+                if cut > 0:
+                    yield _parse(bytes(pending[:cut]), raw, target).with_columns(position)
+                    del pending[:cut]
+        if pending:
+            yield _parse(bytes(pending), raw, target).with_columns(position)
 
 
 def _row_boundary(buf: bytearray) -> int:

@@ -1,7 +1,9 @@
-"""Bronze: append-only Delta copies of the source tables, with lineage, by fenced windows."""
+"""Bronze: append-only Delta copies of the source tables, with lineage, by transaction windows."""
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -9,22 +11,31 @@ from datetime import UTC, datetime
 import polars as pl
 import psycopg
 import pyarrow as pa
-from deltalake import write_deltalake
+from deltalake import DeltaTable, write_deltalake
 
-from lakehouse.errors import SourceError
+from lakehouse.errors import SourceError, StorageError
 from lakehouse.failpoints import failpoint
 from lakehouse.settings import Settings
 from lakehouse.source import extract
 from lakehouse.source.schema import TABLES, SourceTable, connect, schema_exists
 from lakehouse.storage import Storage
-from lakehouse.zones.commits import app_id, commit_properties, recorded
+from lakehouse.zones.commits import (
+    ConcurrentWriteError,
+    app_id,
+    commit_properties,
+    is_conflict,
+    recorded,
+)
 
 LINEAGE = {
     "_batch_id": pl.Int64(),
-    "_source_watermark": pl.Datetime("us", "UTC"),
     "_extract_mode": pl.Utf8(),
     "_ingested_at": pl.Datetime("us", "UTC"),
 }
+# `lakehouse.bronze.<table>` records the extraction watermark (a transaction id);
+# this one records the last batch id (the WAL position of its snapshot), which silver
+# reads up to. A repair batch (`lakehouse verify --repair`) moves only the latter.
+_BATCH = "batch"
 
 
 @dataclass(frozen=True)
@@ -45,8 +56,32 @@ def bronze_schema(table: SourceTable) -> pa.Schema:
 
 
 def watermark(storage: Storage, table: str) -> int | None:
-    """Return the high watermark (µs) of the last batch in `bronze.<table>`, or None."""
-    return recorded(storage.table_or_none("bronze", table), app_id("bronze", table))
+    """Return the extraction watermark of `bronze.<table>` (a transaction id), or None."""
+    return recorded(_table(storage, table), app_id("bronze", table))
+
+
+def last_batch(storage: Storage, table: str) -> int | None:
+    """Return the id of the last batch in `bronze.<table>` (its snapshot's LSN), or None."""
+    return recorded(_table(storage, table), app_id("bronze", table, _BATCH))
+
+
+def _table(storage: Storage, table: str) -> DeltaTable | None:
+    dt = storage.table_or_none("bronze", table)
+    if dt is not None:
+        check_format(dt, f"bronze.{table}")
+    return dt
+
+
+def check_format(dt: DeltaTable, label: str) -> None:
+    """Refuse a table written before changes were ordered by WAL position (cheap: metadata)."""
+    names = set(pa.schema(dt.schema().to_arrow()).names)
+    if "_source_watermark" in names:
+        msg = (
+            f"{label} was written by an earlier lakehouse that ordered changes by timestamp; "
+            "this version orders them by WAL position and cannot continue that table: move "
+            "the warehouse aside and `lakehouse run` to rebuild it from the source"
+        )
+        raise StorageError(msg)
 
 
 def is_current(settings: Settings, storage: Storage, table: str) -> bool:
@@ -56,7 +91,10 @@ def is_current(settings: Settings, storage: Storage, table: str) -> bool:
         require_source(conn, settings.pg_schema)
         if stream_fed(conn, settings.pg_schema, table):
             return True
-        return not extract.has_changes(conn, settings.pg_schema, TABLES[table], lo)
+        if lo is None:
+            return False
+        window = extract.Window(lo, extract.fence(conn))
+        return not extract.has_changes(conn, settings.pg_schema, TABLES[table], window)
 
 
 def stream_slot(schema: str, table: str) -> str:
@@ -111,51 +149,50 @@ def require_source(conn: psycopg.Connection, schema: str) -> None:
 
 
 def ingest(settings: Settings, storage: Storage, table: str) -> IngestResult:
-    """Append the source rows changed since the last batch as one atomic Delta commit."""
+    """Append the source rows written since the last batch as one atomic Delta commit."""
     source = TABLES[table]
     with connect(settings, autocommit=True) as conn:
         require_source(conn, settings.pg_schema)
         if stream_fed(conn, settings.pg_schema, table):
             return IngestResult(table, "stream", 0, 0, None)
-        extract.check_can_fence(conn)
         _lock(conn, table)
-        lo = watermark(storage, table)
-        hi = extract.fence(conn)
-        window = extract.Window(lo, hi)
-        if lo is not None and (
-            hi <= lo or not extract.has_changes(conn, settings.pg_schema, source, lo)
-        ):
-            return IngestResult(table, window.mode, 0, 0, None)
-        conn.autocommit = False
-        counts = {"rows": 0, "deletes": 0}
-        batches = _with_lineage(
-            extract.extract(
-                conn, settings.pg_schema, source, window, batch_rows=settings.batch_rows
-            ),
-            window,
-            counts,
-        )
-        schema = bronze_schema(source)
-        first = next(batches, None)
-        if first is None and lo is not None:
-            return IngestResult(table, window.mode, 0, 0, None)
-        # A snapshot always commits, even empty, so the table and its watermark exist.
-        reader = pa.RecordBatchReader.from_batches(
-            schema, batches if first is None else _chain(first, batches)
-        )
-        write_deltalake(
-            storage.uri("bronze", table),
-            reader,
-            mode="append",
-            storage_options=storage.options,
-            commit_properties=commit_properties(
-                {app_id("bronze", table): hi},
-                operation="ingest",
-                metadata={"lakehouse.mode": window.mode},
-            ),
-        )
-        conn.commit()
-    return IngestResult(table, window.mode, counts["rows"], counts["deletes"], hi)
+        dt = _table(storage, table)
+        lo = recorded(dt, app_id("bronze", table))
+        _settle(conn, settings.pg_schema, source)
+        with extract.snapshot(conn, after=recorded(dt, app_id("bronze", table, _BATCH))) as snap:
+            window = extract.Window(lo, max(snap.xmin, lo or 0))
+            if lo is not None and not extract.has_changes(conn, settings.pg_schema, source, window):
+                return IngestResult(table, window.mode, 0, 0, None)
+            counts = {"rows": 0, "deletes": 0}
+            batches = _with_lineage(
+                extract.extract(
+                    conn,
+                    settings.pg_schema,
+                    source,
+                    window,
+                    batch_rows=settings.batch_rows,
+                    lsn=snap.lsn,
+                ),
+                snap.lsn,
+                window.mode,
+                counts,
+            )
+            first = next(batches, None)
+            if first is None and lo is not None:
+                return IngestResult(table, window.mode, 0, 0, None)
+            # A snapshot always commits, even empty, so the table and its watermark exist.
+            _append(
+                storage,
+                dt,
+                table,
+                batches if first is None else _chain(first, batches),
+                {
+                    app_id("bronze", table): window.hi or 0,
+                    app_id("bronze", table, _BATCH): snap.lsn,
+                },
+                window.mode,
+            )
+    return IngestResult(table, window.mode, counts["rows"], counts["deletes"], snap.lsn)
 
 
 def ingest_snapshot(
@@ -170,66 +207,158 @@ def ingest_snapshot(
     source = TABLES[table]
     with connect(settings, autocommit=True) as conn:
         _lock(conn, table)
-        lo = watermark(storage, table)
-        hi = extract.fence(conn)
-        if lo is not None:
-            hi = max(hi, lo + 1)
-        # Everything the snapshot sees, whatever its timestamp: no upper fence.
-        window = extract.Window(lo, extract.NO_UPPER_BOUND)
-        conn.autocommit = False
-        counts = {"rows": 0, "deletes": 0}
-        frames = extract.extract(
-            conn,
-            settings.pg_schema,
-            source,
-            window,
-            batch_rows=settings.batch_rows,
-            snapshot=snapshot,
-            snapshot_lsn=lsn,
-        )
-        batches = _with_lineage(frames, extract.Window(lo, hi), counts, mode="stream-snapshot")
+        dt = _table(storage, table)
+        lo = recorded(dt, app_id("bronze", table))
+        with extract.snapshot(conn, exported=snapshot) as snap:
+            # Everything the snapshot sees, whatever transaction wrote it: the slot sends
+            # only what commits after it. The watermark is still the snapshot's xmin, so
+            # batch extraction (after a teardown) takes up from there.
+            window = extract.Window(lo, None)
+            counts = {"rows": 0, "deletes": 0}
+            frames = extract.extract(
+                conn, settings.pg_schema, source, window, batch_rows=settings.batch_rows, lsn=lsn
+            )
+            _append(
+                storage,
+                dt,
+                table,
+                _with_lineage(frames, lsn, "stream-snapshot", counts),
+                {
+                    app_id("bronze", table): max(snap.xmin, lo or 0),
+                    app_id("bronze", table, _BATCH): lsn,
+                    app_id("bronze", table, "stream"): lsn,
+                },
+                "stream-snapshot",
+            )
+    return IngestResult(table, "stream-snapshot", counts["rows"], counts["deletes"], lsn)
+
+
+_log = logging.getLogger("lakehouse.bronze")
+# How long an ingest waits for a short transaction that holds the fence back.
+SETTLE_SECONDS = 2.0
+
+
+def _settle(conn: psycopg.Connection, schema: str, source: SourceTable) -> None:
+    """Wait, briefly, until no committed row lies at or above the fence.
+
+    A row is taken once every transaction older than its writer has finished. A short
+    one still running (another writer's, an autovacuum ANALYZE) would otherwise defer
+    rows committed a moment ago to the next run; a long one is not waited for (its rows,
+    and those after it, come with the next run).
+    """
+    deadline = time.monotonic() + SETTLE_SECONDS
+    while time.monotonic() < deadline:
+        xmin = extract.fence(conn)
+        if not extract.has_changes(conn, schema, source, extract.Window(xmin, None)):
+            return
+        time.sleep(0.05)
+    row = conn.execute(
+        "SELECT pid, coalesce(backend_type, ''), coalesce(application_name, ''),"
+        " xact_start FROM pg_stat_activity WHERE backend_xid = (pg_snapshot_xmin("
+        "pg_current_snapshot())::text::bigint % 4294967296)::text::xid"
+    ).fetchone()
+    holder = f"pid {row[0]} ({row[1]} {row[2]}, open since {row[3]})" if row else "a transaction"
+    _log.warning(
+        "%s holds the extraction fence back: rows of `%s` committed after it start come "
+        "with the next run",
+        holder,
+        source.name,
+    )
+
+
+def append_repair(
+    storage: Storage, table: str, frames: Iterator[pl.DataFrame], *, lsn: int
+) -> IngestResult:
+    """Append rows re-read from the source by `lakehouse verify --repair` as a batch.
+
+    Stamped with the WAL position of the snapshot they were read in, like any batch, so
+    silver applies them after everything committed before it; the extraction watermark
+    does not move.
+    """
+    dt = _table(storage, table)
+    counts = {"rows": 0, "deletes": 0}
+    _append(
+        storage,
+        dt,
+        table,
+        _with_lineage(frames, lsn, "repair", counts),
+        {app_id("bronze", table, _BATCH): lsn},
+        "repair",
+    )
+    return IngestResult(table, "repair", counts["rows"], counts["deletes"], lsn)
+
+
+def _append(
+    storage: Storage,
+    dt: DeltaTable | None,
+    table: str,
+    batches: Iterator[pa.RecordBatch],
+    progress: dict[str, int],
+    mode: str,
+) -> None:
+    """One commit, against the version read at the start (a concurrent batch conflicts)."""
+    reader = pa.RecordBatchReader.from_batches(bronze_schema(TABLES[table]), batches)
+    try:
         write_deltalake(
-            storage.uri("bronze", table),
-            pa.RecordBatchReader.from_batches(bronze_schema(source), batches),
+            dt if dt is not None else storage.uri("bronze", table),
+            reader,
             mode="append",
-            storage_options=storage.options,
+            storage_options=None if dt is not None else storage.options,
             commit_properties=commit_properties(
-                {app_id("bronze", table): hi, app_id("bronze", table, "stream"): lsn},
-                operation="ingest",
-                metadata={"lakehouse.mode": "stream-snapshot"},
+                progress, operation="ingest", metadata={"lakehouse.mode": mode}
             ),
         )
-        conn.commit()
-    return IngestResult(table, "stream-snapshot", counts["rows"], counts["deletes"], hi)
+    except Exception as exc:
+        if is_conflict(exc):
+            msg = (
+                f"another writer appended a batch to bronze.{table} at the same time; this "
+                "one wrote nothing: rerun (the next run takes what is left)"
+            )
+            raise ConcurrentWriteError(msg) from None
+        raise
+
+
+# How long an ingest waits for another ingest of the same table to finish.
+LOCK_WAIT_SECONDS = 120.0
 
 
 def _lock(conn: psycopg.Connection, table: str) -> None:
-    row = conn.execute(
-        "SELECT pg_try_advisory_lock(hashtext(%s))", (app_id("bronze", table),)
-    ).fetchone()
-    if not row or not row[0]:
-        msg = f"another ingest of `{table}` is running; wait for it to finish"
-        raise SourceError(msg)
+    """Take the table's ingest lock, waiting for another ingest to finish.
+
+    Two ingests of one table at once would each extract the same rows; the second then
+    finds its commit beaten (the same progress mark) and lands nothing. Waiting for the
+    first instead costs nothing: the second then finds nothing new. The lock is Postgres'
+    (a session advisory lock), so a killed ingest releases it.
+    """
+    conn.execute(f"SET lock_timeout = '{int(LOCK_WAIT_SECONDS * 1000)}ms'")
+    try:
+        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (app_id("bronze", table),))
+    except psycopg.errors.LockNotAvailable:
+        msg = (
+            f"another ingest of `{table}` has been running for over {LOCK_WAIT_SECONDS:g}s; "
+            "wait for it to finish (or stop it) and rerun"
+        )
+        raise SourceError(msg) from None
+    finally:
+        conn.execute("SET lock_timeout = 0")
 
 
 def _with_lineage(
     frames: Iterator[pl.DataFrame],
-    window: extract.Window,
+    batch_id: int,
+    mode: str,
     counts: dict[str, int],
-    *,
-    mode: str | None = None,
 ) -> Iterator[pa.RecordBatch]:
     ingested = datetime.now(UTC)
     lineage = [
-        pl.lit(window.hi_us, pl.Int64).alias("_batch_id"),
-        pl.lit(window.hi_us).cast(pl.Datetime("us", "UTC")).alias("_source_watermark"),
-        pl.lit(mode or window.mode).alias("_extract_mode"),
+        pl.lit(batch_id, pl.Int64).alias("_batch_id"),
+        pl.lit(mode).alias("_extract_mode"),
         pl.lit(ingested).cast(pl.Datetime("us", "UTC")).alias("_ingested_at"),
     ]
     for frame in frames:
         if frame.height == 0:
             continue
-        deletes = int((frame["_op"] == "delete").sum())
+        deletes = int((frame["_op"] != "upsert").sum())
         counts["deletes"] += deletes
         counts["rows"] += frame.height - deletes
         yield from frame.with_columns(lineage).to_arrow().to_batches()

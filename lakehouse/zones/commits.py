@@ -1,12 +1,27 @@
-"""Recording progress in Delta commits themselves, so completion checks are cheap and exact."""
+"""Recording progress in Delta commits themselves, so completion checks are cheap and exact.
+
+Every writer commits against the table version it read its progress from. delta-rs then
+checks, at commit time, every commit made since: one that recorded the same application
+transaction (the same progress mark) makes this commit fail (`ConcurrentTransaction`),
+as does one that added or removed files this one read. So two writers that start from
+the same progress can never both land the same step; the loser learns it at commit time
+and nothing of its work is visible. (A lease would also need fencing against a paused
+holder; the commit-time check needs none.)
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
 from deltalake import CommitProperties, DeltaTable, Transaction
+from deltalake.exceptions import CommitFailedError
 
 from lakehouse import __version__
+from lakehouse.errors import LakehouseError
+
+
+class ConcurrentWriteError(LakehouseError):
+    """Another writer committed the same step first; this one landed nothing."""
 
 
 def app_id(zone: str, table: str, source: str = "") -> str:
@@ -21,6 +36,15 @@ def recorded(dt: DeltaTable | None, app: str) -> int | None:
         return None
     version = dt.transaction_version(app)
     return None if version is None else int(version)
+
+
+def is_conflict(exc: BaseException) -> bool:
+    """Tell whether a Delta write failed because another writer committed first."""
+    if isinstance(exc, CommitFailedError):
+        return True
+    text = str(exc).lower()
+    # Two writers creating the same table: the second finds version 0 taken.
+    return "already exists" in text and ("table" in text or "version" in text)
 
 
 def commit_properties(

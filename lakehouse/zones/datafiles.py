@@ -18,6 +18,7 @@ import io
 import json
 import time
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,10 @@ import polars as pl
 from deltalake import CommitProperties, DeltaTable, Schema
 from deltalake.transaction import AddAction, create_table_with_add_actions
 
+from lakehouse.errors import StorageError
 from lakehouse.failpoints import failpoint
 from lakehouse.storage import Storage, _split_s3, minio_client
+from lakehouse.zones.commits import ConcurrentWriteError
 
 # Longer strings are left out of min/max stats, as delta-rs does past 32 characters.
 _MAX_STAT_STRING = 32
@@ -61,7 +64,7 @@ class TableFiles:
                 partition_values={},
                 modification_time=int(time.time() * 1000),
                 data_change=True,
-                stats=json.dumps(file_stats(frame), separators=(",", ":")),
+                stats=json.dumps(file_stats(frame), separators=(",", ":"), allow_nan=False),
             )
         )
 
@@ -81,13 +84,24 @@ class TableFiles:
         return size
 
     def commit(
-        self, props: CommitProperties, *, failpoint_name: str, replace: DeltaTable | None = None
+        self,
+        props: CommitProperties,
+        *,
+        failpoint_name: str,
+        replace: DeltaTable | None = None,
+        guard: Iterable[str] = (),
     ) -> None:
         """Create the table with every file written, in one commit.
 
         With `replace` (the table as it is now), overwrite it instead: one commit removes
         its files and adds these, with this schema (a plain WRITE, so the table keeps its
         identity and history).
+
+        A new table is created empty first, then the files land in one append checked at
+        commit time: delta-rs lets two writers that create a table at once both land their
+        CREATE (the second at version 1, unchecked), which would add the files twice. So
+        the append fails if a progress mark in `guard` is already in the table, or lands
+        there meanwhile (`lakehouse.zones.commits`).
         """
         assert self.schema is not None, "commit before any add"
         failpoint(failpoint_name)
@@ -97,13 +111,28 @@ class TableFiles:
                 list(self.actions), mode="overwrite", schema=empty.schema, commit_properties=props
             )
             return
-        create_table_with_add_actions(
-            self.uri,
-            Schema.from_arrow(empty.schema),
-            self.actions,
-            mode="error",
-            storage_options=self.storage.options or None,
-            commit_properties=props,
+        options = self.storage.options or None
+        try:
+            create_table_with_add_actions(
+                self.uri,
+                Schema.from_arrow(empty.schema),
+                [],
+                mode="ignore",
+                storage_options=options,
+            )
+        except Exception:  # another writer created it this instant: it exists, go on
+            if not self.storage.exists(*self.label.split(".", 1)):
+                raise
+        dt = DeltaTable(self.uri, storage_options=options)
+        taken = [app for app in guard if dt.transaction_version(app) is not None]
+        if taken:
+            msg = f"another writer created {self.label} first"
+            raise ConcurrentWriteError(msg)
+        if dt.file_uris():
+            msg = f"table {self.label} already exists with data; it is never overwritten here"
+            raise StorageError(msg)
+        dt.create_write_transaction(
+            list(self.actions), mode="append", schema=empty.schema, commit_properties=props
         )
 
 
@@ -111,8 +140,8 @@ def file_stats(frame: pl.DataFrame) -> dict[str, Any]:
     """Delta file statistics: record count, null counts, and min/max where they are safe.
 
     Timestamps are kept to the millisecond like delta-rs, rounded outwards (min down, max
-    up) so a reader skipping files by them never skips a matching row. Floats with NaN and
-    long strings get no min/max.
+    up) so a reader skipping files by them never skips a matching row. Floats with NaN or
+    ±Infinity (which JSON cannot write) and long strings get no min/max.
     """
     nulls = frame.null_count().row(0, named=True)
     minimum: dict[str, Any] = {}
@@ -128,18 +157,25 @@ def file_stats(frame: pl.DataFrame) -> dict[str, Any]:
         and nulls[c] < frame.height
     ]
     if columns:
-        lows = frame.select(pl.col(columns).min()).row(0, named=True)
-        highs = frame.select(pl.col(columns).max()).row(0, named=True)
+        lows = frame.select(pl.col(columns).min())
+        highs = frame.select(pl.col(columns).max())
         for c in columns:
-            low, high = lows[c], highs[c]
-            if frame.schema[c].is_float() and frame[c].is_nan().any():
+            try:
+                low, high = lows[c].item(), highs[c].item()
+            except (OverflowError, ValueError):  # an instant Python cannot hold: no stats
                 continue
+            if frame.schema[c].is_float() and not frame[c].drop_nulls().is_finite().all():
+                continue  # NaN and ±Infinity have no JSON form (and NaN no order)
             if isinstance(low, str) and (
                 len(low) > _MAX_STAT_STRING or len(high) > _MAX_STAT_STRING
             ):
                 continue
             if isinstance(low, datetime):
-                minimum[c], maximum[c] = _ms(low, up=False), _ms(high, up=True)
+                # Rounding the largest instant up can pass 9999-12-31: then no max, which
+                # only costs a reader the file skip.
+                minimum[c] = _ms(low, up=False)
+                if (top := _ms(high, up=True)) is not None:
+                    maximum[c] = top
                 continue
             if hasattr(low, "isoformat"):
                 minimum[c], maximum[c] = low.isoformat(), high.isoformat()
@@ -153,11 +189,17 @@ def file_stats(frame: pl.DataFrame) -> dict[str, Any]:
     }
 
 
-def _ms(value: datetime, *, up: bool) -> str:
-    """Format a timestamp to the millisecond, rounding down or up."""
+def _ms(value: datetime, *, up: bool) -> str | None:
+    """Format a timestamp to the millisecond, rounding down or up (None: past year 9999)."""
     if value.tzinfo is not None:
         value = value.astimezone(UTC).replace(tzinfo=None)
     floor = value.replace(microsecond=value.microsecond // 1000 * 1000)
     if up and floor != value:
+        if floor >= datetime.max - timedelta(milliseconds=1):
+            return None
         floor += timedelta(milliseconds=1)
-    return floor.strftime("%Y-%m-%dT%H:%M:%S.") + f"{floor.microsecond // 1000:03d}Z"
+    return (
+        f"{floor.year:04d}"
+        + floor.strftime("-%m-%dT%H:%M:%S.")
+        + f"{floor.microsecond // 1000:03d}Z"
+    )

@@ -118,18 +118,30 @@ def assert_exactly_once(witness: Witness, storage: Storage, table: str, snapshot
 
 def current_lsn(settings: Settings) -> int:
     with psycopg.connect(settings.pg_dsn.get(), autocommit=True) as conn:
-        row = conn.execute("SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint").fetchone()
+        row = conn.execute(
+            "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint"
+        ).fetchone()
         assert row is not None
         return int(row[0])
 
 
-def wait_landed(settings: Settings, storage: Storage, lsn: int, timeout: float = 90) -> None:
-    """Wait until every table's change log has landed everything before `lsn`."""
+def wait_landed(
+    settings: Settings,
+    storage: Storage,
+    lsn: int,
+    timeout: float = 90,
+    ended: threading.Event | None = None,
+) -> None:
+    """Wait until every table's change log has landed everything before `lsn`.
+
+    With `ended` (set when the flow stops), stop waiting for a flow that is gone.
+    """
     deadline = time.monotonic() + timeout
     while True:
         done = [changes.progress(storage, t).flushed >= lsn for t in TABLES]
         if all(done):
             return
+        assert ended is None or not ended.is_set(), f"the flow ended before {lsn} landed"
         assert time.monotonic() < deadline, f"changes before {lsn} not landed: {done}"
         time.sleep(0.2)
 
@@ -139,11 +151,12 @@ def stream_while(
 ) -> None:
     """Run the dataflow in this process while `work` runs; stop once all of it landed."""
     errors: list[BaseException] = []
+    ended = threading.Event()
 
     def driver() -> None:
         try:
             work()
-            wait_landed(settings, storage, current_lsn(settings))
+            wait_landed(settings, storage, current_lsn(settings), ended=ended)
         except BaseException as exc:  # re-raised in the test thread below
             errors.append(exc)
         finally:
@@ -155,6 +168,7 @@ def stream_while(
     try:
         run_main(cdc.build_flow(settings, promote=promote))
     finally:
+        ended.set()
         cdc.STOP.set()
         thread.join()
         cdc.STOP.clear()

@@ -19,25 +19,28 @@ def test_snapshot_carries_lineage(settings: Settings) -> None:
     assert rows["_batch_id"].unique().to_list() == [result.batch_id]
     assert rows["_extract_mode"].unique().to_list() == ["snapshot"]
     assert rows["_ingested_at"].null_count() == 0
-    # The watermark is the batch id, and every row was stamped before it.
-    watermark = rows["_source_watermark"].unique().to_list()
-    assert len(watermark) == 1
-    assert int(watermark[0].timestamp() * 1_000_000) == result.batch_id
-    assert (rows["_source_ts"] < watermark[0]).all()
+    # The batch id is the WAL position of the extraction's snapshot; the watermark is the
+    # snapshot's xmin, above every transaction that wrote a row of the batch.
+    assert rows["_source_lsn"].unique().to_list() == [result.batch_id]
+    assert bronze.last_batch(storage, "applicants") == result.batch_id
+    watermark = bronze.watermark(storage, "applicants")
+    assert watermark is not None
+    assert (rows["_source_xid"] < watermark).all()
     # The values are the source's, column by column.
     src = source_frame(settings, f'SELECT * FROM "{settings.pg_schema}".applicants')
-    cols = [c for c in src.columns]
+    cols = [c for c in src.columns if c != "updated_xid"]
     assert (
         rows.select(cols)
         .sort("applicant_id")
         .equals(src.select(cols).sort("applicant_id").cast(dict(rows.select(cols).schema)))
     )
-    assert bronze.watermark(storage, "applicants") == result.batch_id
 
 
 def test_incremental_takes_updates_inserts_and_deletes_once(settings: Settings) -> None:
     storage = seeded(settings, rows=200)
-    first = bronze.ingest(settings, storage, "loan_applications")
+    bronze.ingest(settings, storage, "loan_applications")
+    first = bronze.watermark(storage, "loan_applications")
+    assert first is not None
     churn(settings, changes=300)
     second = bronze.ingest(settings, storage, "loan_applications")
     assert second.mode == "incremental"
@@ -45,7 +48,7 @@ def test_incremental_takes_updates_inserts_and_deletes_once(settings: Settings) 
     rows = read(storage, "bronze", "loan_applications")
     new = rows.filter(pl.col("_batch_id") == second.batch_id)
     assert new.height == second.rows + second.deletes
-    assert new["_source_ts"].dt.epoch("us").min() >= first.batch_id
+    assert new["_source_xid"].min() >= first  # type: ignore[operator]
     # Every delete in the source shows up once, as a key-only tombstone.
     deleted = source_frame(
         settings,
@@ -83,12 +86,46 @@ def test_open_transaction_is_not_skipped_by_the_watermark(settings: Settings) ->
     assert during.batch_id is None or during.batch_id < after.batch_id
 
 
-def test_concurrent_ingest_of_one_table_is_refused(settings: Settings) -> None:
+def test_rows_dated_in_the_past_or_future_are_taken_once(settings: Settings) -> None:
+    """Issue 13, reproduction 6: batches were chosen by `updated_at`.
+
+    A row inserted with an old `updated_at` was never extracted; one dated 2100 was never
+    extracted either, and kept every run from reaching "nothing to do".
+    """
     storage = seeded(settings, rows=20)
+    bronze.ingest(settings, storage, "applicants")
+    table = sql.Identifier(settings.pg_schema, "applicants")
+    with psycopg.connect(settings.pg_dsn.get(), autocommit=True) as conn:
+        for key, when in ((901, "2020-01-01 00:00+00"), (902, "2100-01-01 00:00+00")):
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {} (applicant_id, person_age, updated_at) VALUES (%s, 30, %s)"
+                ).format(table),
+                (key, when),
+            )
+    assert not bronze.is_current(settings, storage, "applicants")
+    taken = bronze.ingest(settings, storage, "applicants")
+    assert taken.rows == 2
+    assert bronze.is_current(settings, storage, "applicants")
+    assert bronze.ingest(settings, storage, "applicants").batch_id is None
+    rows = read(storage, "bronze", "applicants")
+    assert sorted(rows.filter(pl.col("applicant_id") > 900)["applicant_id"]) == [901, 902]
+
+
+def test_a_second_ingest_waits_for_the_first(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = seeded(settings, rows=20)
+    monkeypatch.setattr(bronze, "LOCK_WAIT_SECONDS", 1.0)
     with psycopg.connect(settings.pg_dsn.get(), autocommit=True) as other:
         other.execute("SELECT pg_advisory_lock(hashtext('lakehouse.bronze.applicants'))")
-        with pytest.raises(SourceError, match="another ingest of `applicants` is running"):
+        with pytest.raises(
+            SourceError,
+            match="another ingest of `applicants` has been running for over 1s; wait for it",
+        ):
             bronze.ingest(settings, storage, "applicants")
+    # Released: the ingest goes through.
+    assert bronze.ingest(settings, storage, "applicants").rows == 20
 
 
 def test_extraction_streams_in_bounded_batches(base_settings: Settings) -> None:
@@ -98,17 +135,16 @@ def test_extraction_streams_in_bounded_batches(base_settings: Settings) -> None:
 
     settings = replace(base_settings, batch_rows=1)  # smallest buffer: many slices
     seeded(settings, rows=3000)
-    with schema.connect(settings) as conn:
-        window = extract.Window(None, extract.fence(conn))
-        conn.commit()
+    with schema.connect(settings) as conn, extract.snapshot(conn) as snap:
         sizes = [
             f.height
             for f in extract.extract(
                 conn,
                 settings.pg_schema,
                 schema.TABLES["applicants"],
-                window,
+                extract.Window(None, snap.xmin),
                 batch_rows=settings.batch_rows,
+                lsn=snap.lsn,
             )
         ]
     assert sum(sizes) == 3000
