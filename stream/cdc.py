@@ -31,8 +31,10 @@ from lakehouse.settings import Settings
 from lakehouse.source.schema import TABLES
 from lakehouse.storage import Storage
 from lakehouse.storage import explain as explain_storage
+from lakehouse.zones.commits import ConcurrentWriteError
 from stream import changes
 from stream.changes import BatchBuilder, ChangeBatch, Progress
+from stream.monitor import Monitor
 from stream.pgoutput import format_lsn
 from stream.replication import ReplicationStream
 
@@ -45,6 +47,9 @@ _LANDED_LOCK = threading.Lock()
 _POLL_SECONDS = 2.0
 _READ_SECONDS = 0.05
 _STATUS_SECONDS = 1.0
+
+MONITOR = Monitor()
+"""The progress line `lakehouse stream` prints every few seconds (no line without a report)."""
 
 STOP = threading.Event()
 """Set by SIGTERM/SIGINT (or a failure): sources emit what they hold and end; sinks land it."""
@@ -153,6 +158,8 @@ class SlotPartition(StatefulSourcePartition[tuple[str, ChangeBatch], None]):
         except LakehouseError as exc:
             self.ended = True
             fail(exc)
+        MONITOR.held(self.table, len(self.builder.batch))
+        MONITOR.tick()
         self.awake = None if received or out else datetime.now(UTC) + timedelta(milliseconds=5)
         return out
 
@@ -171,13 +178,19 @@ class SlotPartition(StatefulSourcePartition[tuple[str, ChangeBatch], None]):
         )
 
     def _landed_position(self) -> int:
+        """Return what Delta holds of this slot: this process's sink's word, or the log's.
+
+        The log is read every few seconds when this process has no sink for the table
+        (cluster mode) or its word is behind what this partition started from (an
+        earlier flow in the same process, then another process, landed more).
+        """
         local = _landed(self.key)
-        if local is not None:
+        if local is not None and local >= self.emitted:
             return local
         if time.monotonic() - self.last_poll >= _POLL_SECONDS:
             self.polled = changes.progress(self.storage, self.table).flushed
             self.last_poll = time.monotonic()
-        return self.polled
+        return max(local or 0, self.polled)
 
     def _report(self) -> None:
         if self.stream.due(_STATUS_SECONDS):
@@ -264,6 +277,7 @@ class ChangesPartition(StatefulSinkPartition[ChangeBatch, None]):
                 continue
             _set_landed(landed_key(self.storage, self.settings, self.table), self.done.flushed)
             failpoint(f"stream.{self.table}.after-commit")
+            newest = None
             if len(batch):
                 log.info(
                     "landed %d changes of %s up to %s",
@@ -271,9 +285,16 @@ class ChangesPartition(StatefulSinkPartition[ChangeBatch, None]):
                     self.table,
                     format_lsn(self.done.flushed),
                 )
+                newest = datetime.fromtimestamp(max(batch.commit_ts) / 1e6, tz=UTC)
+            MONITOR.batch(self.table, len(batch), newest)
             if self.promote:
                 try:
                     _promote(self.storage, self.table)
+                except ConcurrentWriteError as exc:
+                    # Another writer (a batch run) kept winning: what landed in bronze is
+                    # safe, and the next micro-batch or run promotes it.
+                    MONITOR.promote_errors += 1
+                    log.warning("silver promotion deferred: %s", exc)
                 except LakehouseError as exc:
                     self.failed = True
                     fail(exc)

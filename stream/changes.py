@@ -4,12 +4,14 @@
 delete, truncate), `_commit_lsn` and `_end_lsn` of its transaction, `_commit_ts`,
 `_xid`, `_seq` (position within the transaction), `_old_key` (the key before a delete
 or a key change), `_unchanged` (columns whose TOASTed value the server did not resend),
+`_unrepresentable` (timestamps Arrow cannot hold, as source text; the column is null),
 `_ingested_at`, then the source columns. Progress lives in the same commit (Delta app
 transactions), so a replay after a crash is recognised and skipped.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -41,6 +43,8 @@ PG_TYPES: dict[int, pl.DataType] = {
     1082: pl.Date(),
     1114: pl.Datetime("us"),
     1184: pl.Datetime("us", "UTC"),
+    28: pl.Int64(),  # xid
+    5069: pl.Int64(),  # xid8: `updated_xid`, the batch extraction's change marker
 }
 # What the lakehouse's source columns are (type OIDs), to catch type changes.
 EXPECTED_OIDS = {
@@ -60,6 +64,7 @@ META: dict[str, pl.DataType] = {
     "_seq": pl.Int64(),
     "_old_key": pl.Int64(),
     "_unchanged": pl.List(pl.Utf8()),
+    "_unrepresentable": pl.Utf8(),
     "_ingested_at": pl.Datetime("us", "UTC"),
 }
 
@@ -124,6 +129,12 @@ def check_relation(relation: pgoutput.Relation, source: SourceTable) -> None:
 
 
 _OPS = {73: "insert", 85: "update", 68: "delete"}
+# Columns decoded per row besides the source's own.
+_PER_ROW = ("_old_key", "_unchanged", "_unrepresentable")
+_REPRESENTABLE = (
+    datetime(1, 1, 1, tzinfo=UTC),
+    datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+)
 
 
 @dataclass
@@ -179,14 +190,13 @@ class ChangeBatch:
         values = (
             pl.concat(parts, how="diagonal_relaxed")
             if parts
-            else pl.DataFrame(schema={"_old_key": pl.Int64(), "_unchanged": pl.List(pl.Utf8())})
+            else pl.DataFrame(schema={k: META[k] for k in _PER_ROW})
         )
         missing = [c for c in self.columns if c.name not in values.columns]
         values = values.with_columns(
             [pl.lit(None, _pg_type(c)).alias(c.name) for c in missing]
         ).select(
-            pl.col("_old_key").cast(pl.Int64),
-            pl.col("_unchanged").cast(pl.List(pl.Utf8)),
+            *[pl.col(k).cast(META[k]) for k in _PER_ROW],
             *[pl.col(c.name).cast(_pg_type(c)) for c in self.columns],
         )
         ingested = pl.lit(datetime.now(UTC)).cast(META["_ingested_at"]).alias("_ingested_at")
@@ -206,8 +216,7 @@ class ChangeBatch:
         rows = stop - start
         if relation is None:  # truncate rows: no values
             return pl.DataFrame(
-                {"_old_key": [None] * rows, "_unchanged": [None] * rows},
-                schema={"_old_key": pl.Int64(), "_unchanged": pl.List(pl.Utf8())},
+                {k: [None] * rows for k in _PER_ROW}, schema={k: META[k] for k in _PER_ROW}
             )
         buf, base = columnar.concat(self.payload[start:stop])
         ops = np.fromiter((p[0] for p in self.payload[start:stop]), dtype=np.uint8, count=rows)
@@ -228,37 +237,77 @@ class ChangeBatch:
                 full[i] = value
             old_key = pa.array(full, pa.large_binary())
         tuples = columnar.scan(buf, new_at, width)
-        data: dict[str, pl.Series] = {"_old_key": _typed(old_key, pl.Int64())}
+        data: dict[str, pl.Series] = {"_old_key": _typed(old_key, pl.Int64())[0]}
         unchanged = np.zeros(rows, dtype=bool)
         masks = []
+        unheld: list[tuple[str, pl.Series]] = []
         for i, col in enumerate(relation.columns):
             array, mask = columnar.column(buf, tuples, i)
-            data[col.name] = _typed(array, _pg_type(col))
+            data[col.name], bad = _typed(array, _pg_type(col))
+            if bad is not None:
+                unheld.append((col.name, bad))
             masks.append(mask)
             unchanged |= mask
         lists: list[list[str] | None] = [None] * rows
         for row in np.flatnonzero(unchanged).tolist():
             lists[row] = [c.name for c, m in zip(relation.columns, masks, strict=True) if m[row]]
         data["_unchanged"] = pl.Series(lists, dtype=pl.List(pl.Utf8()))
+        data["_unrepresentable"] = unrepresentable_json(unheld, rows)
         return pl.DataFrame(data)
 
 
-def _typed(values: pa.Array, dtype: pl.DataType) -> pl.Series:
+def _typed(values: pa.Array, dtype: pl.DataType) -> tuple[pl.Series, pl.Series | None]:
+    """Type one column's text; return it and, for dates, the text of values Arrow cannot hold.
+
+    `infinity`, BC dates and years past 9999 become null, their text is returned beside
+    (the caller records it in `_unrepresentable`): one odd value never stops the stream.
+    """
     text = pl.from_arrow(values.cast(pa.large_string()))
     assert isinstance(text, pl.Series)
     if dtype == pl.Utf8():
-        return text
+        return text, None
     if dtype == pl.Boolean():
-        return text == "t"
-    if isinstance(dtype, pl.Datetime):
-        if dtype.time_zone:
-            return text.str.to_datetime(
-                "%Y-%m-%d %H:%M:%S%.f%#z", time_unit="us", time_zone=dtype.time_zone
+        return text == "t", None
+    if isinstance(dtype, pl.Datetime | pl.Date):
+        if isinstance(dtype, pl.Date):
+            parsed = text.str.to_date("%Y-%m-%d", strict=False).cast(pl.Datetime("us"))
+        elif dtype.time_zone:
+            parsed = text.str.to_datetime(
+                "%Y-%m-%d %H:%M:%S%.f%#z", time_unit="us", time_zone="UTC", strict=False
             )
-        return text.str.to_datetime("%Y-%m-%d %H:%M:%S%.f", time_unit="us")
-    if dtype == pl.Date():
-        return text.str.to_date("%Y-%m-%d")
-    return text.cast(dtype)
+        else:
+            parsed = text.str.to_datetime("%Y-%m-%d %H:%M:%S%.f", time_unit="us", strict=False)
+        low, high = _REPRESENTABLE
+        if parsed.dtype.time_zone is None:  # type: ignore[attr-defined]
+            low, high = low.replace(tzinfo=None), high.replace(tzinfo=None)
+        held = (
+            parsed.is_not_null()
+            & (parsed >= low)
+            & (parsed <= high)
+            & ~text.str.contains(" BC", literal=True).fill_null(False)
+        )
+        bad = text.is_not_null() & ~held
+        typed = parsed.set(~held, None).cast(dtype)
+        return typed, (text.set(~bad, None) if bad.any() else None)
+    return text.cast(dtype), None
+
+
+def unrepresentable_json(columns: list[tuple[str, pl.Series]], rows: int) -> pl.Series:
+    """Per row, a JSON object {column: source text} of the values Arrow cannot hold, or null."""
+    if not columns:
+        return pl.Series("_unrepresentable", [None] * rows, dtype=pl.Utf8())
+    frame = pl.DataFrame({f"c{i}": s for i, (_, s) in enumerate(columns)})
+    pairs = [
+        pl.when(pl.col(f"c{i}").is_not_null()).then(
+            pl.lit(json.dumps(name) + ": ")
+            + pl.col(f"c{i}").map_elements(json.dumps, return_dtype=pl.Utf8)
+        )
+        for i, (name, _) in enumerate(columns)
+    ]
+    body = pl.concat_str(pairs, separator=", ", ignore_nulls=True)
+    return frame.select(
+        pl.when(body != "").then(pl.lit("{") + body + pl.lit("}")).alias("_unrepresentable")
+    ).to_series()
 
 
 class BatchBuilder:
@@ -401,6 +450,11 @@ def write(storage: Storage, batch: ChangeBatch, previous: Progress) -> Progress:
         batch.commit_lsn[-1] if len(batch) else previous.lsn,
         batch.seq[-1] if len(batch) else previous.seq,
     )
+    marks = {base: done.flushed, f"{base}#lsn": done.lsn, f"{base}#seq": done.seq}
+    if not len(batch):
+        # A heartbeat: the stream held nothing when the server's WAL reached `flushed`,
+        # so every change published before it has landed (`lakehouse stream status`).
+        marks[f"{base}#idle"] = done.flushed
     write_deltalake(
         storage.uri("bronze", changes_table(batch.table)),
         frame.to_arrow(),
@@ -408,9 +462,13 @@ def write(storage: Storage, batch: ChangeBatch, previous: Progress) -> Progress:
         schema_mode="merge",
         storage_options=storage.options,
         commit_properties=commit_properties(
-            {base: done.flushed, f"{base}#lsn": done.lsn, f"{base}#seq": done.seq},
-            operation="stream",
-            metadata={"lakehouse.rows": str(len(batch))},
+            marks, operation="stream", metadata={"lakehouse.rows": str(len(batch))}
         ),
     )
     return done
+
+
+def idle_at(storage: Storage, table: str) -> int | None:
+    """Return the position of the last heartbeat: the stream held nothing up to it."""
+    base = app_id("bronze", changes_table(table))
+    return recorded(storage.table_or_none("bronze", changes_table(table)), f"{base}#idle")

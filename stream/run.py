@@ -54,6 +54,8 @@ def run_stream(
     *,
     promote: bool = False,
     progress: Callable[[str], None] = print,
+    report: Callable[[str, dict[str, object]], None] | None = None,
+    report_every: float = 5.0,
 ) -> None:
     """Stream until SIGTERM or Ctrl-C; what is held when it stops is landed first."""
     check_ready(settings)
@@ -66,6 +68,7 @@ def run_stream(
         + (" and silver" if promote else "")
         + f" at {storage.root}; stop with Ctrl-C or SIGTERM"
     )
+    cdc.MONITOR = cdc.Monitor(every=report_every, report=report)
     flow = cdc.build_flow(settings, promote=promote)
     try:
         run_main(flow)
@@ -78,4 +81,5 @@ def run_stream(
         cdc.CAPTURE.clear()
     if cdc.FAILURES:
         raise cdc.FAILURES[0]
-    progress("stopped; every change received was landed")
+    total = sum(cdc.MONITOR.total.values())
+    progress(f"stopped; every change received was landed ({total:,} since start)")

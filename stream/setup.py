@@ -19,7 +19,7 @@ from lakehouse.settings import Settings
 from lakehouse.source.schema import TABLES, connect, ident
 from lakehouse.storage import Storage
 from lakehouse.zones import bronze
-from stream.changes import changes_table, progress, slot_name
+from stream.changes import changes_table, idle_at, progress, slot_name
 from stream.pgoutput import format_lsn, parse_lsn
 from stream.replication import SlotInfo, StreamError, connect_replication, explain
 
@@ -169,6 +169,19 @@ class TableStatus:
     landed_lsn: str | None
     changes: int
     last_commit_ts: datetime | None
+    caught_up: bool | None = None
+    """Every change published so far has landed (None: unknown, the slot is gone)."""
+
+    @property
+    def behind(self) -> str:
+        """`caught up`, or how far the slot is behind, for people."""
+        if self.caught_up:
+            return "caught up"
+        if self.caught_up is None or self.lag_bytes is None:
+            return ""
+        if not self.active:
+            return f"changes pending ({self.lag_bytes:,} WAL bytes to read)"
+        return f"in flight ({self.lag_bytes:,} WAL bytes to read)"
 
     @property
     def freshness_seconds(self) -> float | None:
@@ -209,6 +222,34 @@ def status(settings: Settings, storage: Storage) -> list[TableStatus]:
                     format_lsn(landed.flushed) if landed.flushed else None,
                     count,
                     last_ts,
+                    _caught_up(conn, storage, table, info, landed.flushed),
                 )
             )
     return out
+
+
+def _caught_up(
+    conn: psycopg.Connection, storage: Storage, table: str, info: SlotInfo | None, landed: int
+) -> bool | None:
+    """Tell whether every change published on the slot has landed.
+
+    The server's WAL keeps growing with other tables' and other databases' work, so
+    its distance from the landed position says little. A stopped stream's slot is
+    asked (a peek decodes what is pending without consuming it); a running stream
+    records, with each heartbeat, that it held nothing up to the landed position.
+    """
+    if info is None:
+        return None
+    if not info.active:
+        try:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_logical_slot_peek_binary_changes("
+                "%s, NULL, 1, 'proto_version', '1', 'publication_names', %s)",
+                (info.name, info.name),
+            ).fetchone()
+        except psycopg.errors.ObjectInUse:  # the stream started meanwhile
+            return idle_at(storage, table) == landed
+        except psycopg.errors.InsufficientPrivilege:  # a role without REPLICATION
+            return None
+        return bool(row and row[0] == 0)
+    return landed > 0 and idle_at(storage, table) == landed
