@@ -100,6 +100,13 @@ class IngestBronze(_Task):
 
     table = luigi.ChoiceParameter(choices=sorted(TABLES))
 
+    def requires(self) -> list[luigi.Task]:
+        if self.table == "applicants":
+            # Applicants are extracted after the applications, from a later snapshot: every
+            # application's applicant (the foreign key guarantees it existed then) is in.
+            return [IngestBronze(table="loan_applications")]
+        return []
+
     def output_current(self) -> bool:
         settings, storage = _context()
         return bronze.is_current(settings, storage, self.table)

@@ -223,7 +223,7 @@ def test_sql_errors_and_output(cli, settings: Settings) -> None:  # type: ignore
     assert out == f"n\n{read(storage, 'silver', 'applicants').height}\n"
     code, out, _ = cli(env, "tables")
     assert code == 0
-    assert re.search(r"^silver\.applicants\s+\|\s+0\s+\|\s+30\s+\|", out, re.M), out
+    assert re.search(r"^silver\.applicants\s+\|\s+1\s+\|\s+30\s+\|", out, re.M), out
 
 
 def test_debug_shows_the_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -81,7 +81,7 @@ def test_killed_promotion_changes_nothing_and_rerun_completes(settings: Settings
     assert after["applicants"][1].equals(before["applicants"][1])
     assert after["applicants_history"][0] == before["applicants_history"][0] + 1
     progress = silver.progress(storage, "applicants")
-    assert progress["history"] == progress["rejected"] == bronze.watermark(storage, "applicants")
+    assert progress["history"] == progress["rejected"] == bronze.last_batch(storage, "applicants")
 
     # The rerun finishes the job; the result equals the source.
     silver.promote(storage, "applicants")

@@ -38,7 +38,7 @@ def test_demo_runs_then_reports_what_was_done() -> None:
         assert "[2/4] seeded 45,000 applicants and 45,000 applications" in out
         # bronze, silver: 2 each; gold: 3; Feast apply, materialize; training set, fit, evaluate.
         assert re.search(r"12 tasks ran in [\d.]+s", out)
-        assert re.search(r"^silver\.applicants\s+\|\s+0\s+\|\s+44993\s+\|", out, re.M)
+        assert re.search(r"^silver\.applicants\s+\|\s+1\s+\|\s+44993\s+\|", out, re.M)
         assert re.search(r"^applicants\s+\|\s+age_range\s+\|\s+7$", out, re.M)
         assert "approval_rate" in out
         assert re.search(r"ROC AUC 0\.\d+ \(without previous_loan_defaults_on_file: 0\.\d+", out)

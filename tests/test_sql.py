@@ -39,9 +39,14 @@ def test_time_travel_reads_an_old_version(settings: Settings, lake: Storage) -> 
     before = read(lake, "silver", "loan_applications").height
     churn(settings, changes=200)
     run_all(settings, lake)
-    assert lake.table("silver", "loan_applications").version() >= 1
-    old = sql.run_query(
+    assert lake.table("silver", "loan_applications").version() >= 2
+    # Version 0 is the table's creation (empty), version 1 its first load.
+    empty = sql.run_query(
         settings, lake, "SELECT count(*) FROM silver.loan_applications", as_of_version=0
+    )
+    assert empty.rows == [(0,)]
+    old = sql.run_query(
+        settings, lake, "SELECT count(*) FROM silver.loan_applications", as_of_version=1
     )
     new = sql.run_query(settings, lake, "SELECT count(*) FROM silver.loan_applications")
     assert old.rows == [(before,)]
@@ -52,7 +57,7 @@ def test_time_travel_reads_an_old_version(settings: Settings, lake: Storage) -> 
 def test_time_travel_to_a_missing_version(settings: Settings, lake: Storage) -> None:
     with pytest.raises(
         TableNotFoundError,
-        match=re.escape("table `silver.applicants` has no version 9: its latest version is 0"),
+        match=re.escape("table `silver.applicants` has no version 9: its latest version is 1"),
     ):
         sql.run_query(settings, lake, "SELECT * FROM silver.applicants", as_of_version=9)
 
