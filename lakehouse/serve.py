@@ -27,18 +27,22 @@ INTENTS = ("PERSONAL", "EDUCATION", "MEDICAL", "VENTURE", "HOMEIMPROVEMENT", "DE
 
 
 class Loan(BaseModel):
-    """The loan attributes of an application not yet in the source."""
+    """The loan attributes of an application not yet in the source.
 
-    loan_amnt: float = Field(gt=0, le=1_000_000)
+    The bounds are silver's rules (`amount_range`, `interest_rate_range`): the API scores
+    no loan that the lakehouse itself would reject.
+    """
+
+    loan_amnt: float = Field(ge=100, le=1_000_000)
     loan_intent: Literal[INTENTS]  # type: ignore[valid-type]
-    loan_int_rate: float = Field(gt=0, le=100)
+    loan_int_rate: float = Field(ge=1, le=36)
 
 
 class PredictRequest(BaseModel):
     """Either `application_id`, or `applicant_id` with `loan`."""
 
-    application_id: int | None = Field(default=None, ge=1)
-    applicant_id: int | None = Field(default=None, ge=1)
+    application_id: int | None = Field(default=None, ge=1, le=2**63 - 1)
+    applicant_id: int | None = Field(default=None, ge=1, le=2**63 - 1)
     loan: Loan | None = None
 
     @model_validator(mode="after")
@@ -196,7 +200,7 @@ def _online(fs: Any, service: Any, application_id: int) -> dict[str, Any]:
     return {k: v[0] for k, v in result.items() if k != "application_id"}
 
 
-_PROFILE = APPLICANTS.column_names[1:-1]  # the applicant's attributes
+_PROFILE = APPLICANTS.attributes  # the applicant's attributes
 _HISTORY = (
     "application_count",
     "approved_count",

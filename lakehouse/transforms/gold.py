@@ -12,15 +12,29 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from lakehouse.transforms.segments import running_sum, segmented_scan, starts
+
 # Per application: its loan attributes and the applicant as they were when it was made
 # (the source's foreign key keeps an applicant alive while they have applications, so the
 # version found is never one that a delete had closed).
 # `rate_spread` compares the rate with the mean rate of the same intent over the 30 days
 # before (every application ever submitted, withdrawn ones included, so later withdrawals
 # cannot change a past feature).
-# The first version of every application ever submitted (withdrawn ones too).
-SUBMITTED = """
-SELECT application_id, loan_intent, loan_int_rate, applied_at
+# The first version of every application ever submitted (withdrawn ones too): the loan as
+# it was applied for. (Its `updated_at` is at or after `applied_at`, so no version is in
+# force *at* `applied_at`: the first one is the loan as of its event time. When batch
+# extraction first saw an application after an edit, it is the earliest version known.)
+SUBMITTED_COLUMNS = (
+    "application_id",
+    "applicant_id",
+    "loan_amnt",
+    "loan_intent",
+    "loan_int_rate",
+    "loan_percent_income",
+    "applied_at",
+)
+SUBMITTED = f"""
+SELECT {", ".join(SUBMITTED_COLUMNS)}
 FROM loan_applications_history
 QUALIFY row_number() OVER (PARTITION BY application_id ORDER BY valid_from) = 1
 """
@@ -30,7 +44,7 @@ def submitted_frame(sources: dict[str, pl.LazyFrame]) -> pl.DataFrame:
     """Compute `SUBMITTED` in Polars: each application's first version (3x faster at 10M)."""
     return (
         sources["loan_applications_history"]
-        .select("application_id", "loan_intent", "loan_int_rate", "applied_at", "valid_from")
+        .select(*SUBMITTED_COLUMNS, "valid_from")
         .sort("application_id", "valid_from")
         .unique("application_id", keep="first", maintain_order=False)
         .drop("valid_from")
@@ -84,19 +98,25 @@ def intent_rate_30d(submitted: pl.DataFrame) -> pl.DataFrame:
 # new loan (not in the source) gets the same features from `applicant_features` now.
 # Like the applicant's attributes, the history is null when no version of the applicant
 # is known at applied_at (batch extraction first saw the applicant after a later update).
+# The loan's own attributes are as submitted (`submitted`: its first version), never its
+# current ones: later edits of the amount or the rate must not reach a training row dated
+# `applied_at`. `loan_status` is the one label-time attribute: the decision as known now.
 APPLICATION_FEATURES = """
 WITH
 joined AS (
-    SELECT l.*, h.* EXCLUDE (applicant_id, updated_at, _batch_id, is_current),
+    SELECT s.*, l.loan_status,
+           h.* EXCLUDE (applicant_id, created_at, updated_at, _batch_id, _lsn, _seq, _seen_at,
+                        is_current),
            m.intent_rate_30d,
            p.event_timestamp AS history_at,
            p.application_count, p.approved_count, p.rejected_count, p.mean_loan_amnt,
            p.days_since_last_application AS days_since_last_at_history
     FROM loan_applications l
+    JOIN submitted s USING (application_id)
     ASOF LEFT JOIN applicants_history h
-        ON l.applicant_id = h.applicant_id AND l.applied_at >= h.valid_from
+        ON s.applicant_id = h.applicant_id AND s.applied_at >= h.valid_from
     ASOF LEFT JOIN applicant_features p
-        ON l.applicant_id = p.applicant_id AND l.applied_at >= p.event_timestamp
+        ON s.applicant_id = p.applicant_id AND s.applied_at >= p.event_timestamp
     LEFT JOIN market m USING (application_id)
 )
 SELECT
@@ -255,6 +275,10 @@ class Derived:
     stays as the specification the tests hold it to)."""
 
 
+def _as_is(frame: pl.DataFrame) -> pl.DataFrame:
+    return frame
+
+
 @dataclass(frozen=True)
 class GoldTable:
     """A gold table: its SQL, the silver tables it reads, and relations derived first."""
@@ -287,40 +311,6 @@ _ATTRIBUTES = [
 _NEVER = pl.datetime(1, 1, 1, time_zone="UTC")
 
 
-def _starts(key: str) -> pl.Expr:
-    """On rows sorted by `key`: true on the first row of each key."""
-    return (pl.col(key) != pl.col(key).shift(1)).fill_null(value=True)
-
-
-def _running_sum(column: str, key: str) -> pl.Expr:
-    """Per-key running sum of integers on rows sorted by key.
-
-    A global cumsum minus each key's start: exact for integers (floats would lose
-    precision by cancelling).
-    """
-    total = pl.col(column).cum_sum()
-    base = pl.when(_starts(key)).then(total - pl.col(column)).forward_fill()
-    return total - base
-
-
-def _segmented_scan(frame: pl.DataFrame, column: str, key: str, op: str) -> pl.DataFrame:
-    """Per-key inclusive running sum or max of `column`, on rows sorted by key.
-
-    A Hillis-Steele scan: log2(longest run) vectorised steps, where `.over(key)` with
-    millions of small groups costs seconds.
-    """
-    longest = frame[key].rle().struct.field("len").max()
-    longest = int(longest) if isinstance(longest, int) else 1
-    step = 1
-    while step < longest:
-        value, earlier = pl.col(column), pl.col(column).shift(step)
-        combined = value + earlier if op == "sum" else pl.max_horizontal(value, earlier)
-        same = pl.col(key) == pl.col(key).shift(step)
-        frame = frame.with_columns(pl.when(same).then(combined).otherwise(value).alias(column))
-        step *= 2
-    return frame
-
-
 def applicant_features_frame(sources: dict[str, pl.LazyFrame]) -> pl.DataFrame:
     """`APPLICANT_FEATURES` in Polars: the same stream of deltas and versions, one sort.
 
@@ -334,7 +324,7 @@ def applicant_features_frame(sources: dict[str, pl.LazyFrame]) -> pl.DataFrame:
             "application_id", "applicant_id", "applied_at", "loan_amnt", "loan_status", "valid_from"
         )
         .sort("application_id", "valid_from")
-        .with_columns(first=_starts("application_id"))
+        .with_columns(first=starts("application_id"))
     )
     approved = (pl.col("loan_status") == 1).cast(pl.Int64).fill_null(0)
     rejected = (pl.col("loan_status") == 0).cast(pl.Int64).fill_null(0)
@@ -368,14 +358,14 @@ def applicant_features_frame(sources: dict[str, pl.LazyFrame]) -> pl.DataFrame:
         pl.col("d_amount").alias("amount_sum"),
     ).collect()
     # Floats: a segmented scan (a global running sum would lose precision).
-    rows = _segmented_scan(rows, "amount_sum", "applicant_id", "sum")
-    rows = _segmented_scan(rows, "last_applied_at", "applicant_id", "max")
+    rows = segmented_scan(rows, "amount_sum", "applicant_id", "sum")
+    rows = segmented_scan(rows, "last_applied_at", "applicant_id", "max")
     state = (
         rows.lazy()
         .with_columns(
-            application_count=_running_sum("d_count", "applicant_id"),
-            approved_count=_running_sum("d_approved", "applicant_id"),
-            rejected_count=_running_sum("d_rejected", "applicant_id"),
+            application_count=running_sum("d_count", "applicant_id"),
+            approved_count=running_sum("d_approved", "applicant_id"),
+            rejected_count=running_sum("d_rejected", "applicant_id"),
             _own=own & last_version.is_not_null(),
             **{
                 c: pl.col(c).gather(last_version.fill_null(0))
@@ -422,7 +412,10 @@ GOLD = {
             "loan_applications_history",
             "gold.applicant_features",
         ),
-        (Derived("market", SUBMITTED, intent_rate_30d, frame=submitted_frame),),
+        (
+            Derived("submitted", SUBMITTED, _as_is, frame=submitted_frame),
+            Derived("market", SUBMITTED, intent_rate_30d, frame=submitted_frame),
+        ),
         partition_key="applicant_id",
     ),
     "approval_rate_daily": GoldTable(APPROVAL_RATE_DAILY, ("loan_applications",)),

@@ -15,7 +15,13 @@ from lakehouse.errors import TableNotFoundError
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 from lakehouse.transforms.gold import GOLD
-from lakehouse.zones.commits import app_id, commit_properties, recorded
+from lakehouse.zones.commits import (
+    ConcurrentWriteError,
+    app_id,
+    commit_properties,
+    is_conflict,
+    recorded,
+)
 from lakehouse.zones.datafiles import TableFiles
 
 _BATCH = 200_000
@@ -76,10 +82,40 @@ def is_current(storage: Storage, name: str) -> bool:
 
 
 def build(settings: Settings, storage: Storage, name: str) -> GoldResult:
-    """Rebuild `gold.<name>` from pinned silver versions, recording them in the commit."""
+    """Rebuild `gold.<name>` from pinned silver versions, recording them in the commit.
+
+    The commit is checked against the version of the gold table read first: when another
+    writer built it meanwhile, this build lands nothing, and it is done if that one used
+    the same inputs or newer ones.
+    """
+    existing = storage.table_or_none("gold", name)
     versions = input_versions(storage, name)
     if is_current(storage, name):
         return GoldResult(name, False, versions)
+    try:
+        _build(settings, storage, name, versions, existing)
+    except ConcurrentWriteError:
+        if is_current(storage, name) or _newer_than(storage, name, versions):
+            return GoldResult(name, False, versions)
+        raise
+    return GoldResult(name, True, versions)
+
+
+def _newer_than(storage: Storage, name: str, versions: dict[str, int]) -> bool:
+    """Tell whether gold.<name> was built from inputs at least as new as `versions`."""
+    dt = storage.table_or_none("gold", name)
+    return dt is not None and all(
+        (recorded(dt, _app(name, src)) or -1) >= v for src, v in versions.items()
+    )
+
+
+def _build(
+    settings: Settings,
+    storage: Storage,
+    name: str,
+    versions: dict[str, int],
+    existing: DeltaTable | None,
+) -> None:
     spec = GOLD[name]
     con = duck.connect(settings, storage)
     try:
@@ -103,13 +139,16 @@ def build(settings: Settings, storage: Storage, name: str) -> GoldResult:
         if spec.frame is None:
             # Derived relations (market-wide aggregates) see every row, once.
             views(None)
+            computed: dict[object, pl.DataFrame] = {}  # derived relations sharing an input
             for derived in spec.derived:
-                if derived.frame is not None:
-                    frame = derived.frame(_scans(storage, spec.sources, versions))
-                else:
-                    frame = _frame(con.execute(derived.sql).to_arrow_table())
-                con.register(derived.name, derived.transform(frame).to_arrow())
-                del frame
+                source = derived.frame or derived.sql
+                if source not in computed:
+                    if derived.frame is not None:
+                        computed[source] = derived.frame(_scans(storage, spec.sources, versions))
+                    else:
+                        computed[source] = _frame(con.execute(derived.sql).to_arrow_table())
+                con.register(derived.name, derived.transform(computed[source]).to_arrow())
+            computed.clear()
 
         def part_frames(part: int) -> Iterator[pl.DataFrame]:
             # Each key partition is an independent query over filtered views, so a big
@@ -125,17 +164,23 @@ def build(settings: Settings, storage: Storage, name: str) -> GoldResult:
         for part in range(parts):
             for frame in part_frames(part):
                 files.add(frame)
-        files.commit(
-            commit_properties(
-                {_app(name, src): v for src, v in versions.items()},
-                operation="build-gold",
-            ),
-            failpoint_name=f"gold.{name}.mid-write",
-            replace=storage.table_or_none("gold", name),
-        )
+        progress = {_app(name, src): v for src, v in versions.items()}
+        try:
+            files.commit(
+                commit_properties(progress, operation="build-gold"),
+                failpoint_name=f"gold.{name}.mid-write",
+                replace=existing,
+                guard=list(progress),
+            )
+        except Exception as exc:
+            if is_conflict(exc):
+                msg = (
+                    f"another writer built gold.{name} at the same time; this build landed nothing"
+                )
+                raise ConcurrentWriteError(msg) from None
+            raise
     finally:
         con.close()
-    return GoldResult(name, True, versions)
 
 
 def _frame_part(

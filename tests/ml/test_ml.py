@@ -190,13 +190,17 @@ def test_late_rows_reach_the_online_store(lake: Lake) -> None:
     days) is still materialized: the incremental window follows what changed in gold."""
     ml_tasks.materialize(lake.settings, lake.storage)
     with psycopg.connect(lake.settings.pg_dsn.get(), autocommit=True) as conn:
+        # Applied for a day after the oldest customer became one: long before the last
+        # materialization; its share of income consistent with the amount.
         (app_id,) = conn.execute(
             psycopg.sql.SQL(
-                "INSERT INTO {}.loan_applications (applicant_id, loan_amnt, loan_intent, "
+                "INSERT INTO {s}.loan_applications (applicant_id, loan_amnt, loan_intent, "
                 "loan_int_rate, loan_percent_income, applied_at) "
-                "VALUES (1, 1234.5, 'EDUCATION', 10.5, 0.1, now() - interval '20 days') "
-                "RETURNING application_id"
-            ).format(psycopg.sql.Identifier(lake.settings.pg_schema))
+                "SELECT applicant_id, 1234.5, 'EDUCATION', 10.5, "
+                "round((1234.5 / person_income)::numeric, 2), created_at + interval '1 day' "
+                "FROM {s}.applicants WHERE person_age BETWEEN 18 AND 100 "
+                "ORDER BY created_at LIMIT 1 RETURNING application_id"
+            ).format(s=psycopg.sql.Identifier(lake.settings.pg_schema))
         ).fetchone()  # type: ignore[misc]
     run_all(lake.settings, lake.storage)
     assert not ml_tasks.materialized(lake.settings, lake.storage)
@@ -623,3 +627,104 @@ def _remove_version(storage: Storage, version: str) -> None:
 
         shutil.rmtree(Path(registry.root) / version)
     assert version not in registry.folders()
+
+
+# Values at the edges of what silver's rules accept (tests/transforms/test_quality.py holds
+# each rule at its boundary); BIG is the largest key Postgres, Arrow and Feast all hold.
+BIG = 2**63 - 1
+EDGE_APPLICANTS = {
+    # applicant_id: (age, emp_exp, income, credit history, score, gender, education, home, defaults)
+    BIG: (100, 86, 10_000_000.0, 80, 850, "male", "Doctorate", "OTHER", "Yes"),
+    BIG - 1: (18, 0, 1_000.0, 0, 300, "female", "High School", "RENT", "No"),
+}
+EDGE_LOANS = {
+    # application_id: (applicant, amount, intent, rate, share of income, applied_at, status)
+    BIG: (BIG, 1_000_000.0, "DEBTCONSOLIDATION", 36.0, 0.1, "now", 1),
+    BIG - 1: (BIG, 100.0, "PERSONAL", 1.0, 0.0, "2000-01-01 00:00:00+00", 0),
+    BIG - 2: (BIG - 1, 1_000.0, "MEDICAL", 36.0, 1.0, "2000-01-01 00:00:00+00", 1),
+    BIG - 3: (BIG - 1, 100.0, "VENTURE", 1.0, 0.1, "now", None),
+}
+# Values Postgres accepts that a later stage could not hold: silver rejects each by name.
+EDGE_REJECTS = {
+    BIG - 10: ("0001-01-01 00:00:00+00", "applied_at_range"),
+    BIG - 11: ("1677-09-21 00:00:00+00", "applied_at_range"),
+    BIG - 12: ("infinity", "applied_at_representable"),
+    BIG - 13: ("1999-12-31 23:59:59.999999+00", "applied_at_range"),
+}
+
+
+@pytest.mark.parametrize("lake", ["local"], indirect=True)
+def test_every_accepted_value_reaches_training_the_online_store_and_predict(lake: Lake) -> None:
+    """A value that passes silver's rules goes through gold, Feast offline and online and
+    `/predict` without an exception; one that a later stage could not hold (a year Feast's
+    pandas timestamps cannot represent, infinity) is rejected in silver by a named rule,
+    and the run around it completes."""
+    from fastapi.testclient import TestClient
+
+    from lakehouse.serve import create_app
+
+    s = psycopg.sql.Identifier(lake.settings.pg_schema)
+    with psycopg.connect(lake.settings.pg_dsn.get(), autocommit=True) as conn:
+        for key, values in EDGE_APPLICANTS.items():
+            conn.execute(
+                psycopg.sql.SQL(
+                    "INSERT INTO {s}.applicants (applicant_id, person_age, person_emp_exp, "
+                    "person_income, cb_person_cred_hist_length, credit_score, person_gender, "
+                    "person_education, person_home_ownership, previous_loan_defaults_on_file, "
+                    "created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, "
+                    "'2000-01-01 00:00:00+00')"
+                ).format(s=s),
+                (key, *values),
+            )
+        loans = {k: (v[0], *v[1:5], v[5], v[6]) for k, v in EDGE_LOANS.items()}
+        for key, (when, _) in EDGE_REJECTS.items():
+            loans[key] = (BIG, 5_000.0, "EDUCATION", 10.0, 0.0, when, 0)
+        for key, (applicant, amount, intent, rate, share, when, status) in loans.items():
+            conn.execute(
+                psycopg.sql.SQL(
+                    "INSERT INTO {s}.loan_applications (application_id, applicant_id, "
+                    "loan_amnt, loan_intent, loan_int_rate, loan_percent_income, applied_at, "
+                    "loan_status) VALUES (%s, %s, %s, %s, %s, %s, %s::timestamptz, %s)"
+                ).format(s=s),
+                (key, applicant, amount, intent, rate, share, when, status),
+            )
+    run_all(lake.settings, lake.storage)
+
+    silver = read(lake.storage, "silver", "loan_applications")
+    assert set(EDGE_LOANS) <= set(silver["application_id"].to_list())
+    rejected = read(lake.storage, "silver", "loan_applications_rejected").filter(
+        pl.col("is_current") & pl.col("application_id").is_in(list(EDGE_REJECTS))
+    )
+    assert dict(zip(rejected["application_id"], rejected["_rule"], strict=True)) == {
+        k: rule for k, (_, rule) in EDGE_REJECTS.items()
+    }
+    # Offline: the labelled edge loans are in the training set with every loan feature.
+    training = models.training_set(lake.store, lake.storage)  # type: ignore[arg-type]
+    labelled = [k for k, v in EDGE_LOANS.items() if v[6] is not None]
+    rows = training[training["application_id"].isin(labelled)]
+    assert sorted(rows["application_id"].tolist()) == sorted(labelled)
+    # (Applicant features are as of applied_at: a loan dated 2000 predates the applicant's
+    # versions here, which were written now, so only the loan's own features are known.)
+    assert rows[["loan_amnt", "loan_int_rate", "loan_percent_income"]].notna().all().all()
+    # Online and served: every edge application and applicant, and loans at the API's bounds.
+    ml_tasks.materialize(lake.settings, lake.storage)
+    if not models.Registry(lake.storage).versions():
+        ml_tasks.train(lake.settings, lake.storage)
+    client = TestClient(create_app(lake.settings))
+    gold = read(lake.storage, "gold", "application_features")
+    for key, (_, amount, *_rest) in EDGE_LOANS.items():
+        answer = client.post("/predict", json={"application_id": key})
+        assert answer.status_code == 200, (key, answer.text)
+        assert answer.json()["features"]["loan_amnt"] == amount
+        versions = gold.filter(pl.col("application_id") == key).sort("event_timestamp")
+        latest = versions.row(-1, named=True)
+        for name in FEATURES + APPLICANT:
+            assert _same(answer.json()["features"][name], latest[name]), (key, name)
+    for applicant in EDGE_APPLICANTS:
+        for amount, rate in ((100, 1), (1_000_000, 36)):
+            loan = {"loan_amnt": amount, "loan_intent": "VENTURE", "loan_int_rate": rate}
+            answer = client.post("/predict", json={"applicant_id": applicant, "loan": loan})
+            assert answer.status_code == 200, (applicant, loan, answer.text)
+            assert 0 <= answer.json()["probability"] <= 1
+    for too_big in ({"application_id": BIG + 1}, {"applicant_id": BIG + 1, "loan": loan}):
+        assert client.post("/predict", json=too_big).status_code == 422

@@ -20,7 +20,7 @@ from lakehouse.transforms.gold import GOLD
 from lakehouse.zones import gold
 from tests.helpers import churn, read, run_all, seeded
 
-ATTRS = tuple(APPLICANTS.column_names[1:-1])  # the applicant attributes
+ATTRS = tuple(APPLICANTS.attributes)  # the applicant attributes
 US = timedelta(microseconds=1)
 
 
@@ -139,6 +139,14 @@ def test_a_new_customer_is_known_at_their_first_application(settings: Settings) 
     assert row["days_since_last_application"] is None  # no earlier application
 
 
+SUBMITTED = (
+    "applicant_id",
+    "applied_at",
+    "loan_amnt",
+    "loan_intent",
+    "loan_int_rate",
+    "loan_percent_income",
+)
 HISTORY = (
     "application_count",
     "approved_count",
@@ -148,14 +156,58 @@ HISTORY = (
 )
 
 
+# Gold's logic does not depend on the storage: local disk only (CI time).
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
+def test_a_training_row_holds_the_loan_as_applied_for(settings: Settings) -> None:
+    """Issue 13, reproduction 9: after five edits of the amount, training rows dated
+    `applied_at` showed the latest amount. The loan's attributes are as submitted; only
+    `loan_status`, the label, is as known now."""
+    storage = seeded(settings, rows=60)
+    run_all(settings, storage)
+    table = sql.Identifier(settings.pg_schema, "loan_applications")
+    with schema.connect(settings, autocommit=True) as conn:
+        (submitted,) = conn.execute(
+            sql.SQL("SELECT loan_amnt FROM {} WHERE application_id = 7").format(table)
+        ).fetchone()  # type: ignore[misc]
+        people = sql.Identifier(settings.pg_schema, "applicants")
+        for amount in (1000, 2000, 3000, 4000, 5000):
+            # An edit of the amount recomputes its share of income, as a front end would.
+            conn.execute(
+                sql.SQL(
+                    "UPDATE {} l SET loan_amnt = %s, loan_percent_income = round((%s / "
+                    "a.person_income)::numeric, 2) FROM {} a "
+                    "WHERE l.applicant_id = a.applicant_id AND application_id = 7"
+                ).format(table, people),
+                [amount, amount],
+            )
+            run_all(settings, storage)
+        conn.execute(
+            sql.SQL("UPDATE {} SET loan_status = 1 WHERE application_id = 7").format(table)
+        )
+    run_all(settings, storage)
+    row = read(storage, "gold", "application_features").filter(pl.col("application_id") == 7)
+    assert row["loan_amnt"].to_list() == [submitted]
+    assert row["loan_status"].to_list() == [1]
+    versions = read(storage, "silver", "loan_applications_history").filter(
+        pl.col("application_id") == 7
+    )
+    assert versions.height == 7
+
+
 def check_application_features_match_brute_force(built: tuple[Storage, AsOf]) -> None:
     storage, asof = built
     features = read(storage, "gold", "application_features")
     current = read(storage, "silver", "loan_applications")
     assert sorted(features["application_id"]) == sorted(current["application_id"])
+    status = dict(current.select("application_id", "loan_status").iter_rows())
     for row in features.iter_rows(named=True):
         t = row["applied_at"]
         assert row["event_timestamp"] == t
+        # The loan as submitted (its first version); the decision as known now (the label).
+        first = asof.loans[row["application_id"]][0]
+        for attr in SUBMITTED:
+            assert row[attr] == first[attr], (row["application_id"], attr)
+        assert row["loan_status"] == status[row["application_id"]]
         person = asof.person(row["applicant_id"], t)
         for attr in ATTRS:
             assert row[attr] == (person[attr] if person else None), (row["application_id"], attr)
