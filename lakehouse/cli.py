@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from lakehouse import environment, log
 from lakehouse.errors import LakehouseError, UsageError, described
@@ -117,6 +117,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     sub.add_parser("tables", help="list tables with version, rows, size and last update")
+
+    p = sub.add_parser(
+        "verify",
+        help="compare silver with the source (keys and a checksum per column); --repair fixes",
+    )
+    p.add_argument("--table", choices=["applicants", "loan_applications"], help="one table only")
+    p.add_argument(
+        "--repair", action="store_true", help="re-read the differing keys from the source"
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for the stream to land up to the comparison point (default 60)",
+    )
 
     p = sub.add_parser(
         "status", help="tables and their freshness, the CDC slots, the last pipeline runs, model"
@@ -268,9 +284,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         def report(sim: Any) -> None:
             log.event(
                 "simulate.progress",
-                f"wrote {sim.total:,} changes in {sim.transactions:,} transactions "
-                f"({sim.seconds:.0f}s so far)",
-                changes=sim.total,
+                f"wrote {sim.changes:,} changes ({sim.total:,} rows) in "
+                f"{sim.transactions:,} transactions ({sim.seconds:.0f}s so far)",
+                changes=sim.changes,
+                rows=sim.total,
                 transactions=sim.transactions,
                 by_kind=dict(sim.counts),
             )
@@ -293,9 +310,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         kinds = ", ".join(f"{k} {v}" for k, v in sorted(sim.counts.items()))
         log.event(
             "simulate.done",
-            f"wrote {sim.total:,} changes in {sim.transactions:,} transactions "
+            f"wrote {sim.changes:,} changes ({sim.total:,} rows: a new customer's first "
+            f"application inserts the customer too) in {sim.transactions:,} transactions "
             f"({sim.seconds:.1f}s): {kinds}",
-            changes=sim.total,
+            changes=sim.changes,
+            rows=sim.total,
             transactions=sim.transactions,
             seconds=round(sim.seconds, 3),
             by_kind=dict(sim.counts),
@@ -338,6 +357,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if command == "stream":
         return _stream(settings, args.action, promote=args.promote, setup=args.setup)
+    if command == "verify":
+        return _verify(settings, args)
     if command in ("features", "train", "models", "serve"):
         return _ml(settings, args)
     if command == "maintain":
@@ -398,6 +419,51 @@ def _run(settings: Settings, args: argparse.Namespace) -> int:
 
     repeat(args.every, step)
     return 0
+
+
+def _verify(settings: Settings, args: argparse.Namespace) -> int:
+    from lakehouse.storage import Storage
+    from lakehouse.verify import verify
+
+    storage = Storage.from_settings(settings)
+    storage.check()
+    tables = [args.table] if args.table else None
+    results = verify(settings, storage, tables, repair=args.repair, timeout=args.timeout)
+    for r in results:
+        flight = f", {r.in_flight:,} in flight" if r.in_flight else ""
+        repaired = f"; repaired {r.repaired:,} keys" if r.repaired else ""
+        if r.ok:
+            line = (
+                f"silver.{r.table}: matches the source ({r.source_rows:,} rows compared"
+                f"{flight}{repaired}) in {r.seconds:.1f}s"
+            )
+        else:
+            line = (
+                f"silver.{r.table}: {len(r.differences):,} keys differ from the source "
+                f"({r.source_rows:,} rows compared{flight}{repaired})"
+                + ("" if r.repaired else "; `lakehouse verify --repair` rebuilds them")
+            )
+        log.event(
+            "verify.table",
+            line,
+            table=r.table,
+            ok=r.ok,
+            rows=r.source_rows,
+            in_flight=r.in_flight,
+            differences=len(r.differences),
+            repaired=r.repaired,
+        )
+        for d in r.differences[:20]:
+            log.event(
+                "verify.difference",
+                f"  {r.table} {d.key}: {d.problem}",
+                table=r.table,
+                key=d.key,
+                problem=d.problem,
+            )
+        if len(r.differences) > 20:
+            log.event("verify.more", f"  ... and {len(r.differences) - 20:,} more")
+    return 0 if all(r.ok for r in results) else 1
 
 
 def _maintain(settings: Settings, args: argparse.Namespace) -> int:
@@ -517,7 +583,7 @@ def _stream(settings: Settings, action: str, *, promote: bool, setup: bool = Fal
                     t.slot if t.slot_exists else "(none)",
                     "yes" if t.active else "no",
                     t.wal_status or "",
-                    "" if t.lag_bytes is None else f"{t.lag_bytes:,}",
+                    t.behind,
                     t.confirmed_lsn or "",
                     t.landed_lsn or "",
                     f"{t.changes:,}",
@@ -529,7 +595,7 @@ def _stream(settings: Settings, action: str, *, promote: bool, setup: bool = Fal
             "slot",
             "active",
             "wal",
-            "lag bytes",
+            "behind",
             "confirmed LSN",
             "landed LSN",
             "changes",
@@ -539,7 +605,15 @@ def _stream(settings: Settings, action: str, *, promote: bool, setup: bool = Fal
         return 0
     from stream.run import run_stream
 
-    run_stream(settings, storage, promote=promote, progress=lambda line: log.event("stream", line))
+    run_stream(
+        settings,
+        storage,
+        promote=promote,
+        progress=lambda line: log.event("stream", line),
+        report=lambda line, fields: log.event(
+            "stream.progress", line, **cast(dict[str, Any], fields)
+        ),
+    )
     return 0
 
 

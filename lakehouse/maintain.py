@@ -25,11 +25,13 @@ def maintain(storage: Storage, *, retention_hours: int) -> list[MaintainResult]:
     Compaction only rewrites files (the data does not change); vacuum deletes files that
     no version inside the retention window needs, so time travel to those versions works.
     """
-    from lakehouse import runs
+    from lakehouse import runs, verify
 
     tables = storage.list_tables()
-    if storage.exists(runs.ZONE, runs.TABLE):  # one small commit per pipeline run
-        tables.append((runs.ZONE, runs.TABLE))
+    # One small commit per pipeline run, and per verification.
+    for meta in ((runs.ZONE, runs.TABLE), (verify.ZONE, verify.TABLE)):
+        if storage.exists(*meta):
+            tables.append(meta)
     results = []
     for zone, name in tables:
         dt = storage.table(zone, name)

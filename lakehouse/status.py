@@ -58,6 +58,8 @@ class Status:
     stream_error: str | None = None
     runs: list[runs.RunRecord] = field(default_factory=list)
     runs_error: str | None = None
+    verifications: list[dict[str, Any]] = field(default_factory=list)
+    verifications_error: str | None = None
     features: dict[str, Any] = field(default_factory=dict)
     features_error: str | None = None
 
@@ -82,6 +84,7 @@ def collect(settings: Settings, storage: Storage) -> Status:
         ("tables", lambda: _tables(settings, storage, status.source)),
         ("stream", lambda: _stream(settings, storage)),
         ("runs", lambda: runs.recent(storage)),
+        ("verifications", lambda: _verifications(storage)),
         ("features", lambda: _features(settings, storage)),
     ]
     for section, read in readers:
@@ -183,6 +186,8 @@ def _stream(settings: Settings, storage: Storage) -> list[dict[str, Any]]:
                 "active": t.active,
                 "wal_status": t.wal_status,
                 "lag_bytes": t.lag_bytes,
+                "caught_up": t.caught_up,
+                "behind": t.behind,
                 "confirmed_lsn": t.confirmed_lsn,
                 "landed_lsn": t.landed_lsn,
                 "changes": t.changes,
@@ -190,6 +195,12 @@ def _stream(settings: Settings, storage: Storage) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _verifications(storage: Storage) -> list[dict[str, Any]]:
+    from lakehouse import verify
+
+    return verify.last(storage)
 
 
 def _features(settings: Settings, storage: Storage) -> dict[str, Any]:
@@ -295,13 +306,13 @@ def render(status: Status) -> str:
             "CDC stream",
             status.stream_error,
             "no replication slots: batch extraction feeds bronze",
-            ["table", "slot", "active", "lag bytes", "landed LSN", "changes", "last change"],
+            ["table", "slot", "active", "behind", "landed LSN", "changes", "last change"],
             [
                 (
                     s["table"],
                     s["slot"] or "(dropped)",
                     "yes" if s["active"] else "no",
-                    "" if s["lag_bytes"] is None else f"{s['lag_bytes']:,}",
+                    s["behind"],
                     s["landed_lsn"] or "",
                     f"{s['changes']:,}",
                     _ago(s["since_last_change_seconds"]),
@@ -325,6 +336,26 @@ def render(status: Status) -> str:
                     (r.error or "")[:80],
                 )
                 for r in status.runs
+            ],
+        )
+    )
+    parts.append(
+        _section(
+            "Last verification against the source (`lakehouse verify`)",
+            status.verifications_error,
+            "never verified; run `lakehouse verify`",
+            ["table", "verified UTC", "rows", "in flight", "differences", "repaired", "first"],
+            [
+                (
+                    f"silver.{v['table']}",
+                    _when(v["verified_at"]),
+                    f"{v['source_rows']:,}",
+                    f"{v['in_flight']:,}",
+                    f"{v['differences']:,}",
+                    f"{v['repaired']:,}",
+                    (v["details"] or "")[:60],
+                )
+                for v in status.verifications
             ],
         )
     )

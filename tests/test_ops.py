@@ -197,7 +197,10 @@ def test_status_against_a_running_pipeline_and_stream(settings: Settings) -> Non
         assert code == 0, err[-2000:]
         messages = [e["message"] for e in json_lines(out)]
         assert any("slot lakehouse_" in m and "created" in m for m in messages), messages
-        assert messages[-1] == "stopped; every change received was landed"
+        assert messages[-1].startswith("stopped; every change received was landed (")
+        progress = [e for e in json_lines(out) if e["event"] == "stream.progress"]
+        assert progress, "no progress line while streaming"
+        assert {"changes", "buffered", "freshness_seconds", "total"} <= set(progress[0])
 
 
 @pytest.mark.parametrize("settings", ["local"], indirect=True)
