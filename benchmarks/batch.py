@@ -378,35 +378,80 @@ def _is_java(proc: psutil.Process) -> bool:
 
 
 def spark_rules(table: str) -> list[tuple[str, Any]]:
-    """Return the quality rules of `table` as (name, Spark column true for a good row)."""
+    """Return the quality rules of `table` as (name, Spark column true for a good row).
+
+    In the order of `lakehouse.transforms.quality`, so `_failed_rules` lists agree.
+    """
     from pyspark.sql import functions as F
 
     from lakehouse.transforms import quality as q
 
     c = F.col
+
+    def representable(column: str) -> tuple[str, Any]:
+        return (
+            f"{column}_representable",
+            ~F.coalesce(c("_unrepresentable").contains(f'"{column}":'), F.lit(False)),
+        )
+
+    def in_years(column: str) -> tuple[str, Any]:
+        return (
+            f"{column}_range",
+            (c(column) >= F.lit(q.EARLIEST)) & (c(column) < F.lit(q.LATEST)),
+        )
+
+    def not_future() -> tuple[str, Any]:
+        drift = F.expr(f"INTERVAL {q.CLOCK_DRIFT.seconds} SECONDS")
+        return ("updated_at_not_future", c("updated_at") <= c("_ingested_at") + drift)
+
+    age = c("person_age").cast("bigint")
     if table == "applicants":
         return [
+            representable("created_at"),
+            representable("updated_at"),
+            ("key_positive", c("applicant_id") >= 1),
             ("age_range", c("person_age").between(18, 100)),
             (
                 "experience_vs_age",
-                (c("person_emp_exp") >= 0) & (c("person_emp_exp") <= c("person_age") - 14),
+                (c("person_emp_exp") >= 0) & (c("person_emp_exp") <= age - 14),
             ),
-            ("income_positive", c("person_income") > 0),
-            ("income_range", c("person_income") <= 10_000_000),
+            ("income_range", c("person_income").between(1_000, 10_000_000)),
             ("credit_history_range", c("cb_person_cred_hist_length").between(0, 80)),
+            ("credit_history_vs_age", c("cb_person_cred_hist_length") <= age - 16),
             ("credit_score_range", c("credit_score").between(300, 850)),
             ("gender_known", c("person_gender").isin(*q.GENDERS)),
             ("education_known", c("person_education").isin(*q.EDUCATION)),
             ("home_ownership_known", c("person_home_ownership").isin(*q.HOME_OWNERSHIP)),
             ("previous_defaults_known", c("previous_loan_defaults_on_file").isin(*q.YES_NO)),
+            in_years("created_at"),
+            in_years("updated_at"),
+            not_future(),
+            ("created_before_update", c("created_at") <= c("updated_at")),
         ]
+    income = c("_income_at")
     return [
-        ("amount_range", c("loan_amnt").between(1, 1_000_000)),
-        ("interest_rate_range", (c("loan_int_rate") > 0) & (c("loan_int_rate") <= 100)),
+        representable("applied_at"),
+        representable("updated_at"),
+        ("key_positive", c("application_id") >= 1),
+        ("amount_range", c("loan_amnt").between(100, 1_000_000)),
+        ("interest_rate_range", c("loan_int_rate").between(1, 36)),
         ("percent_income_range", c("loan_percent_income").between(0, 1)),
         ("intent_known", c("loan_intent").isin(*q.INTENTS)),
         ("status_known", c("loan_status").isNull() | c("loan_status").isin(0, 1)),
+        in_years("applied_at"),
+        in_years("updated_at"),
+        not_future(),
         ("applied_before_update", c("applied_at") <= c("updated_at")),
+        ("applicant_exists", F.coalesce(c("_known"), F.lit(False))),
+        (
+            "applied_after_applicant_created",
+            c("_created_at").isNull() | (c("applied_at") >= c("_created_at")),
+        ),
+        (
+            "percent_income_consistent",
+            income.isNull()
+            | (F.abs(c("loan_percent_income") - c("loan_amnt") / income) <= q.PERCENT_TOLERANCE),
+        ),
     ]
 
 
@@ -423,9 +468,12 @@ def spark_clean(frame: Any, table: str) -> Any:
     """Trim text and give categories their canonical case (quality.clean)."""
     from pyspark.sql import functions as F
 
-    from lakehouse.transforms.quality import EDUCATION
+    from lakehouse.transforms.quality import EDUCATION, WHITESPACE
 
-    frame = frame.withColumns({name: F.trim(name) for name in _text_columns(frame)})
+    space = "[" + "".join(f"\\x{ord(ch):02x}" for ch in WHITESPACE) + "]+"
+    frame = frame.withColumns(
+        {name: F.regexp_replace(name, f"^{space}|{space}$", "") for name in _text_columns(frame)}
+    )
     if table == "applicants":
         edu = F.create_map(*[F.lit(x) for e in EDUCATION for x in (e.lower(), e)])
         lowered = F.lower("person_education")
@@ -434,7 +482,9 @@ def spark_clean(frame: Any, table: str) -> Any:
                 "person_gender": F.lower("person_gender"),
                 "person_home_ownership": F.upper("person_home_ownership"),
                 "person_education": F.coalesce(edu[lowered], lowered),
-                "previous_loan_defaults_on_file": F.initcap("previous_loan_defaults_on_file"),
+                "previous_loan_defaults_on_file": F.initcap(
+                    F.lower("previous_loan_defaults_on_file")
+                ),
             }
         )
     return frame.withColumn("loan_intent", F.upper("loan_intent"))
@@ -455,13 +505,26 @@ def spark_silver(spark: Any, bronze_dir: Path, silver_dir: Path, table: str) -> 
     frame = spark_clean(bronze.withColumn("_raw", F.struct(*texts)), table)
     checks = spark_rules(table)
     if table == "loan_applications":
-        known = spark.read.parquet(str(silver_dir / "applicants")).select(
-            F.col("applicant_id").alias("_known_id"), F.lit(True).alias("_known")
+        # What the rules read about the applicant: in silver, created_at, and the income
+        # when the applicant's version dates from no later than applied_at.
+        known = (
+            spark.read.parquet(str(silver_dir / "applicants_history"))
+            .filter(F.col("valid_to").isNull())
+            .select(
+                F.col("applicant_id").alias("_known_id"),
+                F.lit(True).alias("_known"),
+                F.col("created_at").alias("_created_at"),
+                F.col("person_income").alias("_income"),
+                F.col("valid_from").alias("_since"),
+            )
         )
-        frame = frame.join(known, frame["applicant_id"] == known["_known_id"], "left").drop(
-            "_known_id"
+        frame = (
+            frame.join(known, frame["applicant_id"] == known["_known_id"], "left")
+            .drop("_known_id")
+            .withColumn(
+                "_income_at", F.when(F.col("_since") <= F.col("applied_at"), F.col("_income"))
+            )
         )
-        checks.append(("applicant_exists", F.col("_known")))
     failed = F.array_compact(
         F.array(
             *[
@@ -472,7 +535,7 @@ def spark_silver(spark: Any, bronze_dir: Path, silver_dir: Path, table: str) -> 
     )
     marked = (
         frame.withColumn("_failed_rules", failed)
-        .drop("_known")
+        .drop("_known", "_created_at", "_income", "_since", "_income_at")
         .persist(StorageLevel.MEMORY_AND_DISK)
     )
     bad = F.size("_failed_rules") > 0
@@ -485,7 +548,12 @@ def spark_silver(spark: Any, bronze_dir: Path, silver_dir: Path, table: str) -> 
         .parquet(str(silver_dir / f"{table}_rejected"))
     )
     good = marked.filter(~bad).drop(
-        "_raw", "_failed_rules", "_source_watermark", "_extract_mode", "_ingested_at"
+        "_raw",
+        "_failed_rules",
+        "_source_xid",
+        "_unrepresentable",
+        "_extract_mode",
+        "_ingested_at",
     )
     if table == "applicants":
         yes_no = F.col("previous_loan_defaults_on_file")
