@@ -39,6 +39,8 @@ def tamper(storage: Storage) -> None:
     loans.delete(predicate="application_id = 30")  # lost, its history left open
 
 
+# Local disk only (CI time): verify on S3 is the divergence test below.
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
 def test_a_faithful_silver_verifies_and_status_shows_it(settings: Settings) -> None:
     storage = seeded(settings, rows=500)
     run_silver(settings, storage)

@@ -198,6 +198,8 @@ def execute(settings: Settings, statement: str, *args: object) -> None:
         conn.execute(statement.format(s=f'"{settings.pg_schema}"'), args or None)
 
 
+# Rule and ordering semantics, the same on any storage: local disk only (CI time).
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
 def test_rows_dated_far_back_or_ahead_reach_silver_or_its_rejects(settings: Settings) -> None:
     """Reproduction 6: batches chose rows by `updated_at`; a 2020 row never arrived, and a
     2100 row kept every run from finishing."""
@@ -223,6 +225,8 @@ def test_rows_dated_far_back_or_ahead_reach_silver_or_its_rejects(settings: Sett
     assert silver.is_current(storage, "applicants")
 
 
+# Rule and ordering semantics, the same on any storage: local disk only (CI time).
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
 def test_an_application_held_for_its_applicant_arrives_when_the_applicant_is_fixed(
     settings: Settings,
 ) -> None:
@@ -251,6 +255,8 @@ def test_an_application_held_for_its_applicant_arrives_when_the_applicant_is_fix
     assert silver.is_current(storage, "loan_applications")
 
 
+# Rule and ordering semantics, the same on any storage: local disk only (CI time).
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
 def test_a_row_whose_current_version_fails_leaves_silver(settings: Settings) -> None:
     """Reproduction 8: silver kept the last good version as current."""
     storage = seeded(settings, rows=100)
@@ -284,6 +290,8 @@ def test_a_row_whose_current_version_fails_leaves_silver(settings: Settings) -> 
     assert_same_rows(read(storage, "silver", "loan_applications"), loans, "application_id")
 
 
+# Rule and ordering semantics, the same on any storage: local disk only (CI time).
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
 def test_a_truncate_reaches_silver_through_batch_extraction(settings: Settings) -> None:
     """TRUNCATE fires no row trigger: a statement trigger leaves a marker batch runs see."""
     storage = seeded(settings, rows=80)
@@ -300,6 +308,8 @@ def test_a_truncate_reaches_silver_through_batch_extraction(settings: Settings) 
     assert seeded_keys["valid_to"].null_count() == 0  # every version before it is closed
 
 
+# Rule and ordering semantics, the same on any storage: local disk only (CI time).
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
 def test_a_key_change_removes_the_old_key_in_batch_runs(settings: Settings) -> None:
     """An UPDATE of the key fires no delete trigger: a key trigger leaves the tombstone."""
     storage = seeded(settings, rows=300)

@@ -969,8 +969,9 @@ def test_a_scripted_sequence_takes_every_kind_of_step(
         machine.decide(loans[2], 1)
         machine.update_applicant(late, GOOD_PERSON, {"person_age"})  # the parent arrives
         machine.update_applicant(people[0], GOOD_PERSON, {"person_age"})  # back, with the loan
-        machine.stream_killed(1.5)
-        machine.stream_run(True)
+        if where == "local":  # (S3: CI time; tests/stream kill the stream on S3)
+            machine.stream_killed(1.5)
+            machine.stream_run(True)
         machine.settle()
         machine.check()
         back = read(machine.storage, "silver", "loan_applications_history").filter(
@@ -989,6 +990,7 @@ def test_a_scripted_sequence_takes_every_kind_of_step(
         machine.cleanup()
         raise
     machine.teardown()  # settles and checks
-    for kind in ("batch runs", "concurrent writers", "setups", "stream runs", "kills", "truncates"):
+    kinds = ["batch runs", "concurrent writers", "setups", "stream runs", "truncates"]
+    for kind in kinds + (["kills"] if where == "local" else []):
         assert counts[kind] >= 1, (kind, dict(counts))
     assert counts["checks"] == 3 and counts["versions checked"] > 10, dict(counts)
