@@ -2,9 +2,9 @@
 
 Run by hand (it takes minutes; 10M rows takes tens of minutes)::
 
-    /work/venv/bin/pip install -e '.[bench]'        # pyspark and psutil
-    /work/venv/bin/python benchmarks/batch.py --rows 45000,1000000
-    /work/venv/bin/python benchmarks/batch.py        # 45k, 1M and 10M rows (the default)
+    .venv/bin/pip install -e '.[bench]'        # pyspark and psutil
+    .venv/bin/python benchmarks/batch.py --rows 45000,1000000
+    .venv/bin/python benchmarks/batch.py        # 45k, 1M and 10M rows (the default)
 
 For each source size N (N applicants + N loan applications = 2N source rows):
 

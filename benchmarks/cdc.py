@@ -2,8 +2,8 @@
 
 Run by hand (a few minutes)::
 
-    /work/venv/bin/python benchmarks/cdc.py
-    /work/venv/bin/python benchmarks/cdc.py --inserts 200000 --updates 40000 --deletes 10000
+    .venv/bin/python benchmarks/cdc.py
+    .venv/bin/python benchmarks/cdc.py --inserts 200000 --updates 40000 --deletes 10000
 
 (a) **Backlog throughput.** A fresh embedded Postgres is seeded with 1,000 rows and the
 stream is set up (`lakehouse stream setup`); a second pgoutput slot on the same

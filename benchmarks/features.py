@@ -2,8 +2,8 @@
 
 Run by hand (a few minutes; 1M rows takes longer)::
 
-    /work/venv/bin/python benchmarks/features.py                  # 45k and 1M rows
-    /work/venv/bin/python benchmarks/features.py --rows 45000 --requests 1000
+    .venv/bin/python benchmarks/features.py                  # 45k and 1M rows
+    .venv/bin/python benchmarks/features.py --rows 45000 --requests 1000
 
 For each source size N, under a temporary home with an embedded Postgres (fsync off):
 `lakehouse seed --rows N`, `lakehouse run --no-ml`, `lakehouse features apply`. Then:

@@ -26,10 +26,18 @@ class TableInfo:
     """The newest source `updated_at` the table holds, from the files' statistics."""
 
 
-def describe(storage: Storage) -> list[TableInfo]:
-    """Describe every table in the lakehouse, zone by zone."""
+def meta_tables(storage: Storage) -> list[tuple[str, str]]:
+    """Return the lakehouse's own record tables that exist: pipeline runs, verifications."""
+    from lakehouse import runs, verify
+
+    known = ((runs.ZONE, runs.TABLE), (verify.ZONE, verify.TABLE))
+    return [table for table in known if storage.exists(*table)]
+
+
+def describe(storage: Storage, *, meta: bool = False) -> list[TableInfo]:
+    """Describe every table in the lakehouse, zone by zone (with `meta`, `_meta.*` too)."""
     infos = []
-    for zone, name in storage.list_tables():
+    for zone, name in storage.list_tables() + (meta_tables(storage) if meta else []):
         dt = storage.table(zone, name)
         adds = pa.table(dt.get_add_actions(flatten=True))
         # The newest data file's time, not dt.history(): history hangs against some S3

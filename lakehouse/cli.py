@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, cast
@@ -92,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", type=_positive_int, default=100, help="changes per source transaction"
     )
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="repeat a run's mix of changes (default: a new one each call, or LAKEHOUSE_SEED; "
+        "the seed used is printed)",
+    )
 
     p = sub.add_parser("run", help="run the Luigi pipeline (bronze, silver, gold, features, model)")
     p.add_argument("--workers", type=_positive_int, default=1)
@@ -107,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sql", help="run a read-only DuckDB query over bronze/silver/gold")
     p.add_argument("query")
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument(
+        "--format",
+        choices=["table", "csv", "json"],
+        default="table",
+        help="table (aligned), csv, or json: JSON Lines, one object per row",
+    )
     p.add_argument("--as-of-version", type=int, help="time travel: read version N of each table")
     p.add_argument(
         "--max-rows",
@@ -292,6 +305,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
                 by_kind=dict(sim.counts),
             )
 
+        # The same seed on every call would write the same changes again: vary it unless
+        # one is given (the flag, or LAKEHOUSE_SEED set on purpose).
+        mix = args.seed
+        if mix is None:
+            mix = settings.seed if os.environ.get("LAKEHOUSE_SEED") else secrets.randbelow(2**31)
         with schema.connect(settings, autocommit=True) as conn, StopSignal() as stop:
             if not schema.schema_exists(conn, settings.pg_schema):
                 msg = f"schema `{settings.pg_schema}` has no lending tables; run `lakehouse seed`"
@@ -303,7 +321,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
                 rate=args.rate,
                 duration=args.duration,
                 batch_size=args.batch_size,
-                seed=settings.seed,
+                seed=mix,
                 stop=stop.event,
                 report=report,
             )
@@ -312,7 +330,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             "simulate.done",
             f"wrote {sim.changes:,} changes ({sim.total:,} rows: a new customer's first "
             f"application inserts the customer too) in {sim.transactions:,} transactions "
-            f"({sim.seconds:.1f}s): {kinds}",
+            f"({sim.seconds:.1f}s, seed {mix}): {kinds}",
+            seed=mix,
             changes=sim.changes,
             rows=sim.total,
             transactions=sim.transactions,
@@ -339,7 +358,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         storage = Storage.from_settings(settings)
         storage.check()
-        infos = catalog.describe(storage)
+        infos = catalog.describe(storage, meta=True)
         rows = [
             (
                 f"{i.zone}.{i.name}",
@@ -675,6 +694,10 @@ def _ml_command(settings: Settings, storage: Any, args: argparse.Namespace) -> i
         )
         # In JSON, uvicorn's records go through the root logger's JSON handler.
         log_config = None if log.is_json() else uvicorn.config.LOGGING_CONFIG
+        # uvicorn drains, restores the handlers it found, then raises the signal again:
+        # with these, that lands here and `serve` exits 0 like the other services.
+        for stop_signal in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop_signal, lambda *_: None)
         uvicorn.run(
             app,
             host=args.host,

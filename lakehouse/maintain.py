@@ -25,13 +25,10 @@ def maintain(storage: Storage, *, retention_hours: int) -> list[MaintainResult]:
     Compaction only rewrites files (the data does not change); vacuum deletes files that
     no version inside the retention window needs, so time travel to those versions works.
     """
-    from lakehouse import runs, verify
+    from lakehouse import catalog
 
-    tables = storage.list_tables()
-    # One small commit per pipeline run, and per verification.
-    for meta in ((runs.ZONE, runs.TABLE), (verify.ZONE, verify.TABLE)):
-        if storage.exists(*meta):
-            tables.append(meta)
+    # The _meta tables take one small commit per pipeline run and per verification.
+    tables = storage.list_tables() + catalog.meta_tables(storage)
     results = []
     for zone, name in tables:
         dt = storage.table(zone, name)

@@ -14,8 +14,9 @@ import time
 from typing import Any, Literal
 
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, StrictInt, model_validator
 
 from lakehouse import features, log, models
 from lakehouse.errors import described
@@ -33,16 +34,19 @@ class Loan(BaseModel):
     no loan that the lakehouse itself would reject.
     """
 
-    loan_amnt: float = Field(ge=100, le=1_000_000)
+    loan_amnt: float = Field(ge=100, le=1_000_000, allow_inf_nan=False)
     loan_intent: Literal[INTENTS]  # type: ignore[valid-type]
-    loan_int_rate: float = Field(ge=1, le=36)
+    loan_int_rate: float = Field(ge=1, le=36, allow_inf_nan=False)
 
 
 class PredictRequest(BaseModel):
-    """Either `application_id`, or `applicant_id` with `loan`."""
+    """Either `application_id`, or `applicant_id` with `loan`.
 
-    application_id: int | None = Field(default=None, ge=1, le=2**63 - 1)
-    applicant_id: int | None = Field(default=None, ge=1, le=2**63 - 1)
+    Ids are JSON integers (not `true`, not "7") that a bigint key can hold.
+    """
+
+    application_id: StrictInt | None = Field(default=None, ge=1, le=2**63 - 1)
+    applicant_id: StrictInt | None = Field(default=None, ge=1, le=2**63 - 1)
     loan: Loan | None = None
 
     @model_validator(mode="after")
@@ -96,6 +100,16 @@ def create_app(settings: Settings) -> FastAPI:
     storage = Storage.from_settings(settings)
     app = FastAPI(title="lakehouse loan approval", version="1")
 
+    @app.exception_handler(RequestValidationError)
+    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own 422 echoes the input, and cannot write a NaN or Infinity it was
+        # sent (a 500): name where and what, without the value.
+        detail = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": e.get("type")}
+            for e in exc.errors()
+        ]
+        return JSONResponse(status_code=422, content={"detail": detail})
+
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         # Anything unexpected (the online store down, a corrupt model file): a JSON detail
@@ -125,8 +139,13 @@ def create_app(settings: Settings) -> FastAPI:
             if current is None or now - current[3] > REFRESH_SECONDS:
                 try:
                     latest = models.Registry(storage).latest()
+                except models.ModelError:
+                    # Named, not located: the warehouse's path is the server's business.
+                    msg = "no trained model yet: run `lakehouse train` (or `lakehouse run`)"
+                    raise HTTPException(503, msg) from None
+                try:
                     features.require_applied(fs)
-                except (models.ModelError, features.FeatureStoreError) as exc:
+                except features.FeatureStoreError as exc:
                     raise HTTPException(503, str(exc)) from None
                 trained = current[1] if current and current[0] == latest else None
                 if trained is None:

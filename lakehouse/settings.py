@@ -159,7 +159,11 @@ class Settings:
                 raise ConfigError(msg)
         if self.s3_endpoint:
             parts = urlsplit(self.s3_endpoint)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
+            try:
+                port_ok = parts.port is None or parts.port > 0
+            except ValueError:  # not a number, or past 65535
+                port_ok = False
+            if parts.scheme not in ("http", "https") or not parts.hostname or not port_ok:
                 msg = (
                     f"LAKEHOUSE_S3_ENDPOINT is `{self.s3_endpoint}`; "
                     "give a URL like `http://localhost:9000`"

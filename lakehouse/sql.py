@@ -9,6 +9,7 @@ import re
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
+from pathlib import Path
 from typing import Any, Literal
 
 import duckdb
@@ -19,7 +20,6 @@ from lakehouse.settings import Settings
 from lakehouse.storage import ZONES, Storage
 
 Format = Literal["table", "csv", "json"]
-_READ_ONLY = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
 
 
 @dataclass(frozen=True)
@@ -31,23 +31,60 @@ class QueryResult:
 
 
 def check_read_only(query: str) -> None:
-    """Accept one SELECT (or EXPLAIN); anything that could write gets a clear error."""
-    try:
-        statements = duckdb.extract_statements(query)
-    except duckdb.ParserException as exc:
-        msg = f"SQL syntax error: {_one_line(exc)}"
-        raise SqlError(msg) from None
+    """Accept one SELECT, PIVOT or EXPLAIN of one; anything else gets a clear error.
+
+    The second line of defence: the connection itself cannot write (`lock_down`).
+    EXPLAIN ANALYZE runs its statement, so what it explains is checked too; a PIVOT
+    without an IN list parses as a CREATE TYPE (its columns) and the SELECT.
+    """
+    statements = _statements(query)
+    pivot = re.match(r"\s*(UN)?PIVOT\b", query, re.IGNORECASE) is not None
+    kinds = [s.type for s in statements]
+    if pivot and kinds == [duckdb.StatementType.CREATE, duckdb.StatementType.SELECT]:
+        return
     if len(statements) != 1:
         msg = f"give exactly one statement, not {len(statements)}; `lakehouse sql` runs one query"
         raise SqlError(msg)
-    kind = statements[0].type
-    if kind not in _READ_ONLY:
+    kind = kinds[0]
+    if kind == duckdb.StatementType.EXPLAIN:
+        explained = re.match(r"\s*EXPLAIN\s+(ANALY[SZ]E\s+)?(?P<rest>.*)", query, re.I | re.S)
+        try:
+            inner = _statements(explained.group("rest")) if explained else []
+        except SqlError:  # (a comment before ANALYZE, say): not a checkable SELECT
+            inner = []
+        if len(inner) == 1 and inner[0].type == duckdb.StatementType.SELECT:
+            return
+        kind = inner[0].type if len(inner) == 1 else kind
+    if kind != duckdb.StatementType.SELECT:
         name = kind.name if hasattr(kind, "name") else str(kind)
         msg = (
             f"`lakehouse sql` is read-only: a {name} statement is not allowed; "
             "use SELECT (tables change only through the pipeline)"
         )
         raise SqlError(msg)
+
+
+def _statements(query: str) -> list[duckdb.Statement]:
+    try:
+        return duckdb.extract_statements(query)
+    except duckdb.ParserException as exc:
+        msg = f"SQL syntax error: {_one_line(exc)}"
+        raise SqlError(msg) from None
+
+
+def lock_down(con: duckdb.DuckDBPyConnection, storage: Storage) -> None:
+    """Make the connection read the warehouse and nothing else, for good.
+
+    After the views exist: no file or URL outside the warehouse (so no local file, no
+    Postgres password file), no extension installed or loaded, and the configuration
+    locked so no statement can undo it. Writing is refused by `check_read_only`.
+    """
+    root = storage.root.rstrip("/") + "/"
+    con.execute(f"SET allowed_directories = [{duck.literal(root)}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET autoinstall_known_extensions = false")
+    con.execute("SET autoload_known_extensions = false")
+    con.execute("SET lock_configuration = true")
 
 
 def open_views(
@@ -69,12 +106,41 @@ def open_views(
             if as_of_version > latest:
                 missing[f"{zone}.{table}"] = f"its latest version is {latest}"
                 continue
+            gone = _gone(storage, zone, table, as_of_version)
+            if gone:
+                missing[f"{zone}.{table}"] = gone
+                continue
             version = as_of_version
         con.execute(
             f"CREATE VIEW {duck.quote(zone)}.{duck.quote(table)} AS SELECT * FROM "
             + duck.scan(storage.uri(zone, table), version)
         )
+    lock_down(con, storage)
     return con, missing
+
+
+def _gone(storage: Storage, zone: str, table: str, version: int) -> str | None:
+    """Say why an old version cannot be read any more (None: it can)."""
+    from lakehouse.storage import _split_s3, minio_client
+
+    reason = (
+        "`lakehouse maintain` removed its files (it keeps LAKEHOUSE_VACUUM_RETENTION_HOURS of "
+        "time travel)"
+    )
+    try:
+        uris = storage.table(zone, table, version=version).file_uris()
+    except Exception:  # its log entry was cleaned up
+        return reason
+    if not storage.is_s3:
+        missing = any(not Path(u.removeprefix("file://")).exists() for u in uris)
+        return reason if missing else None
+    client = minio_client(storage.s3, storage.options)
+    for uri in uris:
+        try:
+            client.stat_object(*_split_s3(uri))
+        except Exception:
+            return reason
+    return None
 
 
 def run_query(
@@ -134,9 +200,16 @@ def _plain(value: Any) -> Any:
 
 
 def render(result: QueryResult, fmt: Format = "table", *, max_rows: int | None = None) -> str:
-    """Render a result as an aligned table, CSV or JSON lines."""
+    """Render a result as an aligned table, CSV or JSON Lines (one object per row)."""
     rows = result.rows if max_rows is None else result.rows[:max_rows]
     if fmt == "json":
+        twice = sorted({c for c in result.columns if result.columns.count(c) > 1})
+        if twice:
+            msg = (
+                f"column `{twice[0]}` appears twice in the result; JSON objects need distinct "
+                "names: rename one with AS (or use --format csv)"
+            )
+            raise SqlError(msg)
         return "".join(
             json.dumps(dict(zip(result.columns, map(_plain, r), strict=True)), default=str) + "\n"
             for r in rows

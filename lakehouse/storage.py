@@ -107,7 +107,20 @@ class Storage:
     def check(self, *, create_bucket: bool = True) -> None:
         """Check the object store at start-up: endpoint up, keys valid, bucket present."""
         if not self.is_s3:
-            Path(self.root).mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.root).mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file, /proc, no permission: a setting to fix
+                msg = (
+                    f"the warehouse folder `{self.root}` cannot be used ({exc.strerror}); set "
+                    "LAKEHOUSE_STORAGE_URI (or LAKEHOUSE_HOME) to a folder you can write"
+                )
+                raise StorageError(msg) from None
+            if not Path(self.root).is_dir():
+                msg = (
+                    f"the warehouse `{self.root}` is not a folder; set LAKEHOUSE_STORAGE_URI "
+                    "(or LAKEHOUSE_HOME) to a folder you can write"
+                )
+                raise StorageError(msg)
             return
         bucket, _ = _split_s3(self.root)
         client = minio_client(self.s3, self.options)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -272,3 +273,20 @@ def test_an_unreachable_luigi_scheduler_is_one_line(cli, base_settings: Settings
     assert_one_line_error(
         code, err, f"the Luigi scheduler at 127.0.0.1:{port} is not reachable; start `luigid"
     )
+
+
+def test_simulate_writes_a_new_mix_each_call_unless_given_a_seed(  # type: ignore[no-untyped-def]
+    cli, base_settings: Settings
+) -> None:
+    """Issue 14: the default seed repeated the same changes on every call."""
+    seeded(base_settings, rows=30)
+    env = env_for(base_settings)
+
+    def seed_of(*extra: str) -> int:
+        code, out, err = cli(env, "--log-format", "json", "simulate", "--changes", "20", *extra)
+        assert code == 0, err
+        done = [json.loads(line) for line in out.splitlines() if '"simulate.done"' in line]
+        return int(done[-1]["seed"])
+
+    assert seed_of() != seed_of()
+    assert seed_of("--seed", "7") == 7

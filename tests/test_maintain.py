@@ -1,6 +1,10 @@
+import re
+
 import polars as pl
+import pytest
 
 from lakehouse import sql
+from lakehouse.errors import TableNotFoundError
 from lakehouse.maintain import maintain
 from lakehouse.settings import Settings
 from tests.helpers import churn, read, run_all, seeded
@@ -51,3 +55,10 @@ def test_vacuum_with_zero_retention_removes_old_files(base_settings: Settings) -
     run_all(base_settings, storage, with_gold=False)
     results = {r.table: r for r in maintain(storage, retention_hours=0)}
     assert results["bronze.applicants"].vacuumed == 2  # the two pre-compaction files
+    # Time travel to a version whose files are gone says so (issue 14: an IO Error).
+    with pytest.raises(
+        TableNotFoundError, match=re.escape("has no version 0: `lakehouse maintain`")
+    ):
+        sql.run_query(
+            base_settings, storage, "SELECT count(*) FROM bronze.applicants", as_of_version=0
+        )

@@ -130,3 +130,21 @@ def test_every_setting_is_documented_and_every_documented_variable_exists() -> N
 )
 def test_local_links_point_at_files(link: str) -> None:
     assert (ROOT / link).exists(), link
+
+
+def test_no_development_machine_paths_in_code_or_docs() -> None:
+    """Commands in docstrings and docs run from the project folder (issue 14: the
+    benchmarks named a development machine's virtualenv)."""
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    pattern = re.compile(r"(?<![\w.])/(work|home/\w+|root|Users/\w+)/")
+    found = [
+        f"{name}:{n}"
+        for name in tracked
+        if name.endswith((".py", ".md", ".toml", ".yaml", ".yml", ".sh", ".cfg"))
+        and not name.startswith("tests/")
+        for n, line in enumerate((ROOT / name).read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
+    assert not found, found

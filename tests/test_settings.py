@@ -82,6 +82,14 @@ def test_secrets_never_show() -> None:
             {"LAKEHOUSE_S3_ENDPOINT": "localhost:9000"},
             "LAKEHOUSE_S3_ENDPOINT is `localhost:9000`; give a URL like `http://localhost:9000`",
         ),
+        (
+            {"LAKEHOUSE_S3_ENDPOINT": "http://127.0.0.1:99999"},  # a traceback before
+            "LAKEHOUSE_S3_ENDPOINT is `http://127.0.0.1:99999`; give a URL like",
+        ),
+        (
+            {"LAKEHOUSE_S3_ENDPOINT": "http://127.0.0.1:port"},
+            "LAKEHOUSE_S3_ENDPOINT is `http://127.0.0.1:port`; give a URL like",
+        ),
         ({"LAKEHOUSE_PG_DSN": "not a dsn"}, "LAKEHOUSE_PG_DSN is not a Postgres connection string"),
         (
             {"LAKEHOUSE_PG_SCHEMA": "drop table"},
@@ -108,3 +116,26 @@ def test_dsn_with_password_is_not_echoed_in_errors() -> None:
     with pytest.raises(ConfigError) as info:
         Settings.from_env({"LAKEHOUSE_PG_DSN": "mysql://u:hunter2@h/db"})
     assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize("where", ["/etc/passwd", "/proc/lakehouse-x"])
+@pytest.mark.parametrize("variable", ["LAKEHOUSE_STORAGE_URI", "LAKEHOUSE_HOME"])
+def test_an_unusable_folder_is_one_line_naming_the_settings(variable: str, where: str) -> None:
+    """Issue 14: a file or /proc as the home or warehouse printed a traceback."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEHOUSE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "lakehouse.cli", "tables"],
+        env={**env, variable: where},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert lines[0].startswith(f"error: the warehouse folder `{where}")
+    assert "set LAKEHOUSE_STORAGE_URI (or LAKEHOUSE_HOME)" in lines[0]

@@ -1,6 +1,8 @@
 import json
 import re
+from pathlib import Path
 
+import duckdb
 import pytest
 
 from lakehouse import sql
@@ -74,13 +76,64 @@ def test_time_travel_to_a_missing_version(settings: Settings, lake: Storage) -> 
         "ATTACH '/tmp/other.duckdb'",
         "INSTALL spatial",
         "SET threads = 1",
+        # EXPLAIN ANALYZE runs what it explains (issue 14: it wrote a file, and a forged
+        # Delta log entry emptied a gold table).
+        "EXPLAIN ANALYZE COPY (SELECT 42) TO 'x.csv'",
+        "EXPLAIN ANALYSE DELETE FROM silver.applicants",
+        "explain /* c */ analyze COPY (SELECT 42) TO 'x.csv'",
+        "EXPLAIN COPY (SELECT 42) TO 'x.csv'",
+        "CHECKPOINT",
+        "PIVOT silver.applicants ON person_gender USING count(*); DROP VIEW silver.applicants",
     ],
 )
 def test_writes_are_refused(statement: str) -> None:
     with pytest.raises(
-        SqlError, match=r"^`lakehouse sql` is read-only: a \w+ statement is not allowed"
+        SqlError,
+        match=r"^(`lakehouse sql` is read-only: a \w+ statement is not allowed|give exactly one)",
     ):
         sql.check_read_only(statement)
+
+
+def test_the_connection_reads_the_warehouse_and_nothing_else(
+    settings: Settings, lake: Storage, tmp_path: Path
+) -> None:
+    """Read-only by construction: even a statement the check let through could not read
+    or write a file outside the warehouse, load an extension or unlock the settings."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("password\n")
+    con, _ = sql.open_views(settings, lake)
+    try:
+        for statement in (
+            f"SELECT * FROM read_csv('{secret}')",
+            "SELECT * FROM read_text('/etc/passwd')",
+            "SELECT * FROM glob('/etc/*')",
+            f"COPY (SELECT 42) TO '{tmp_path / 'out.csv'}'",
+            "SET enable_external_access = true",
+            "SET lock_configuration = false",
+            "INSTALL json",
+        ):
+            with pytest.raises(duckdb.Error):
+                con.execute(statement).fetchall()
+        assert con.execute("SELECT count(*) FROM silver.applicants").fetchone()[0] > 0  # type: ignore[index]
+    finally:
+        con.close()
+    assert not (tmp_path / "out.csv").exists()
+
+
+def test_read_only_queries_that_are_not_plain_selects(settings: Settings, lake: Storage) -> None:
+    pivot = sql.run_query(
+        settings,
+        lake,
+        "PIVOT (SELECT person_gender FROM silver.applicants) ON person_gender USING count(*)",
+    )
+    assert sorted(pivot.columns) == ["female", "male"]
+    assert sum(pivot.rows[0]) == read(lake, "silver", "applicants").height
+    plan = sql.run_query(
+        settings, lake, "EXPLAIN ANALYZE SELECT count(*) FROM gold.applicant_features"
+    )
+    assert plan.rows
+    with pytest.raises(SqlError, match="Permission Error"):
+        sql.run_query(settings, lake, "SELECT * FROM read_csv('/etc/passwd')")
 
 
 def test_writes_are_refused_before_touching_tables(settings: Settings, lake: Storage) -> None:
@@ -133,3 +186,10 @@ def test_render_formats(settings: Settings, lake: Storage) -> None:
     assert [r["applicant_id"] for r in records] == [row[0] for row in result.rows]
     assert records[0]["updated_at"].endswith("+00:00")
     assert sql.render(result, max_rows=1).splitlines()[-1] == "(2 rows, 1 shown)"
+
+
+def test_json_needs_distinct_column_names(settings: Settings, lake: Storage) -> None:
+    result = sql.run_query(settings, lake, "SELECT 1 AS a, 2 AS a")
+    assert sql.render(result, "csv") == "a,a\n1,2\n"
+    with pytest.raises(SqlError, match=re.escape("column `a` appears twice in the result")):
+        sql.render(result, "json")

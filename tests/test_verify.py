@@ -67,6 +67,9 @@ def test_a_faithful_silver_verifies_and_status_shows_it(settings: Settings) -> N
 
     maintained = {r.table for r in maintain(storage, retention_hours=168)}
     assert f"{verify.ZONE}.{verify.TABLE}" in maintained
+    # ... and listed with the others (issue 14: `tables` left out the _meta tables).
+    listed = cli(settings, "tables").stdout
+    assert f"\n{verify.ZONE}.{verify.TABLE} " in listed, listed
 
 
 def test_divergence_is_found_by_key_and_column_and_repaired(settings: Settings) -> None:

@@ -24,10 +24,18 @@ _ROOT_OWNERS = ("postgres", "nobody")
 
 
 def find_bin_dir(configured: str = "") -> Path:
-    """Find Postgres server binaries: the setting, the system's, or the `pgserver` wheel's."""
-    candidates: list[Path] = []
+    """Find Postgres server binaries: the setting, the system's, or the `pgserver` wheel's.
+
+    A configured folder is the only one tried: binaries found elsewhere instead would
+    hide the mistake (issue 14: `LAKEHOUSE_PG_BIN=/nonexistent` was silently ignored).
+    """
     if configured:
-        candidates.append(Path(configured))
+        path = Path(configured)
+        if (path / "initdb").is_file() and (path / "pg_ctl").is_file():
+            return path
+        msg = f"LAKEHOUSE_PG_BIN is `{configured}` but holds no initdb/pg_ctl; fix the folder"
+        raise SourceError(msg)
+    candidates: list[Path] = []
     pg_config = shutil.which("pg_config")
     if pg_config:
         out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=False)
@@ -42,11 +50,8 @@ def find_bin_dir(configured: str = "") -> Path:
         if (path / "initdb").is_file() and (path / "pg_ctl").is_file():
             return path
     wheel = pgserver_bin_dir()
-    if wheel is not None and not configured:
+    if wheel is not None:
         return wheel
-    if configured:
-        msg = f"LAKEHOUSE_PG_BIN is `{configured}` but holds no initdb/pg_ctl; fix the folder"
-        raise SourceError(msg)
     msg = (
         "no Postgres server binaries found; install PostgreSQL (or `pip install pgserver`), "
         "set LAKEHOUSE_PG_BIN, or point LAKEHOUSE_PG_DSN at a server"

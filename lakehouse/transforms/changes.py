@@ -201,9 +201,11 @@ def carry_unchanged(rows: pl.DataFrame, key: str, prior: pl.DataFrame) -> pl.Dat
             .sort("_pos")
         )
         right = rank.rename({key: "_k", "_i": "_from", "_op": "_from_op"}).sort("_pos")
-        found = left.join_asof(right, on="_pos", by="_k", strategy="backward").select(
-            "_i", _moved_from=pl.when(pl.col("_from_op") == "upsert").then(pl.col("_from"))
-        )
+        # Both sides are sorted by `_pos` as a whole, so within every `_k` too (Polars
+        # cannot check that with `by`, and warns).
+        found = left.join_asof(
+            right, on="_pos", by="_k", strategy="backward", check_sortedness=False
+        ).select("_i", _moved_from=pl.when(pl.col("_from_op") == "upsert").then(pl.col("_from")))
         both = (
             both.join(found, on="_i", how="left")
             .with_columns(

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import psycopg
 import pytest
 
+from lakehouse.errors import SourceError
 from lakehouse.settings import Settings
 from lakehouse.source.embedded import EmbeddedPostgres, find_bin_dir, pgserver_bin_dir
 from tests.conftest import shared_tmp
@@ -65,6 +68,13 @@ def test_db_lifecycle(binaries: str) -> None:
 
 def test_finds_system_binaries_first() -> None:
     assert (find_bin_dir() / "initdb").is_file()
+
+
+def test_a_configured_folder_without_binaries_is_an_error_not_ignored(tmp_path: Path) -> None:
+    for configured in ("/nonexistent", str(tmp_path)):
+        with pytest.raises(SourceError, match=re.escape(f"LAKEHOUSE_PG_BIN is `{configured}`")):
+            find_bin_dir(configured)
+    assert find_bin_dir(str(find_bin_dir())) == find_bin_dir()
 
 
 def test_runs_as_an_unprivileged_owner_when_root() -> None:
