@@ -126,7 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-rows",
         type=_positive_int,
         default=100,
-        help="rows shown in table format (default 100)",
+        help="rows fetched and shown in table format (default 100); csv and json stream all",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="stop the query after SECONDS (default: no limit); Ctrl-C stops it too",
     )
 
     sub.add_parser("tables", help="list tables with version, rows, size and last update")
@@ -347,9 +353,26 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         storage = Storage.from_settings(settings)
         storage.check()
-        answer = sql.run_query(settings, storage, args.query, as_of_version=args.as_of_version)
-        max_rows = args.max_rows if args.format == "table" else None
-        sys.stdout.write(sql.render(answer, args.format, max_rows=max_rows))
+        if args.format == "table":
+            answer = sql.run_query(
+                settings,
+                storage,
+                args.query,
+                as_of_version=args.as_of_version,
+                max_rows=args.max_rows,
+                timeout=args.timeout,
+            )
+            sys.stdout.write(sql.render(answer))
+        else:
+            sql.export_query(
+                settings,
+                storage,
+                args.query,
+                args.format,
+                sys.stdout,
+                as_of_version=args.as_of_version,
+                timeout=args.timeout,
+            )
         return 0
     if command == "tables":
         from lakehouse import catalog
@@ -772,4 +795,5 @@ def _check_server(settings: Settings) -> int:
 
 
 if __name__ == "__main__":
+    environment.private_files()
     sys.exit(main())

@@ -47,6 +47,9 @@ def connect(settings: Settings, storage: Storage) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(
         config={
             "extension_directory": str(ext_dir),
+            # DuckDB wants a home for its own files and fails without $HOME (a service
+            # or a container may have none): ours is the lakehouse's home.
+            "home_directory": str(settings.home),
             "memory_limit": settings.duckdb_memory,
             "temp_directory": str(settings.home / "duckdb_tmp"),
         }

@@ -24,6 +24,17 @@ from lakehouse.errors import LakehouseError
 from lakehouse.settings import Settings
 
 
+def private_files() -> None:
+    """Create every file and folder of this process for its owner only (umask 077).
+
+    The warehouse on local disk, the SQLite online store, models and training sets hold
+    applicants' data; they were created world-readable. Every entry point (the CLI, the
+    Luigi tasks) calls this before writing anything. What another OS user must reach (an
+    embedded cluster run as `postgres`) is given its mode explicitly.
+    """
+    os.umask(0o077)
+
+
 def online_dsn(settings: Settings) -> str:
     """Return the DSN of Feast's Postgres online store: its own, or the source's."""
     from lakehouse.source.schema import dsn as source_dsn

@@ -5,17 +5,23 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import re
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO, TypeVar
 
 import duckdb
 
 from lakehouse import duck
-from lakehouse.errors import SqlError, TableNotFoundError
+from lakehouse.errors import LakehouseError, SqlError, TableNotFoundError
 from lakehouse.settings import Settings
 from lakehouse.storage import ZONES, Storage
 
@@ -28,6 +34,8 @@ class QueryResult:
 
     columns: list[str]
     rows: list[tuple[Any, ...]]
+    #: True when the query had rows beyond those fetched (see `run_query`'s max_rows).
+    more: bool = False
 
 
 def check_read_only(query: str) -> None:
@@ -144,41 +152,209 @@ def _gone(storage: Storage, zone: str, table: str, version: int) -> str | None:
 
 
 def run_query(
-    settings: Settings, storage: Storage, query: str, *, as_of_version: int | None = None
+    settings: Settings,
+    storage: Storage,
+    query: str,
+    *,
+    as_of_version: int | None = None,
+    max_rows: int | None = None,
+    timeout: float | None = None,
 ) -> QueryResult:
-    """Run one read-only query against the lakehouse views."""
+    """Run one read-only query against the lakehouse views.
+
+    With `max_rows`, at most that many rows are fetched (DuckDB streams the rest of the
+    result away unread, so memory stays that of N rows) and `more` says if there were more.
+    """
+
+    def fetch(cursor: duckdb.DuckDBPyConnection) -> QueryResult:
+        columns = [d[0] for d in cursor.description or []]
+        if max_rows is None:
+            return QueryResult(columns, cursor.fetchall())
+        rows = cursor.fetchmany(max_rows + 1)
+        return QueryResult(columns, rows[:max_rows], more=len(rows) > max_rows)
+
+    return _execute(settings, storage, query, fetch, as_of_version=as_of_version, timeout=timeout)
+
+
+def export_query(
+    settings: Settings,
+    storage: Storage,
+    query: str,
+    fmt: Literal["csv", "json"],
+    out: TextIO,
+    *,
+    as_of_version: int | None = None,
+    timeout: float | None = None,
+) -> int:
+    """Write a query's whole result to `out` as CSV or JSON Lines, a batch at a time.
+
+    Memory stays that of one batch whatever the result's size; returns the rows written.
+    """
+
+    def write(cursor: duckdb.DuckDBPyConnection) -> int:
+        columns = [d[0] for d in cursor.description or []]
+        if fmt == "json":
+            _check_json_names(columns)
+        writer = csv.writer(out, lineterminator="\n")
+        if fmt == "csv":
+            writer.writerow(columns)
+        written = 0
+        while rows := cursor.fetchmany(_BATCH):
+            if fmt == "csv":
+                writer.writerows(_csv_cells(rows))
+            else:
+                out.write(_json_lines(columns, rows))
+            written += len(rows)
+        return written
+
+    return _execute(settings, storage, query, write, as_of_version=as_of_version, timeout=timeout)
+
+
+_BATCH = 10_000
+_T = TypeVar("_T")
+
+
+def _execute(
+    settings: Settings,
+    storage: Storage,
+    query: str,
+    consume: Callable[[duckdb.DuckDBPyConnection], _T],
+    *,
+    as_of_version: int | None,
+    timeout: float | None,
+) -> _T:
+    """Check, open the views, run the query and hand its cursor to `consume`; stoppable."""
     check_read_only(query)
     if as_of_version is not None and as_of_version < 0:
         msg = f"--as-of-version is {as_of_version}; versions start at 0"
         raise SqlError(msg)
-    con, missing = open_views(settings, storage, as_of_version=as_of_version)
-    try:
-        cursor = con.execute(query)
-        columns = [d[0] for d in cursor.description or []]
-        return QueryResult(columns, cursor.fetchall())
-    except duckdb.CatalogException as exc:
-        text = _one_line(exc)
-        match = re.search(r"Table with name (\w+) does not exist", text)
-        if not match:
-            msg = f"SQL error: {text}"
+    if timeout is not None and timeout <= 0:
+        msg = f"--timeout is {timeout:g}; give a number of seconds above 0"
+        raise SqlError(msg)
+    with _Stopper(timeout) as stopper:
+        con, missing = open_views(settings, storage, as_of_version=as_of_version)
+        try:
+            stopper.attach(con)
+            return consume(con.execute(query))
+        except duckdb.InterruptException:
+            if stopper.interrupted:
+                raise KeyboardInterrupt from None
+            msg = (
+                f"query stopped after --timeout {timeout:g} s: narrow it (WHERE, LIMIT) or "
+                "raise --timeout"
+            )
             raise SqlError(msg) from None
-        name = _qualified(query, match.group(1))
-        if name in missing:
-            msg = f"table `{name}` has no version {as_of_version}: {missing[name]}"
-            raise TableNotFoundError(msg) from None
-        msg = (
-            f"unknown table `{name}`; tables are named zone.table (bronze., silver., gold.): "
-            "see `lakehouse tables`"
-        )
-        raise TableNotFoundError(msg) from None
-    except duckdb.ParserException as exc:
-        msg = f"SQL syntax error: {_one_line(exc)}"
-        raise SqlError(msg) from None
-    except duckdb.Error as exc:
-        msg = f"SQL error: {_one_line(exc)}"
-        raise SqlError(msg) from None
-    finally:
-        con.close()
+        except duckdb.CatalogException as exc:
+            raise _unknown_table(exc, query, missing, as_of_version) from None
+        except duckdb.ParserException as exc:
+            msg = f"SQL syntax error: {_one_line(exc)}"
+            raise SqlError(msg) from None
+        except duckdb.Error as exc:
+            msg = f"SQL error: {_one_line(exc)}"
+            raise SqlError(msg) from None
+        finally:
+            stopper.attach(None)
+            con.close()
+
+
+class _Stopper:
+    """Stop a DuckDB query on Ctrl-C or at a deadline, while it runs in the main thread.
+
+    Python runs a signal handler only between bytecodes, never while DuckDB computes with
+    the GIL released, so Ctrl-C did nothing until the query ended. But the C-level
+    handler writes every signal to the wakeup fd, from whatever thread the kernel chose:
+    a watcher thread reads it and asks DuckDB to stop (`interrupt` is safe from another
+    thread). The query itself stays in the main thread: run in another thread, a query
+    that SIGINT reached ended the thread without unwinding it, and the process aborted at
+    exit ("terminate called without an active exception", duckdb 1.5).
+    """
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self.interrupted = False
+        self.timed_out = False
+        self._con: duckdb.DuckDBPyConnection | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._restore: list[Callable[[], object]] = []
+
+    def __enter__(self) -> _Stopper:
+        read_fd = None
+        if threading.current_thread() is threading.main_thread():
+            read_fd, write_fd = os.pipe()
+            os.set_blocking(write_fd, False)
+            old_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+            old_handler = signal.signal(signal.SIGINT, self._on_sigint)
+            self._restore = [
+                lambda: signal.signal(signal.SIGINT, old_handler),
+                lambda: signal.set_wakeup_fd(old_fd),
+                lambda: os.close(read_fd),
+                lambda: os.close(write_fd),
+            ]
+        if read_fd is not None or self.timeout is not None:
+            watcher = threading.Thread(
+                target=self._watch, args=(read_fd,), name="lakehouse-sql-stop", daemon=True
+            )
+            watcher.start()
+            self._restore.insert(0, watcher.join)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        for undo in self._restore:
+            undo()
+
+    def _on_sigint(self, signum: int, frame: object) -> None:
+        self.interrupted = True  # the watcher stops the query; see `attach` for before it
+
+    def attach(self, con: duckdb.DuckDBPyConnection | None) -> None:
+        """Let the query on `con` be stopped; raise if it was stopped before it started.
+
+        `None` detaches, before the connection closes.
+        """
+        with self._lock:
+            self._con = con
+        if con is None:
+            return
+        if self.interrupted:
+            raise KeyboardInterrupt
+        if self.timed_out:
+            msg = "stopped before it started"
+            raise duckdb.InterruptException(msg)
+
+    def _watch(self, read_fd: int | None) -> None:
+        # Once asked, interrupt again at every tick: an interrupt reaches only a query
+        # that is running, and this one may not have started yet.
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while not self._done.is_set():
+            fds = [read_fd] if read_fd is not None else []
+            ready, _, _ = select.select(fds, [], [], 0.05)
+            # The fd carries the signal numbers: the Python-level handler runs only once
+            # the main thread is back in Python, which may be when the query is over.
+            if ready and signal.SIGINT in os.read(read_fd, 512):  # type: ignore[arg-type]
+                self.interrupted = True
+            if deadline is not None and time.monotonic() >= deadline:
+                self.timed_out = True
+            if self.interrupted or self.timed_out:
+                with self._lock:
+                    if self._con is not None:
+                        self._con.interrupt()
+
+
+def _unknown_table(
+    exc: duckdb.CatalogException, query: str, missing: dict[str, str], as_of_version: int | None
+) -> LakehouseError:
+    text = _one_line(exc)
+    match = re.search(r"Table with name (\w+) does not exist", text)
+    if not match:
+        return SqlError(f"SQL error: {text}")
+    name = _qualified(query, match.group(1))
+    if name in missing:
+        return TableNotFoundError(f"table `{name}` has no version {as_of_version}: {missing[name]}")
+    return TableNotFoundError(
+        f"unknown table `{name}`; tables are named zone.table (bronze., silver., gold.): "
+        "see `lakehouse tables`"
+    )
 
 
 def _qualified(query: str, name: str) -> str:
@@ -199,26 +375,38 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _check_json_names(columns: list[str]) -> None:
+    twice = sorted({c for c in columns if columns.count(c) > 1})
+    if twice:
+        msg = (
+            f"column `{twice[0]}` appears twice in the result; JSON objects need distinct "
+            "names: rename one with AS (or use --format csv)"
+        )
+        raise SqlError(msg)
+
+
+def _json_lines(columns: list[str], rows: list[tuple[Any, ...]]) -> str:
+    return "".join(
+        json.dumps(dict(zip(columns, map(_plain, r), strict=True)), default=str) + "\n"
+        for r in rows
+    )
+
+
+def _csv_cells(rows: list[tuple[Any, ...]]) -> list[list[Any]]:
+    return [["" if v is None else _plain(v) for v in r] for r in rows]
+
+
 def render(result: QueryResult, fmt: Format = "table", *, max_rows: int | None = None) -> str:
     """Render a result as an aligned table, CSV or JSON Lines (one object per row)."""
     rows = result.rows if max_rows is None else result.rows[:max_rows]
     if fmt == "json":
-        twice = sorted({c for c in result.columns if result.columns.count(c) > 1})
-        if twice:
-            msg = (
-                f"column `{twice[0]}` appears twice in the result; JSON objects need distinct "
-                "names: rename one with AS (or use --format csv)"
-            )
-            raise SqlError(msg)
-        return "".join(
-            json.dumps(dict(zip(result.columns, map(_plain, r), strict=True)), default=str) + "\n"
-            for r in rows
-        )
+        _check_json_names(result.columns)
+        return _json_lines(result.columns, rows)
     if fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(result.columns)
-        writer.writerows([["" if v is None else _plain(v) for v in r] for r in rows])
+        writer.writerows(_csv_cells(rows))
         return buf.getvalue()
     cells = [["NULL" if v is None else str(_plain(v)) for v in r] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(result.columns)]
@@ -237,7 +425,10 @@ def render(result: QueryResult, fmt: Format = "table", *, max_rows: int | None =
     out = [line(result.columns), "-+-".join("-" * w for w in widths)]
     out += [line(r) for r in cells]
     shown = len(rows)
-    footer = f"({len(result.rows)} row{'s' if len(result.rows) != 1 else ''}"
-    footer += f", {shown} shown)" if shown < len(result.rows) else ")"
+    if result.more:
+        footer = f"(more than {shown} rows, {shown} shown: raise --max-rows to see more)"
+    else:
+        footer = f"({len(result.rows)} row{'s' if len(result.rows) != 1 else ''}"
+        footer += f", {shown} shown)" if shown < len(result.rows) else ")"
     out.append(footer)
     return "\n".join(out) + "\n"
