@@ -767,12 +767,13 @@ def _db(settings: Settings, action: str, *, show_password: bool) -> int:
         print(pg.dsn() if show_password else pg.public_url())
         return 0
     if not pg.is_running():
-        print(f"not running (data in {pg.root}); start it with `lakehouse db start`")
+        print(f"not running (data in {pg.data}); start it with `lakehouse db start`")
         return 1
     with schema.connect(settings, autocommit=True) as conn:
         info = server_info(conn)
     print(
-        f"running: {pg.public_url()}, PostgreSQL {info['version']}, wal_level={info['wal_level']}"
+        f"running: {pg.public_url()}, PostgreSQL {info['version']}, "
+        f"wal_level={info['wal_level']} (data in {pg.data})"
     )
     return 0
 

@@ -44,6 +44,11 @@ def test_demo_runs_then_reports_what_was_done() -> None:
         assert re.search(r"ROC AUC 0\.\d+ \(without previous_loan_defaults_on_file: 0\.\d+", out)
         match = re.search(r"-> (approve|reject) \(probability (0\.\d+|1\.000)", out)
         assert match, out[-2000:]
+        # Applicants' data (warehouse, online store, models, training sets) is the owner's.
+        home = cwd / ".lakehouse"
+        shared = [p for p in home.rglob("*") if p.stat().st_mode & 0o077]
+        assert not shared, f"readable by others: {shared[:5]}"
+        assert {"warehouse", "feast", "models"} <= {p.name for p in home.rglob("*")}
         second = demo(str(cwd))
         assert second.returncode == 0, second.stderr[-3000:]
         assert "[1/4] Postgres already running" in second.stdout

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import glob
+import hashlib
+import importlib.metadata
 import os
 import pwd
 import secrets
@@ -21,6 +23,8 @@ USER = "lakehouse"
 DATABASE = "lakehouse"
 # Unprivileged OS users that may own the cluster when we run as root (initdb refuses root).
 _ROOT_OWNERS = ("postgres", "nobody")
+#: Where clusters and binaries go when running as root from a private folder.
+SYSTEM_DIR = Path("/var/lib/lakehouse")
 
 
 def find_bin_dir(configured: str = "") -> Path:
@@ -78,16 +82,40 @@ def free_port() -> int:
 
 
 class EmbeddedPostgres:
-    """A cluster under `<home>/postgres`: data, port, password file and log."""
+    """A cluster under `<home>/postgres`: data, port, password file and log.
+
+    As root, Postgres runs as an unprivileged OS user (initdb refuses root), which must
+    reach the cluster and run the binaries. Every fresh container clones into `/root`,
+    private to root: then the cluster lives under `SYSTEM_DIR`, in a folder of its own
+    owned by that user (named in `<home>/postgres/location`, shown by `db status`), and
+    binaries from the `pgserver` wheel inside a private virtualenv are copied there once.
+    The password, port and records stay in the home, private to root.
+    """
 
     def __init__(self, settings: Settings, *, extra_options: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.root = settings.home / "postgres"
-        self.data = self.root / "data"
-        self.log = self.root / "postgres.log"
         self.extra_options = extra_options or {}
 
     # -- state on disk -------------------------------------------------------------------
+    @property
+    def place(self) -> Path:
+        """The folder of the cluster's data and log: the home's, or the recorded one."""
+        recorded = self.root / "location"
+        if recorded.exists():
+            return Path(recorded.read_text().strip())
+        return self.root
+
+    @property
+    def data(self) -> Path:
+        """The cluster's data folder."""
+        return self.place / "data"
+
+    @property
+    def log(self) -> Path:
+        """The server's log."""
+        return self.place / "postgres.log"
+
     @property
     def _port_file(self) -> Path:
         return self.root / "port"
@@ -178,6 +206,8 @@ class EmbeddedPostgres:
     def destroy(self) -> None:
         """Stop the cluster and delete its files."""
         self.stop()
+        if self.place != self.root:
+            shutil.rmtree(self.place, ignore_errors=True)
         shutil.rmtree(self.root, ignore_errors=True)
 
     # -- helpers --------------------------------------------------------------------------
@@ -199,17 +229,17 @@ class EmbeddedPostgres:
 
     def _initdb(self, owner: str | None) -> None:
         password = secrets.token_urlsafe(24)
-        self._secret_file.write_text(password + "\n")
-        self._secret_file.chmod(0o600)
-        pwfile = self.root / ".initdb-pw"
-        pwfile.write_text(password + "\n")
-        pwfile.chmod(0o600)
+        _write_private(self._secret_file, password + "\n")
+        if owner is not None and not self._can(owner, "-x", self.root):
+            self._move_to_system_dir(owner)
+        pwfile = self.place / ".initdb-pw"
+        _write_private(pwfile, password + "\n")
         self.data.mkdir(mode=0o700, exist_ok=True)
         if owner is not None:
-            for path in (self.data, pwfile, self.root):
+            for path in (self.data, pwfile, self.place):
                 shutil.chown(path, user=owner)
             self._check_traversable(owner)
-        (self.root / "bin_dir").write_text(f"{find_bin_dir(self.settings.pg_bin)}\n")
+        (self.root / "bin_dir").write_text(f"{self._bin_dir()}\n")
         try:
             self._run(
                 [
@@ -238,25 +268,42 @@ class EmbeddedPostgres:
             if (path / "pg_ctl").is_file():
                 return path
         path = find_bin_dir(self.settings.pg_bin)
+        owner = self._owner()
+        private = owner is not None and not self._can(owner, "-x", path / "initdb")
+        if private and path == pgserver_bin_dir():
+            path = _system_copy_of_pgserver()
         if (self.data / "PG_VERSION").exists() and not recorded.exists():
             recorded.write_text(f"{path}\n")
         return path
 
+    def _can(self, owner: str, test: str, path: Path) -> bool:
+        """Tell whether `owner` passes `test -x`/`-r`... on `path` (as that user)."""
+        return self._run(["test", test, str(path)], check=False, bare=True).returncode == 0
+
+    def _move_to_system_dir(self, owner: str) -> None:
+        """Put the cluster where `owner` can reach it (the home is private to root)."""
+        key = hashlib.sha256(str(self.settings.home.resolve()).encode()).hexdigest()[:16]
+        place = SYSTEM_DIR / "clusters" / key
+        for folder in (SYSTEM_DIR, SYSTEM_DIR / "clusters"):
+            folder.mkdir(mode=0o755, exist_ok=True)
+            folder.chmod(0o755)  # traversable by `owner` whatever the umask
+        place.mkdir(mode=0o700, exist_ok=True)
+        shutil.chown(place, user=owner)
+        _write_private(self.root / "location", f"{place}\n")
+
     def _check_traversable(self, owner: str) -> None:
-        result = self._run(["test", "-x", str(self.root)], check=False, bare=True)
-        if result.returncode != 0:
+        if not self._can(owner, "-x", self.place):
             msg = (
-                f"OS user `{owner}` cannot reach {self.root} (a parent folder is private); "
+                f"OS user `{owner}` cannot reach {self.place} (a parent folder is private); "
                 "set LAKEHOUSE_HOME to a folder others can traverse"
             )
             raise SourceError(msg)
         initdb = self._bin_dir() / "initdb"
-        result = self._run(["test", "-x", str(initdb)], check=False, bare=True)
-        if result.returncode != 0:
+        if not self._can(owner, "-x", initdb):
             msg = (
-                f"OS user `{owner}` cannot run {initdb} (a parent folder is private, e.g. a "
-                "virtualenv under /root); install the system's PostgreSQL or set "
-                "LAKEHOUSE_PG_BIN to binaries others can run"
+                f"OS user `{owner}` cannot run {initdb} (a parent folder is private); "
+                "install the system's PostgreSQL or set LAKEHOUSE_PG_BIN to binaries others "
+                "can run"
             )
             raise SourceError(msg)
 
@@ -292,6 +339,48 @@ class EmbeddedPostgres:
             msg = f"`{argv[0]}` failed for the embedded Postgres: {detail[0]}"
             raise SourceError(msg)
         return result
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file readable by its owner only, from its creation on (no chmod after)."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+def _system_copy_of_pgserver() -> Path:
+    """Copy the `pgserver` wheel's Postgres under SYSTEM_DIR, once, and return its bin.
+
+    Its binaries find their libraries relative to themselves (`$ORIGIN/../../../
+    pgserver.libs`), so the copy keeps the wheel's layout.
+    """
+    source = pgserver_bin_dir()
+    assert source is not None
+    site = source.parents[2]  # .../site-packages
+    version = importlib.metadata.version("pgserver")
+    target = SYSTEM_DIR / f"pgserver-{version}"
+    bin_dir = target / "pgserver" / "pginstall" / "bin"
+    if (bin_dir / "pg_ctl").is_file():
+        return bin_dir
+    SYSTEM_DIR.mkdir(mode=0o755, exist_ok=True)
+    SYSTEM_DIR.chmod(0o755)
+    partial = SYSTEM_DIR / f".pgserver-{version}.{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    for part in ("bin", "lib", "share"):
+        shutil.copytree(
+            site / "pgserver" / "pginstall" / part, partial / "pgserver" / "pginstall" / part
+        )
+    libs = site / "pgserver.libs"
+    if libs.is_dir():
+        shutil.copytree(libs, partial / "pgserver.libs")
+    for folder, _, _ in os.walk(partial):  # readable and runnable by the cluster's owner
+        Path(folder).chmod(0o755)
+    try:
+        partial.rename(target)  # whole, or not at all: a concurrent copy may have won
+    except OSError:
+        shutil.rmtree(partial, ignore_errors=True)
+    return bin_dir
 
 
 def server_info(conn: psycopg.Connection) -> dict[str, str]:

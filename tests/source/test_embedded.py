@@ -82,3 +82,46 @@ def test_runs_as_an_unprivileged_owner_when_root() -> None:
         assert EmbeddedPostgres(Settings(home=shared_tmp("lh-")))._owner() is None
         return
     assert EmbeddedPostgres(Settings(home=shared_tmp("lh-")))._owner() == "postgres"
+
+
+def test_root_in_a_private_folder_with_a_private_virtualenv(tmp_path: Path) -> None:
+    """Every fresh container: root, the project cloned under /root (mode 700), pgserver's
+    binaries inside that private virtualenv. The cluster goes where its owner can reach it,
+    named in `.lakehouse/`, and `db status` says where; nothing of the user's folders is
+    opened to others."""
+    if os.geteuid() != 0:  # the situation exists only for root
+        assert EmbeddedPostgres(Settings(home=tmp_path))._owner() is None
+        return
+    private = tmp_path / "root-home"
+    private.mkdir(mode=0o700)
+    wheel = pgserver_bin_dir()
+    assert wheel is not None, "pgserver is a dependency: its binaries must be installed"
+    site = private / "venv-site"  # a private copy of the wheel, as in /root/project/.venv
+    shutil.copytree(wheel.parents[1], site / "pgserver")
+    shutil.copytree(wheel.parents[2] / "pgserver.libs", site / "pgserver.libs")
+    home = private / "project" / ".lakehouse"
+    extra = {
+        "PYTHONPATH": str(site),
+        "LAKEHOUSE_PG_BIN": str(site / "pgserver" / "pginstall" / "bin"),
+    }
+    pg = EmbeddedPostgres(Settings(home=home))
+    try:
+        started = cli(str(home), "db", "start", extra=extra)
+        assert started.returncode == 0, started.stderr
+        place = Path((home / "postgres" / "location").read_text().strip())
+        assert place.parent == Path("/var/lib/lakehouse/clusters")
+        assert place.stat().st_mode & 0o077 == 0 and place.owner() == "postgres"
+        assert f"(data in {place / 'data'})" in started.stdout
+        status = cli(str(home), "db", "status", extra=extra)
+        assert status.returncode == 0, status.stderr
+        assert (
+            "wal_level=logical" in status.stdout and f"(data in {place / 'data'})" in status.stdout
+        )
+        with psycopg.connect(pg.dsn()) as conn:
+            assert conn.execute("SHOW server_version_num").fetchone()[0].startswith("16")  # type: ignore[index]
+        assert private.stat().st_mode & 0o777 == 0o700  # the user's folder stays private
+        for secret in ("password", "location"):
+            assert (home / "postgres" / secret).stat().st_mode & 0o077 == 0
+    finally:
+        pg.destroy()
+    assert not place.exists()
