@@ -17,8 +17,10 @@ does not use, go through Feast's own writer.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from feast import FeatureView
@@ -46,10 +48,24 @@ class BatchSqliteOnlineStoreConfig(SqliteOnlineStoreConfig):
     type: Literal["lakehouse.feast_online.BatchSqliteOnlineStore"] = TYPE  # type: ignore[assignment]
 
 
+class OnlineStoreMissing(Exception):
+    """The SQLite online store's file is not there (a reader never creates it)."""
+
+
 class BatchSqliteOnlineStore(SqliteOnlineStore):
-    """Feast's SQLite online store; writes are batched with `executemany`."""
+    """Feast's SQLite online store; writes are batched with `executemany`.
+
+    `read_only` (set on the instance by the prediction API): the file is opened read-only
+    and never created, and reopened if it was replaced; a missing file raises
+    `OnlineStoreMissing`. Feast's own connection creates an empty file when it is gone.
+    """
+
+    read_only = False
+    _inode: int | None = None
 
     def _get_conn(self, config: RepoConfig) -> Any:
+        if self.read_only:
+            return self._read_only_conn(config)
         fresh = self._conn is None
         conn = super()._get_conn(config)
         if fresh:
@@ -57,6 +73,27 @@ class BatchSqliteOnlineStore(SqliteOnlineStore):
             # the default rollback journal, a large write locks readers out until it ends).
             conn.execute("PRAGMA journal_mode = WAL")
         return conn
+
+    def _read_only_conn(self, config: RepoConfig) -> Any:
+        path = Path(self._get_db_path(config))
+        try:
+            inode = path.stat().st_ino
+        except FileNotFoundError:
+            inode = None
+        if self._conn is not None and inode != self._inode:  # deleted or replaced
+            self._conn.close()
+            self._conn = None
+        if inode is None:
+            raise OnlineStoreMissing(str(path.name))
+        if self._conn is None:
+            self._conn = sqlite3.connect(
+                f"{path.as_uri()}?mode=ro",
+                uri=True,
+                detect_types=sqlite3.PARSE_DECLTYPES | sqlite3.PARSE_COLNAMES,
+                check_same_thread=False,
+            )
+            self._inode = inode
+        return self._conn
 
     def online_write_batch(
         self,

@@ -11,9 +11,10 @@ import json
 from datetime import datetime
 from typing import Any
 
-from lakehouse import features, models
+from lakehouse import features, models, online_store
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
+from lakehouse.zones.commits import data_version
 
 _GOLD_VIEWS = ("application_features", "applicant_features")
 
@@ -23,7 +24,7 @@ def _state_file(settings: Settings) -> Any:
 
 
 def _gold_versions(storage: Storage) -> dict[str, int]:
-    return {name: storage.table("gold", name).version() for name in _GOLD_VIEWS}
+    return {name: data_version(storage.table("gold", name)) for name in _GOLD_VIEWS}
 
 
 def applied(settings: Settings, storage: Storage) -> bool:
@@ -71,9 +72,17 @@ def materialized_state(settings: Settings) -> dict[str, Any] | None:
 
 
 def materialized(settings: Settings, storage: Storage) -> bool:
-    """Tell whether this online store holds the current gold versions."""
+    """Tell whether this online store holds the current gold versions.
+
+    The store itself is looked at: it must exist and hold the rows the last
+    materialization left (a lost or emptied store is reloaded in full).
+    """
     state = _state(settings)
-    return state is not None and state.get("gold") == _gold_versions(storage)
+    return (
+        state is not None
+        and state.get("gold") == _gold_versions(storage)
+        and state.get("online_rows") == online_store.row_counts(settings)
+    )
 
 
 def _earliest_change(
@@ -95,7 +104,7 @@ def _earliest_change(
     try:
         for name, version in before.items():
             uri = storage.uri("gold", name)
-            if storage.table("gold", name).version() == version:
+            if data_version(storage.table("gold", name)) == version:
                 continue
             try:
                 (found,) = con.execute(
@@ -116,6 +125,9 @@ def materialize(settings: Settings, storage: Storage) -> datetime:
     """Materialize up to now (incrementally after the first time); record what it saw."""
     versions = _gold_versions(storage)
     state = _state(settings)
+    if state is not None and state.get("online_rows") != online_store.row_counts(settings):
+        state = None  # the store was lost or changed behind our back: reload it in full
+        online_store.forget_orphans(settings)
     since = changed_from = None
     if state is not None:
         try:
@@ -131,14 +143,19 @@ def materialize(settings: Settings, storage: Storage) -> datetime:
     end = features.materialize(store, since, changed_from)
     path = _state_file(settings)
     tmp = path.with_suffix(".tmp")
-    record = {"online_store": _online_store(settings), "gold": versions, "end": end.isoformat()}
+    record = {
+        "online_store": _online_store(settings),
+        "gold": versions,
+        "end": end.isoformat(),
+        "online_rows": online_store.row_counts(settings),
+    }
     tmp.write_text(json.dumps(record))
     tmp.replace(path)
     return end
 
 
 def _current_inputs(storage: Storage) -> dict[str, int]:
-    return {f"{z}.{t}": storage.table(z, t).version() for z, t in models.INPUT_TABLES}
+    return models.input_versions(storage)
 
 
 def training_set_built(settings: Settings, storage: Storage) -> bool:

@@ -439,6 +439,13 @@ TRAINING_SETS = "training_sets"
 `manifest.json`, and `latest.json` naming the newest."""
 
 
+def input_versions(storage: Storage) -> dict[str, int]:
+    """Return the data version of each input table (maintenance commits are no new data)."""
+    from lakehouse.zones.commits import data_version
+
+    return {f"{z}.{t}": data_version(storage.table(z, t)) for z, t in INPUT_TABLES}
+
+
 def build_training_set(store: FeatureStore, storage: Storage) -> dict[str, Any]:
     """Build the training set through Feast and store it; return its manifest.
 
@@ -446,7 +453,7 @@ def build_training_set(store: FeatureStore, storage: Storage) -> dict[str, Any]:
     table, the feature references), its row count and its SHA-256; training and
     evaluation read the stored set, so a model's lineage names exactly what it saw.
     """
-    versions = {f"{z}.{t}": storage.table(z, t).version() for z, t in INPUT_TABLES}
+    versions = input_versions(storage)
     frame = training_set(store, storage)
     counts = frame["label"].value_counts()
     if len(counts) < 2 or int(counts.min()) < _MIN_PER_CLASS:

@@ -11,19 +11,20 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictInt, model_validator
 
-from lakehouse import features, log, models
+from lakehouse import features, log, models, online_store
 from lakehouse.errors import described
 from lakehouse.settings import Settings
 from lakehouse.source.schema import APPLICANTS
 from lakehouse.storage import Storage
 
+ONLINE_STORE_MISSING = "online store empty or missing: run `lakehouse run`"
 INTENTS = ("PERSONAL", "EDUCATION", "MEDICAL", "VENTURE", "HOMEIMPROVEMENT", "DEBTCONSOLIDATION")
 
 
@@ -125,8 +126,27 @@ def create_app(settings: Settings) -> FastAPI:
     def store() -> Any:
         with lock:
             if "store" not in state:
-                state["store"] = features.feature_store(settings, storage)
+                fs = features.feature_store(settings, storage)
+                from lakehouse import feast_online  # after Feast's import (see features)
+
+                online = fs._get_provider().online_store
+                if isinstance(online, feast_online.BatchSqliteOnlineStore):
+                    online.read_only = True  # the API reads; it never creates the file
+                state["store"] = fs
             return state["store"]
+
+    def lookup(read: Any, *args: Any) -> dict[str, Any]:
+        """Read from the online store; a lost or empty store is a 503 that says what to do."""
+        try:
+            return cast(dict[str, Any], read(*args))
+        except HTTPException as exc:
+            if exc.status_code == 404 and online_store.empty_or_missing(settings):
+                raise HTTPException(503, ONLINE_STORE_MISSING) from None
+            raise
+        except Exception as exc:
+            if online_store.empty_or_missing(settings):
+                raise HTTPException(503, ONLINE_STORE_MISSING) from None
+            raise exc from None
 
     def model() -> tuple[str, models.Trained, Any]:
         current = state.get("current")
@@ -177,14 +197,10 @@ def create_app(settings: Settings) -> FastAPI:
         fs = store()
         if request.application_id is not None:
             # Everything as of the application's applied_at, as in training.
-            row = _online(fs, service, request.application_id)
-            if row.get("loan_amnt") is None:
-                raise HTTPException(
-                    404, f"application {request.application_id} has no features online"
-                )
+            row = lookup(_online, fs, service, request.application_id)
         else:
             assert request.applicant_id is not None and request.loan is not None
-            row = _new_loan(fs, request.applicant_id, request.loan)
+            row = lookup(_new_loan, fs, request.applicant_id, request.loan)
         used = {c: _clean(row.get(c)) for c in trained.columns}
         probability = trained.predict_one(used)
         decision: Literal["approve", "reject"] = (
@@ -216,7 +232,10 @@ def _online(fs: Any, service: Any, application_id: int) -> dict[str, Any]:
     result = fs.get_online_features(
         features=service, entity_rows=[{"application_id": application_id}]
     ).to_dict()
-    return {k: v[0] for k, v in result.items() if k != "application_id"}
+    row = {k: v[0] for k, v in result.items() if k != "application_id"}
+    if row.get("loan_amnt") is None:
+        raise HTTPException(404, f"application {application_id} has no features online")
+    return row
 
 
 _PROFILE = APPLICANTS.attributes  # the applicant's attributes

@@ -8,7 +8,9 @@ skipped without scanning data.
 from __future__ import annotations
 
 import functools
+import logging
 import multiprocessing
+import os
 from collections.abc import Callable
 from functools import cache
 from typing import TypeVar
@@ -16,6 +18,7 @@ from typing import TypeVar
 import luigi
 
 from lakehouse import environment
+from lakehouse.errors import LakehouseError, described, first_line
 from lakehouse.settings import Settings
 from lakehouse.source.schema import TABLES
 from lakehouse.storage import Storage
@@ -31,7 +34,10 @@ for _key, _code in (
     ("task_failed", "2"),
     ("already_running", "5"),
     ("scheduling_error", "6"),
-    ("not_run", "7"),
+    # Luigi exits with the highest code that applies. Tasks left "not granted run
+    # permission" are the consequence of another category (a failed check: 6), so theirs
+    # is the lowest: the cause names the exit (issue 14: Postgres down exited 7, not 6).
+    ("not_run", "1"),
 ):
     if not _config.has_option("retcode", _key):
         _config.set("retcode", _key, _code)
@@ -46,6 +52,7 @@ if multiprocessing.get_start_method(allow_none=True) != "spawn":
     multiprocessing.set_start_method("spawn", force=True)
 
 
+_log = logging.getLogger("luigi-interface")
 COMPLETION_ERRORS: list[BaseException] = []
 T = TypeVar("T", bound=luigi.Task)
 
@@ -62,6 +69,10 @@ def _recorded(complete: Callable[[T], bool]) -> Callable[[T], bool]:
             return complete(self)
         except Exception as exc:
             COMPLETION_ERRORS.append(exc)
+            # One line with the cause, above the traceback Luigi logs next (a plain
+            # `luigi` run showed only "failed scheduling" in its summary).
+            why = first_line(exc) if isinstance(exc, LakehouseError) else described(exc)
+            _log.error("%s could not check what is done: %s", self, why)
             raise
 
     return check
@@ -69,7 +80,13 @@ def _recorded(complete: Callable[[T], bool]) -> Callable[[T], bool]:
 
 @cache
 def _context() -> tuple[Settings, Storage]:
+    environment.private_files()
     settings = Settings.from_env()
+    if "LAKEHOUSE_HOME" not in os.environ:
+        _log.warning(
+            "lakehouse home: %s (LAKEHOUSE_HOME is not set: the current folder's .lakehouse)",
+            settings.home,
+        )
     # Before the first task reads from S3 (lakehouse.environment says why).
     environment.export_for_feast(settings)
     storage = Storage.from_settings(settings)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from lakehouse.maintain import maintain
+from lakehouse.models import Registry
 from lakehouse.settings import Settings
 from lakehouse.source.embedded import free_port
+from lakehouse.zones.commits import MAINTENANCE
 from tests.conftest import env_for, wait_for_port
-from tests.helpers import churn, read, seeded
+from tests.helpers import churn, read, run_all, seeded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,19 +73,27 @@ def test_second_run_does_nothing_and_new_changes_run_again(settings: Settings) -
     assert second.returncode == 0
     assert "Did not run any tasks" in second.stderr
     assert {t: storage.table("gold", t).version() for t in versions} == versions
+    # Maintenance commits (compaction, vacuum) are no new data: nothing to rebuild,
+    # re-materialize or retrain (issue 14: a new model on an identical training set).
+    trained = Registry(storage).versions()
+    maintain(storage, retention_hours=0)
+    after = luigi(settings, "--local-scheduler")
+    assert after.returncode == 0, after.stderr[-3000:]
+    assert "Did not run any tasks" in after.stderr
+    assert Registry(storage).versions() == trained
     churn(settings, changes=100)
     third = luigi(settings, "--local-scheduler", "--workers", "2")
     assert third.returncode == 0, third.stderr[-3000:]
     assert "ran successfully" in third.stderr
-    assert (
-        storage.table("gold", "application_features").version()
-        == versions["application_features"] + 1
-    )
+    gold = storage.table("gold", "application_features")
+    assert gold.history(limit=1)[0]["operation"] not in MAINTENANCE  # rebuilt
+    assert len(Registry(storage).versions()) == len(trained) + 1
     assert read(storage, "silver", "applicants").height > 190
 
 
 def test_a_failed_run_exits_non_zero(base_settings: Settings) -> None:
-    seeded(base_settings, rows=20)
+    storage = seeded(base_settings, rows=20)
+    run_all(base_settings, storage, with_gold=False)  # gold behind silver (issue 14: exit 7)
     from dataclasses import replace
 
     from lakehouse.settings import Secret
@@ -90,8 +102,36 @@ def test_a_failed_run_exits_non_zero(base_settings: Settings) -> None:
         base_settings, pg_dsn=Secret(f"postgresql://nobody:x@127.0.0.1:{free_port()}/none")
     )
     result = luigi(broken, "--local-scheduler")
-    assert result.returncode != 0
-    assert "Postgres is not reachable at LAKEHOUSE_PG_DSN" in result.stderr
+    assert result.returncode == 6, result.stderr[-3000:]  # a failed completion check
+    assert re.search(
+        r"^ERROR: IngestBronze\(table=applicants\) could not check what is done: "
+        r"Postgres is not reachable at LAKEHOUSE_PG_DSN",
+        result.stderr,
+        re.M,
+    ), result.stderr[-3000:]
+
+
+def test_a_run_without_a_home_says_which_it_used_and_why_nothing_ran(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LAKEHOUSE_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "luigi", "--module", "tasks", "Pipeline", "--local-scheduler"],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        cwd=tmp_path,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 6, result.stderr[-3000:]
+    home = tmp_path / ".lakehouse"
+    assert (
+        f"WARNING: lakehouse home: {home} (LAKEHOUSE_HOME is not set: the current folder's "
+        ".lakehouse)"
+    ) in result.stderr
+    assert (
+        "could not check what is done: the embedded Postgres has never been started; "
+        "run `lakehouse db start`"
+    ) in result.stderr
 
 
 def test_a_failing_task_exits_non_zero(settings: Settings) -> None:

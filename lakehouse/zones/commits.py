@@ -30,6 +30,30 @@ def app_id(zone: str, table: str, source: str = "") -> str:
     return f"{base}<-{source}" if source else base
 
 
+#: Operations that rewrite or delete files, never what the table holds (`lakehouse maintain`).
+MAINTENANCE = frozenset({"OPTIMIZE", "VACUUM START", "VACUUM END"})
+
+
+def data_version(dt: DeltaTable) -> int:
+    """Return the newest version of the table whose commit changed what it holds.
+
+    `lakehouse maintain` commits compactions and vacuums: new versions, same rows. A
+    completion check that compared plain versions took them for new data, and the next
+    run rebuilt gold, re-materialized and trained a new model on an identical training
+    set. Reading this version gives exactly the rows of the current one.
+    """
+    limit = 8
+    latest = dt.version()
+    while True:
+        history = dt.history(limit=limit)  # newest first
+        for entry in history:
+            if int(entry["version"]) <= latest and entry.get("operation") not in MAINTENANCE:
+                return int(entry["version"])
+        if len(history) < limit:  # older commits were cleaned up: all kept are maintenance
+            return int(history[-1]["version"]) if history else dt.version()
+        limit *= 4
+
+
 def recorded(dt: DeltaTable | None, app: str) -> int | None:
     """Return the version recorded under `app` in the table's log, or None."""
     if dt is None:

@@ -19,6 +19,7 @@ from lakehouse.zones.commits import (
     ConcurrentWriteError,
     app_id,
     commit_properties,
+    data_version,
     is_conflict,
     recorded,
 )
@@ -52,16 +53,27 @@ def _located(source: str) -> tuple[str, str]:
 
 
 def input_versions(storage: Storage, name: str) -> dict[str, int]:
-    """Return the current version of each table (silver, or another gold) `gold.<name>` reads."""
-    versions: dict[str, int] = {}
+    """Return the data version of each table (silver, or another gold) `gold.<name>` reads."""
+    return _pins(storage, name)[0]
+
+
+def _pins(storage: Storage, name: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Return, per input, the version to record and the version to read.
+
+    Recorded: the data version, so that `lakehouse maintain` is no new input. Read: the
+    current version, the same rows, whose files exist (a vacuum may have removed those
+    of the data version).
+    """
+    recorded_: dict[str, int] = {}
+    read: dict[str, int] = {}
     for source in GOLD[name].sources:
         zone, table = _located(source)
         dt = storage.table_or_none(zone, table)
         if dt is None:
             msg = f"gold.{name} needs `{zone}.{table}`, which does not exist; run the pipeline"
             raise TableNotFoundError(msg)
-        versions[source] = dt.version()
-    return versions
+        recorded_[source], read[source] = data_version(dt), dt.version()
+    return recorded_, read
 
 
 def _app(name: str, source: str) -> str:
@@ -89,11 +101,11 @@ def build(settings: Settings, storage: Storage, name: str) -> GoldResult:
     the same inputs or newer ones.
     """
     existing = storage.table_or_none("gold", name)
-    versions = input_versions(storage, name)
+    versions, reads = _pins(storage, name)
     if is_current(storage, name):
         return GoldResult(name, False, versions)
     try:
-        _build(settings, storage, name, versions, existing)
+        _build(settings, storage, name, versions, reads, existing)
     except ConcurrentWriteError:
         if is_current(storage, name) or _newer_than(storage, name, versions):
             return GoldResult(name, False, versions)
@@ -114,6 +126,7 @@ def _build(
     storage: Storage,
     name: str,
     versions: dict[str, int],
+    reads: dict[str, int],
     existing: DeltaTable | None,
 ) -> None:
     spec = GOLD[name]
@@ -123,7 +136,7 @@ def _build(
         con.execute("SET preserve_insertion_order = false")
         parts, key = 1, spec.partition_key or ""
         if key:
-            rows = storage.table(*_located(spec.sources[0]), version=versions[spec.sources[0]])
+            rows = storage.table(*_located(spec.sources[0]), version=reads[spec.sources[0]])
             parts = max(1, -(-_row_count(rows) // _PARTITION_ROWS))
 
         def views(part: int | None) -> None:
@@ -132,7 +145,7 @@ def _build(
                 zone, table = _located(source)
                 con.execute(
                     f"CREATE OR REPLACE VIEW {duck.quote(table)} AS SELECT * FROM "
-                    + duck.scan(storage.uri(zone, table), versions[source])
+                    + duck.scan(storage.uri(zone, table), reads[source])
                     + where
                 )
 
@@ -144,7 +157,7 @@ def _build(
                 source = derived.frame or derived.sql
                 if source not in computed:
                     if derived.frame is not None:
-                        computed[source] = derived.frame(_scans(storage, spec.sources, versions))
+                        computed[source] = derived.frame(_scans(storage, spec.sources, reads))
                     else:
                         computed[source] = _frame(con.execute(derived.sql).to_arrow_table())
                 con.register(derived.name, derived.transform(computed[source]).to_arrow())
@@ -154,7 +167,7 @@ def _build(
             # Each key partition is an independent query over filtered views, so a big
             # build never holds (or spills) more than one partition's working set.
             if spec.frame is not None:
-                yield _frame_part(storage, spec.frame, spec.sources, versions, key, part, parts)
+                yield _frame_part(storage, spec.frame, spec.sources, reads, key, part, parts)
                 return
             if parts > 1:
                 views(part)

@@ -728,3 +728,62 @@ def test_every_accepted_value_reaches_training_the_online_store_and_predict(lake
             assert 0 <= answer.json()["probability"] <= 1
     for too_big in ({"application_id": BIG + 1}, {"applicant_id": BIG + 1, "loan": loan}):
         assert client.post("/predict", json=too_big).status_code == 422
+
+
+# The online store's health does not depend on the warehouse: local disk only (CI time).
+@pytest.mark.parametrize("lake", ["local"], indirect=True)
+def test_a_lost_or_emptied_online_store_is_reloaded_in_full(lake: Lake) -> None:
+    """Deleting the SQLite file, emptying its tables, or dropping the Postgres tables: the
+    API answers 503 naming the fix (and creates nothing), completion sees it, and the next
+    materialization reloads every row, not the last window."""
+    from fastapi.testclient import TestClient
+
+    from lakehouse import online_store
+    from lakehouse.serve import ONLINE_STORE_MISSING, create_app
+
+    ml_tasks.materialize(lake.settings, lake.storage)
+    if not models.Registry(lake.storage).versions():
+        ml_tasks.train(lake.settings, lake.storage)
+    full = online_store.row_counts(lake.settings)
+    assert full is not None and all(full.values())
+    assert ml_tasks.materialized(lake.settings, lake.storage)
+    app_id = int(read(lake.storage, "gold", "application_features")["application_id"].max())
+    client = TestClient(create_app(lake.settings))
+    assert client.post("/predict", json={"application_id": app_id}).status_code == 200
+
+    db = online_store.sqlite_path(lake.settings)
+    for suffix in ("", "-wal", "-shm"):
+        db.with_name(db.name + suffix).unlink(missing_ok=True)
+    for request in ({"application_id": app_id}, {"applicant_id": 1, "loan": LOAN}):
+        answer = client.post("/predict", json=request)
+        assert (answer.status_code, answer.json()) == (503, {"detail": ONLINE_STORE_MISSING})
+    assert not db.exists(), "the API created the online store's file"
+    assert not ml_tasks.materialized(lake.settings, lake.storage)
+    ml_tasks.materialize(lake.settings, lake.storage)
+    assert online_store.row_counts(lake.settings) == full
+    assert ml_tasks.materialized(lake.settings, lake.storage)
+    assert client.post("/predict", json={"application_id": app_id}).status_code == 200
+
+    with sqlite3.connect(db) as conn:  # emptied, the file and tables left
+        for table in full:
+            conn.execute(f'DELETE FROM "{table}"')
+    answer = client.post("/predict", json={"application_id": app_id})
+    assert (answer.status_code, answer.json()) == (503, {"detail": ONLINE_STORE_MISSING})
+    assert not ml_tasks.materialized(lake.settings, lake.storage)
+    ml_tasks.materialize(lake.settings, lake.storage)
+    assert online_store.row_counts(lake.settings) == full
+
+    on_pg = replace(lake.settings, feast_online_store="postgres")
+    ml_tasks.materialize(on_pg, lake.storage)
+    assert online_store.row_counts(on_pg) == full
+    with psycopg.connect(lake.settings.pg_dsn.get(), autocommit=True) as conn:
+        conn.execute(f'DROP TABLE "{lake.settings.pg_schema}_online"."lakehouse_applicant_profile"')
+    assert online_store.row_counts(on_pg) is None
+    assert not ml_tasks.materialized(on_pg, lake.storage)
+    answer = TestClient(create_app(on_pg)).post("/predict", json={"application_id": app_id})
+    assert (answer.status_code, answer.json()) == (503, {"detail": ONLINE_STORE_MISSING})
+    ml_tasks.materialize(on_pg, lake.storage)
+    assert online_store.row_counts(on_pg) == full
+
+
+LOAN = {"loan_amnt": 5000, "loan_intent": "VENTURE", "loan_int_rate": 10}
