@@ -14,7 +14,6 @@ from typing import Any
 from lakehouse import features, models, online_store
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
-from lakehouse.zones.commits import data_version
 
 _GOLD_VIEWS = ("application_features", "applicant_features")
 
@@ -24,7 +23,7 @@ def _state_file(settings: Settings) -> Any:
 
 
 def _gold_versions(storage: Storage) -> dict[str, int]:
-    return {name: data_version(storage.table("gold", name)) for name in _GOLD_VIEWS}
+    return {name: storage.data_version("gold", name) for name in _GOLD_VIEWS}
 
 
 def applied(settings: Settings, storage: Storage) -> bool:
@@ -104,7 +103,7 @@ def _earliest_change(
     try:
         for name, version in before.items():
             uri = storage.uri("gold", name)
-            if data_version(storage.table("gold", name)) == version:
+            if storage.data_version("gold", name) == version:
                 continue
             try:
                 (found,) = con.execute(

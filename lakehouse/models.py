@@ -441,9 +441,7 @@ TRAINING_SETS = "training_sets"
 
 def input_versions(storage: Storage) -> dict[str, int]:
     """Return the data version of each input table (maintenance commits are no new data)."""
-    from lakehouse.zones.commits import data_version
-
-    return {f"{z}.{t}": data_version(storage.table(z, t)) for z, t in INPUT_TABLES}
+    return {f"{z}.{t}": storage.data_version(z, t) for z, t in INPUT_TABLES}
 
 
 def build_training_set(store: FeatureStore, storage: Storage) -> dict[str, Any]:

@@ -26,15 +26,24 @@ def sqlite_path(settings: Settings) -> Path:
     return settings.home / "feast" / "online_store.db"
 
 
-def row_counts(settings: Settings) -> dict[str, int] | None:
-    """Return the rows of each view's online table; None if the store or a table is missing."""
+def row_counts(settings: Settings, *, upto: int | None = None) -> dict[str, int] | None:
+    """Return the rows of each view's online table; None if the store or a table is missing.
+
+    With `upto`, count at most that many rows per table (cheap: "is it empty?").
+    """
     tables = [f"{PROJECT}_{view}" for view in VIEWS]
     if settings.feast_online_store == "postgres":
-        return _postgres_counts(settings, tables)
-    return _sqlite_counts(sqlite_path(settings), tables)
+        return _postgres_counts(settings, tables, upto)
+    return _sqlite_counts(sqlite_path(settings), tables, upto)
 
 
-def _sqlite_counts(path: Path, tables: list[str]) -> dict[str, int] | None:
+def _count(quoted: str, upto: int | None) -> str:
+    if upto is None:
+        return f"SELECT count(*) FROM {quoted}"
+    return f"SELECT count(*) FROM (SELECT 1 FROM {quoted} LIMIT {int(upto)}) AS t"
+
+
+def _sqlite_counts(path: Path, tables: list[str], upto: int | None) -> dict[str, int] | None:
     if not path.is_file():
         return None
     try:
@@ -45,7 +54,7 @@ def _sqlite_counts(path: Path, tables: list[str]) -> dict[str, int] | None:
         counts = {}
         for table in tables:
             quoted = '"' + table.replace('"', '""') + '"'
-            counts[table] = conn.execute(f"SELECT count(*) FROM {quoted}").fetchone()[0]
+            counts[table] = conn.execute(_count(quoted, upto)).fetchone()[0]
         return counts
     except sqlite3.Error:  # no such table, not a database
         return None
@@ -53,7 +62,9 @@ def _sqlite_counts(path: Path, tables: list[str]) -> dict[str, int] | None:
         conn.close()
 
 
-def _postgres_counts(settings: Settings, tables: list[str]) -> dict[str, int] | None:
+def _postgres_counts(
+    settings: Settings, tables: list[str], upto: int | None
+) -> dict[str, int] | None:
     import psycopg
     from psycopg import sql
 
@@ -69,14 +80,14 @@ def _postgres_counts(settings: Settings, tables: list[str]) -> dict[str, int] | 
             ).fetchone()  # type: ignore[misc]
             if not exists:
                 return None
-            query = sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(schema, table))
-            counts[table] = conn.execute(query).fetchone()[0]  # type: ignore[index]
+            quoted = sql.Identifier(schema, table).as_string(conn)
+            counts[table] = conn.execute(_count(quoted, upto)).fetchone()[0]  # type: ignore[index]
     return counts
 
 
 def empty_or_missing(settings: Settings) -> bool:
     """Tell whether the online store has nothing to serve (the API then answers 503)."""
-    counts = row_counts(settings)
+    counts = row_counts(settings, upto=1)
     return counts is None or not any(counts.values())
 
 

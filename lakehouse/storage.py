@@ -81,6 +81,39 @@ class Storage:
         except TableNotFoundError:
             return None
 
+    def commit_log(self, zone: str, table: str, version: int) -> bytes | None:
+        """Return the Delta log entry of one version (its JSON lines), or None if gone.
+
+        Read directly, not through delta-rs's `history()`, which holds the GIL while it
+        lists the log over HTTP (a deadlock against an S3 server in the same process).
+        """
+        name = f"_delta_log/{version:020d}.json"
+        if not self.is_s3:
+            path = Path(self.uri(zone, table)) / name
+            return path.read_bytes() if path.is_file() else None
+        from minio.error import S3Error
+
+        bucket, key = _split_s3(f"{self.uri(zone, table)}/{name}")
+        client = minio_client(self.s3, self.options)
+        try:
+            response = client.get_object(bucket, key)
+        except S3Error as exc:
+            if exc.code == "NoSuchKey":
+                return None
+            raise StorageError(explain(exc, self.root)) from exc
+        try:
+            return bytes(response.read())
+        finally:
+            response.close()
+            response.release_conn()
+
+    def data_version(self, zone: str, table: str, dt: DeltaTable | None = None) -> int:
+        """Return the table's newest version that changed its rows (see `commits`)."""
+        from lakehouse.zones.commits import data_version
+
+        dt = dt if dt is not None else self.table(zone, table)
+        return data_version(dt, lambda v: self.commit_log(zone, table, v))
+
     def list_tables(self) -> list[tuple[str, str]]:
         """List `(zone, table)` pairs that hold a Delta table."""
         found: list[tuple[str, str]] = []

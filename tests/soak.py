@@ -21,7 +21,7 @@ the commit before a fix, for a before/after figure)::
     .venv/bin/python -m tests.soak --runs 200
     .venv/bin/python -m tests.soak --runs 100 --cases sql-ctrl-c --code ../before
 
-`tests/test_soak.py` runs two rounds in CI.
+`tests/test_soak.py` runs one round in CI.
 """
 
 from __future__ import annotations

@@ -287,7 +287,13 @@ class EmbeddedPostgres:
         for folder in (SYSTEM_DIR, SYSTEM_DIR / "clusters"):
             folder.mkdir(mode=0o755, exist_ok=True)
             folder.chmod(0o755)  # traversable by `owner` whatever the umask
-        place.mkdir(mode=0o700, exist_ok=True)
+        if place.exists():
+            # Left by a deleted home at the same path: its password went with the home,
+            # so nothing can log in to it any more; stop it and start afresh.
+            stale = place / "data"
+            self._run(["pg_ctl", "stop", "-m", "immediate", "-D", str(stale)], check=False)
+            shutil.rmtree(place)
+        place.mkdir(mode=0o700)
         shutil.chown(place, user=owner)
         _write_private(self.root / "location", f"{place}\n")
 

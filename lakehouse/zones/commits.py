@@ -11,7 +11,8 @@ holder; the commit-time check needs none.)
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
+from collections.abc import Callable, Mapping
 
 from deltalake import CommitProperties, DeltaTable, Transaction
 from deltalake.exceptions import CommitFailedError
@@ -34,24 +35,30 @@ def app_id(zone: str, table: str, source: str = "") -> str:
 MAINTENANCE = frozenset({"OPTIMIZE", "VACUUM START", "VACUUM END"})
 
 
-def data_version(dt: DeltaTable) -> int:
+def data_version(dt: DeltaTable, read_commit: Callable[[int], bytes | None]) -> int:
     """Return the newest version of the table whose commit changed what it holds.
 
     `lakehouse maintain` commits compactions and vacuums: new versions, same rows. A
     completion check that compared plain versions took them for new data, and the next
     run rebuilt gold, re-materialized and trained a new model on an identical training
-    set. Reading this version gives exactly the rows of the current one.
+    set. Reading this version gives exactly the rows of the current one. `read_commit`
+    returns a version's log entry (None once cleaned up: then all kept are maintenance).
     """
-    limit = 8
-    latest = dt.version()
-    while True:
-        history = dt.history(limit=limit)  # newest first
-        for entry in history:
-            if int(entry["version"]) <= latest and entry.get("operation") not in MAINTENANCE:
-                return int(entry["version"])
-        if len(history) < limit:  # older commits were cleaned up: all kept are maintenance
-            return int(history[-1]["version"]) if history else dt.version()
-        limit *= 4
+    version = dt.version()
+    while version > 0:
+        raw = read_commit(version)
+        if raw is None or _operation(raw) not in MAINTENANCE:
+            return version
+        version -= 1
+    return version
+
+
+def _operation(raw: bytes) -> str | None:
+    for line in raw.splitlines():
+        action = json.loads(line) if line.strip() else {}
+        if "commitInfo" in action:
+            return str(action["commitInfo"].get("operation"))
+    return None
 
 
 def recorded(dt: DeltaTable | None, app: str) -> int | None:

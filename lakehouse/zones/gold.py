@@ -19,7 +19,6 @@ from lakehouse.zones.commits import (
     ConcurrentWriteError,
     app_id,
     commit_properties,
-    data_version,
     is_conflict,
     recorded,
 )
@@ -72,7 +71,7 @@ def _pins(storage: Storage, name: str) -> tuple[dict[str, int], dict[str, int]]:
         if dt is None:
             msg = f"gold.{name} needs `{zone}.{table}`, which does not exist; run the pipeline"
             raise TableNotFoundError(msg)
-        recorded_[source], read[source] = data_version(dt), dt.version()
+        recorded_[source], read[source] = storage.data_version(zone, table, dt), dt.version()
     return recorded_, read
 
 

@@ -122,6 +122,13 @@ def test_root_in_a_private_folder_with_a_private_virtualenv(tmp_path: Path) -> N
         assert private.stat().st_mode & 0o777 == 0o700  # the user's folder stays private
         for secret in ("password", "location"):
             assert (home / "postgres" / secret).stat().st_mode & 0o077 == 0
+        # The home deleted, its cluster left running: a new home at the same path starts
+        # a new cluster there (the old one's password is gone with the home).
+        shutil.rmtree(home)
+        again = cli(str(home), "db", "start", extra=extra)
+        assert again.returncode == 0, again.stderr
+        with psycopg.connect(pg.dsn()) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
     finally:
         pg.destroy()
     assert not place.exists()
