@@ -33,8 +33,10 @@ class AtomicFileRegistryStore(FileRegistryStore):
             # another user reads it), or a plain file's for a new one.
             try:
                 mode = self._filepath.stat().st_mode & 0o777
-            except FileNotFoundError:
-                mode = 0o644
+            except FileNotFoundError:  # a plain new file's mode: what the umask allows
+                mask = os.umask(0o077)
+                os.umask(mask)
+                mode = 0o666 & ~mask
             os.fchmod(fd, mode)
             with os.fdopen(fd, "wb") as f:
                 f.write(registry_proto.SerializeToString())
