@@ -56,6 +56,9 @@ def connect(settings: Settings, storage: Storage) -> duckdb.DuckDBPyConnection:
     )
     try:
         con.execute("SET TimeZone = 'UTC'")
+        # DuckDB draws a progress bar on stdout for a query over 2 s: in the middle of
+        # `lakehouse sql --format csv` output, say (found by a test counting rows).
+        con.execute("SET enable_progress_bar = false")
         extensions = ["delta"] + (["httpfs", "aws"] if storage.is_s3 else [])
         for name in extensions:
             load_extension(con, name)

@@ -222,14 +222,19 @@ CASES: dict[str, Callable[[Lake], tuple[Outcome, int]]] = {
 }
 
 
-def soak(runs: int, cases: list[str], code: Path = ROOT) -> dict[str, Tally]:
-    """Run each case `runs` times, round-robin; return the tallies."""
+def soak(
+    runs: int,
+    cases: list[str],
+    code: Path = ROOT,
+    progress: Callable[[int, dict[str, Tally]], None] | None = None,
+) -> dict[str, Tally]:
+    """Run each case `runs` times, round-robin; return the tallies (and show each round's)."""
     tallies = {name: Tally() for name in cases}
     workdir = Path(tempfile.mkdtemp(prefix="lakehouse-soak-"))
     workdir.chmod(0o755)  # as root, the cluster's owner must reach its folder
     try:
         with lake(workdir, code) as it:
-            for _ in range(runs):
+            for round_ in range(1, runs + 1):
                 for name in cases:
                     outcome, expected = CASES[name](it)
                     tally = tallies[name]
@@ -239,6 +244,8 @@ def soak(runs: int, cases: list[str], code: Path = ROOT) -> dict[str, Tally]:
                         tally.crashes.append(f"exit {outcome.code}: {' | '.join(last)}")
                     elif outcome.code != expected:
                         tally.failures.append(f"exit {outcome.code}: {' | '.join(last)}")
+                if progress is not None:  # a long soak cut short still tells what it saw
+                    progress(round_, tallies)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return tallies
@@ -268,7 +275,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--code", type=Path, default=ROOT, help="the checkout to soak")
     args = parser.parse_args(argv)
     started = time.monotonic()
-    tallies = soak(args.runs, args.cases.split(","), args.code.resolve())
+
+    def progress(done: int, tallies: dict[str, Tally]) -> None:
+        crashes = sum(len(t.crashes) for t in tallies.values())
+        failures = sum(len(t.failures) for t in tallies.values())
+        elapsed = time.monotonic() - started
+        print(
+            f"round {done}/{args.runs}: {crashes} crashes, {failures} other failures "
+            f"({elapsed:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    tallies = soak(args.runs, args.cases.split(","), args.code.resolve(), progress)
     print(report(tallies))
     print(f"({time.monotonic() - started:.0f} s, code at {args.code})")
     return 1 if any(t.crashes for t in tallies.values()) else 0
