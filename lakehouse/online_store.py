@@ -14,11 +14,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from lakehouse.features import FEATURE_VIEWS
 from lakehouse.settings import Settings
 
 PROJECT = "lakehouse"  # feature_repo/feature_store.yaml
-#: Feast's table of each view is `<project>_<view>` (`compute_table_id`, no versioning).
-VIEWS = ("application_features", "applicant_features", "applicant_profile")
 
 
 def sqlite_path(settings: Settings) -> Path:
@@ -31,7 +30,8 @@ def row_counts(settings: Settings, *, upto: int | None = None) -> dict[str, int]
 
     With `upto`, count at most that many rows per table (cheap: "is it empty?").
     """
-    tables = [f"{PROJECT}_{view}" for view in VIEWS]
+    # Feast's table of each view is `<project>_<view>` (`compute_table_id`, no versioning).
+    tables = [f"{PROJECT}_{view}" for view in FEATURE_VIEWS]
     if settings.feast_online_store == "postgres":
         return _postgres_counts(settings, tables, upto)
     return _sqlite_counts(sqlite_path(settings), tables, upto)

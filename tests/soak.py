@@ -188,25 +188,28 @@ def case_serve(it: Lake) -> tuple[Outcome, int]:
     proc = it.popen("serve", "--port", str(port))
     up = _wait_for(f"http://127.0.0.1:{port}/health", proc)
     proc.send_signal(signal.SIGTERM)
-    try:
-        _, err = proc.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        _, err = proc.communicate()
-    return Outcome(proc.returncode, err if up else f"never answered /health\n{err}"), 0
+    outcome = _finish(proc, "SIGTERM did not stop it")
+    if not up:
+        outcome.stderr = f"never answered /health\n{outcome.stderr}"
+    return outcome, 0
 
 
 def case_sql_ctrl_c(it: Lake) -> tuple[Outcome, int]:
     proc = it.popen("sql", LONG_QUERY)
     time.sleep(2.5)  # well into the query (start-up takes about 1 s)
     proc.send_signal(signal.SIGINT)
+    return _finish(proc, "Ctrl-C did not stop it"), 130
+
+
+def _finish(proc: subprocess.Popen[str], stuck: str) -> Outcome:
+    """Wait for a signalled process; kill it after a minute, saying `stuck`."""
     try:
         _, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
         _, err = proc.communicate()
-        err = f"Ctrl-C did not stop it\n{err}"
-    return Outcome(proc.returncode, err), 130
+        err = f"{stuck}\n{err}"
+    return Outcome(proc.returncode, err)
 
 
 def case_sql_timeout(it: Lake) -> tuple[Outcome, int]:
