@@ -28,6 +28,7 @@ from lakehouse.storage import Storage
 from lakehouse.zones.bronze import changes_table, stream_slot
 from lakehouse.zones.commits import app_id, commit_properties, recorded
 from stream import columnar, pgoutput
+from stream.pgoutput import MessageType
 
 # Postgres type OIDs (pg_type.dat) and the Polars type their text output becomes.
 PG_TYPES: dict[int, pl.DataType] = {
@@ -128,7 +129,11 @@ def check_relation(relation: pgoutput.Relation, source: SourceTable) -> None:
             raise SchemaChangeError(msg)
 
 
-_OPS = {73: "insert", 85: "update", 68: "delete"}
+_OPS = {
+    pgoutput.MessageType.INSERT: "insert",
+    pgoutput.MessageType.UPDATE: "update",
+    pgoutput.MessageType.DELETE: "delete",
+}
 # Columns decoded per row besides the source's own.
 _PER_ROW = ("_old_key", "_unchanged", "_unrepresentable")
 _REPRESENTABLE = (
@@ -337,7 +342,7 @@ class BatchBuilder:
         kind = payload[0]
         if kind in _OPS:  # Insert, Update, Delete: the hot path, kept short
             self._append(_OPS[kind], payload)
-        elif kind == 66:  # B
+        elif kind == MessageType.BEGIN:
             begin = pgoutput.decode(payload)
             assert isinstance(begin, pgoutput.Begin)
             self.in_txn = True
@@ -345,7 +350,7 @@ class BatchBuilder:
             self.txn_ts = int(begin.commit_ts.timestamp()) * 1_000_000 + begin.commit_ts.microsecond
             self.txn_seq = 0
             self.txn_first_row = len(self.batch)
-        elif kind == 67:  # C
+        elif kind == MessageType.COMMIT:
             commit = pgoutput.decode(payload)
             assert isinstance(commit, pgoutput.Commit)
             self.in_txn = False
@@ -354,11 +359,11 @@ class BatchBuilder:
             batch.end_lsn[first:] = [commit.end_lsn] * (len(batch.end_lsn) - first)
             self.flushed = max(self.flushed, commit.end_lsn)
             batch.flushed = self.flushed
-        elif kind == 82:  # R
+        elif kind == MessageType.RELATION:
             relation = pgoutput.decode(payload)
             assert isinstance(relation, pgoutput.Relation)
             self._relation(relation)
-        elif kind == 84:  # T
+        elif kind == MessageType.TRUNCATE:
             self._append("truncate", b"")
         # Origin, Type and logical messages carry nothing the lakehouse needs.
 

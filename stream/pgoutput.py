@@ -10,11 +10,40 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from enum import IntEnum
 
 PG_EPOCH = datetime(2000, 1, 1, tzinfo=UTC)
 
 # TupleData markers.
 NULL = None
+
+
+class MessageType(IntEnum):
+    """The first byte of a pgoutput message: one list for the decoder and the batcher."""
+
+    BEGIN = ord("B")
+    COMMIT = ord("C")
+    ORIGIN = ord("O")
+    RELATION = ord("R")
+    TYPE = ord("Y")
+    INSERT = ord("I")
+    UPDATE = ord("U")
+    DELETE = ord("D")
+    TRUNCATE = ord("T")
+    MESSAGE = ord("M")
+
+
+class TupleKind(IntEnum):
+    """The first byte of each column value in a TupleData."""
+
+    TEXT = ord("t")
+    BINARY = ord("b")
+    NULL = ord("n")
+    UNCHANGED_TOAST = ord("u")
+
+
+# Plain ints for the per-value loop (an enum attribute lookup costs more than the test).
+_TEXT, _BINARY, _NULL, _UNCHANGED = (int(k) for k in TupleKind)
 
 
 class Unchanged:
@@ -150,15 +179,15 @@ def tuple_data(buf: bytes, pos: int) -> tuple[list[bytes | Unchanged | None], in
     append = values.append
     for _ in range(count):
         kind = buf[pos]
-        if kind == 116 or kind == 98:  # 't' text, 'b' binary
+        if kind in (_TEXT, _BINARY):
             size = int.from_bytes(buf[pos + 1 : pos + 5], "big")
             start = pos + 5
             pos = start + size
             append(buf[start:pos])
-        elif kind == 110:  # 'n'
+        elif kind == _NULL:
             append(None)
             pos += 1
-        elif kind == 117:  # 'u'
+        elif kind == _UNCHANGED:
             append(UNCHANGED)
             pos += 1
         else:
@@ -170,10 +199,10 @@ def tuple_data(buf: bytes, pos: int) -> tuple[list[bytes | Unchanged | None], in
 def decode(buf: bytes) -> Message:
     """Decode one pgoutput message (the payload of an XLogData)."""
     kind = buf[0]
-    if kind == 73:  # 'I'
+    if kind == MessageType.INSERT:
         new, _ = tuple_data(buf, 6)
         return Change("insert", _u32(buf, 1), new)
-    if kind == 85:  # 'U'
+    if kind == MessageType.UPDATE:
         oid = _u32(buf, 1)
         marker = chr(buf[5])
         if marker in "KO":
@@ -182,29 +211,29 @@ def decode(buf: bytes) -> Message:
             return Change("update", oid, new, old, marker)
         new, _ = tuple_data(buf, 6)
         return Change("update", oid, new)
-    if kind == 68:  # 'D'
+    if kind == MessageType.DELETE:
         marker = chr(buf[5])
         old, _ = tuple_data(buf, 6)
         return Change("delete", _u32(buf, 1), None, old, marker)
-    if kind == 66:  # 'B'
+    if kind == MessageType.BEGIN:
         return Begin(_u64(buf, 1), timestamp(_i64(buf, 9)), _u32(buf, 17))
-    if kind == 67:  # 'C'
+    if kind == MessageType.COMMIT:
         return Commit(_u64(buf, 2), _u64(buf, 10), timestamp(_i64(buf, 18)))
-    if kind == 82:  # 'R'
+    if kind == MessageType.RELATION:
         return _relation(buf)
-    if kind == 84:  # 'T'
+    if kind == MessageType.TRUNCATE:
         count = _u32(buf, 1)
         options = buf[5]
         oids = tuple(_u32(buf, 6 + 4 * i) for i in range(count))
         return Truncate(oids, cascade=bool(options & 1), restart_identity=bool(options & 2))
-    if kind == 79:  # 'O'
+    if kind == MessageType.ORIGIN:
         name, _ = _string(buf, 9)
         return Ignored("origin", {"lsn": _u64(buf, 1), "name": name})
-    if kind == 89:  # 'Y'
+    if kind == MessageType.TYPE:
         namespace, pos = _string(buf, 5)
         name, _ = _string(buf, pos)
         return Ignored("type", {"oid": _u32(buf, 1), "namespace": namespace, "name": name})
-    if kind == 77:  # 'M'
+    if kind == MessageType.MESSAGE:
         return Ignored("message")
     msg = f"unknown pgoutput message {chr(kind)!r}"
     raise DecodeError(msg)
