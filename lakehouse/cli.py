@@ -268,7 +268,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         with schema.connect(settings) as conn:
             result = seed(
-                conn, settings.pg_schema, rows=args.rows, seed=settings.seed, reset=args.reset
+                conn,
+                settings.pg_schema,
+                rows=args.rows,
+                seed=settings.repeatable_seed,
+                reset=args.reset,
             )
             conn.commit()
         if result.skipped:
@@ -315,7 +319,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         # one is given (the flag, or LAKEHOUSE_SEED set on purpose).
         mix = args.seed
         if mix is None:
-            mix = settings.seed if os.environ.get("LAKEHOUSE_SEED") else secrets.randbelow(2**31)
+            mix = secrets.randbelow(2**31) if settings.seed is None else settings.seed
         with schema.connect(settings, autocommit=True) as conn, StopSignal() as stop:
             if not schema.schema_exists(conn, settings.pg_schema):
                 msg = f"schema `{settings.pg_schema}` has no lending tables; run `lakehouse seed`"

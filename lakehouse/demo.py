@@ -49,7 +49,7 @@ def demo(
         say("[1/4] Postgres from LAKEHOUSE_PG_DSN")
     step = time.monotonic()
     with schema.connect(settings) as conn:
-        seeded = seed(conn, settings.pg_schema, rows=rows, seed=settings.seed)
+        seeded = seed(conn, settings.pg_schema, rows=rows, seed=settings.repeatable_seed)
         conn.commit()
     if seeded.skipped:
         say(

@@ -181,7 +181,7 @@ def fit(settings: Settings, storage: Storage) -> str:
         msg = "no training set has been built; run `lakehouse train` (or the Luigi pipeline)"
         raise models.ModelError(msg)
     return models.fit_version(
-        storage, manifest, seed=settings.seed, threshold=settings.model_threshold
+        storage, manifest, seed=settings.repeatable_seed, threshold=settings.model_threshold
     )
 
 
@@ -208,4 +208,6 @@ def evaluate(settings: Settings, storage: Storage) -> models.TrainResult:
 def train(settings: Settings, storage: Storage) -> models.TrainResult:
     """Build the training set, fit and evaluate: a complete version (`lakehouse train`)."""
     store = features.feature_store(settings, storage)
-    return models.train(store, storage, seed=settings.seed, threshold=settings.model_threshold)
+    return models.train(
+        store, storage, seed=settings.repeatable_seed, threshold=settings.model_threshold
+    )

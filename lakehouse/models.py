@@ -507,7 +507,7 @@ def _split(frame: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def fit_version(
-    storage: Storage, manifest: dict[str, Any], *, seed: int = 42, threshold: float = 0.5
+    storage: Storage, manifest: dict[str, Any], *, seed: int, threshold: float
 ) -> str:
     """Fit on a stored training set's stratified split; write a new, incomplete version.
 
@@ -578,7 +578,7 @@ def evaluate_version(storage: Storage, version: str) -> TrainResult:
 
 
 def train(
-    store: FeatureStore, storage: Storage, *, seed: int = 42, threshold: float = 0.5
+    store: FeatureStore, storage: Storage, *, seed: int, threshold: float
 ) -> TrainResult:
     """Build the training set, fit, evaluate on a stratified hold-out, register a version."""
     manifest = build_training_set(store, storage)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -47,57 +47,153 @@ def _default_home() -> str:
     return str(Path.cwd() / ".lakehouse")
 
 
+# ---------------------------------------------------------------- parsers
+# Each takes the variable's name (for the message) and its text, and returns the value or
+# raises `ConfigError` naming the variable and the fix. Every field names its own parser.
+
+Parser = Callable[[str, str], Any]
+
+
+def _text(var: str, raw: str) -> str:
+    return raw
+
+
+def _whole(low: int) -> Parser:
+    def parse(var: str, raw: str) -> int:
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            msg = f"{var} is `{raw}`; it must be a whole number"
+            raise ConfigError(msg) from None
+        if value < low:
+            msg = f"{var} is `{raw}`; it must be at least {low}"
+            raise ConfigError(msg)
+        return value
+
+    return parse
+
+
+def _seconds(var: str, raw: str) -> float:
+    try:
+        seconds = float(raw)
+    except ValueError:
+        msg = f"{var} is `{raw}`; it must be a number of seconds"
+        raise ConfigError(msg) from None
+    if not 0.01 <= seconds <= 3600:
+        msg = f"{var} is `{raw}`; give between 0.01 and 3600 seconds"
+        raise ConfigError(msg)
+    return seconds
+
+
+def _choice(*options: str) -> Parser:
+    def parse(var: str, raw: str) -> str:
+        if raw not in options:
+            listed = " or ".join(f"`{o}`" for o in options)
+            msg = f"{var} is `{raw}`; use {listed}"
+            raise ConfigError(msg)
+        return raw
+
+    return parse
+
+
+def _probability(var: str, raw: str) -> float:
+    try:
+        probability = float(raw)
+    except ValueError:
+        probability = -1.0
+    if not 0 < probability < 1:
+        msg = f"{var} is `{raw}`; give a probability between 0 and 1"
+        raise ConfigError(msg)
+    return probability
+
+
+def _size(var: str, raw: str) -> str:
+    if not re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)", raw, re.IGNORECASE):
+        msg = f"{var} is `{raw}`; give a size like `2GB` or `512MB`"
+        raise ConfigError(msg)
+    return raw
+
+
+def _path(var: str, raw: str) -> Path:
+    return Path(raw).expanduser().resolve()
+
+
+def _identifier(var: str, raw: str) -> str:
+    if not raw.replace("_", "").isalnum() or raw[0].isdigit():
+        msg = (
+            f"{var} is `{raw}`; use letters, digits and underscores only, not starting "
+            "with a digit"
+        )
+        raise ConfigError(msg)
+    return raw
+
+
+def _secret(var: str, raw: str) -> Secret:
+    return Secret(raw)
+
+
+def _by(parse: Parser) -> dict[str, Parser]:
+    """Field metadata naming the parser of the field's variable."""
+    return {"parse": parse}
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything the lakehouse reads from its environment.
 
-    Each field `name` is read from `LAKEHOUSE_<NAME>`; the defaults need no set-up:
-    local Delta tables under `.lakehouse/warehouse` and an embedded Postgres cluster
-    under `.lakehouse/postgres`.
+    Each field `name` is read from `LAKEHOUSE_<NAME>` by the parser declared with it; the
+    defaults need no set-up: local Delta tables under `.lakehouse/warehouse` and an
+    embedded Postgres cluster under `.lakehouse/postgres`.
     """
 
-    home: Path = field(default_factory=lambda: Path(_default_home()))
+    home: Path = field(default_factory=lambda: Path(_default_home()), metadata=_by(_path))
     """Folder for the embedded Postgres cluster, local tables and caches."""
-    storage_uri: str = ""
+    storage_uri: str = field(default="", metadata=_by(_text))
     """Where Delta tables live: a local folder (default `<home>/warehouse`) or `s3://bucket/prefix`."""
-    s3_endpoint: str = ""
+    s3_endpoint: str = field(default="", metadata=_by(_text))
     """S3-compatible endpoint, e.g. `http://localhost:9000` for MinIO; empty for AWS."""
-    s3_region: str = "us-east-1"
-    s3_access_key_id: str = ""
-    s3_secret_access_key: Secret = field(default_factory=lambda: Secret(""))
-    pg_dsn: Secret = field(default_factory=lambda: Secret(""))
+    s3_region: str = field(default="us-east-1", metadata=_by(_text))
+    s3_access_key_id: str = field(default="", metadata=_by(_text))
+    s3_secret_access_key: Secret = field(default_factory=lambda: Secret(""), metadata=_by(_secret))
+    pg_dsn: Secret = field(default_factory=lambda: Secret(""), metadata=_by(_secret))
     """Source Postgres DSN; empty means the embedded cluster (`lakehouse db start`)."""
-    pg_schema: str = "lending"
+    pg_schema: str = field(default="lending", metadata=_by(_identifier))
     """Postgres schema holding the source tables."""
-    pg_bin: str = ""
+    pg_bin: str = field(default="", metadata=_by(_text))
     """Folder with initdb/pg_ctl for the embedded cluster; found automatically when empty."""
-    batch_rows: int = 250_000
+    batch_rows: int = field(default=250_000, metadata=_by(_whole(1)))
     """Rows per Arrow batch when extracting from Postgres (bounds memory)."""
-    seed: int = 42
-    """Random seed for `lakehouse seed` and `lakehouse simulate`."""
-    vacuum_retention_hours: int = 168
+    seed: int | None = field(default=None, metadata=_by(_whole(0)))
+    """Random seed: `lakehouse seed` and training draw with it (42 when unset); `lakehouse
+    simulate` writes a new mix each call unless it is set."""
+    vacuum_retention_hours: int = field(default=168, metadata=_by(_whole(0)))
     """`lakehouse maintain` keeps this much time travel."""
-    duckdb_memory: str = "2GB"
+    duckdb_memory: str = field(default="2GB", metadata=_by(_size))
     """DuckDB's memory limit; larger queries spill to `<home>/duckdb_tmp`."""
-    feast_online_store: str = "sqlite"
+    feast_online_store: str = field(default="sqlite", metadata=_by(_choice("sqlite", "postgres")))
     """Feast's online store: `sqlite` (under `<home>/feast`) or `postgres`."""
-    feast_pg_dsn: Secret = field(default_factory=lambda: Secret(""))
+    feast_pg_dsn: Secret = field(default_factory=lambda: Secret(""), metadata=_by(_secret))
     """With `postgres`: the online store's server and role; empty means LAKEHOUSE_PG_DSN."""
-    model_threshold: float = 0.5
+    model_threshold: float = field(default=0.5, metadata=_by(_probability))
     """Probability above which `lakehouse serve` answers `approve`."""
-    stream_batch_rows: int = 100_000
+    stream_batch_rows: int = field(default=100_000, metadata=_by(_whole(1)))
     """CDC: a micro-batch closes at this many changes (also splits huge transactions)."""
-    stream_batch_seconds: float = 1.0
+    stream_batch_seconds: float = field(default=1.0, metadata=_by(_seconds))
     """CDC: a micro-batch closes this long after its first change (between transactions)."""
-    stream_heartbeat_seconds: float = 5.0
+    stream_heartbeat_seconds: float = field(default=5.0, metadata=_by(_seconds))
     """CDC: while a table is idle, record the slot's position this often (a Delta commit)."""
-    log_format: str = "text"
+    log_format: str = field(default="text", metadata=_by(_choice("text", "json")))
     """`text` (lines for people) or `json` (one JSON object per event); `--log-format`."""
 
     @property
     def warehouse(self) -> str:
         """Return the root URI of the Delta tables."""
         return self.storage_uri or str(self.home / "warehouse")
+
+    @property
+    def repeatable_seed(self) -> int:
+        """Return the seed of what must come out the same each time (the dataset, the split)."""
+        return 42 if self.seed is None else self.seed
 
     @property
     def is_s3(self) -> bool:
@@ -131,7 +227,7 @@ class Settings:
             raw = env.get(var)
             if raw is None or raw == "":
                 continue
-            values[f.name] = _parse(var, f.name, raw.strip())
+            values[f.name] = f.metadata["parse"](var, raw.strip())
         settings = cls(**values)
         settings.validate()
         return settings
@@ -187,66 +283,3 @@ class Settings:
                 "unset the DSN"
             )
             raise ConfigError(msg)
-
-
-def _parse(var: str, name: str, raw: str) -> Any:
-    if name in ("batch_rows", "seed", "vacuum_retention_hours"):
-        try:
-            value = int(raw.replace("_", ""))
-        except ValueError:
-            msg = f"{var} is `{raw}`; it must be a whole number"
-            raise ConfigError(msg) from None
-        low = 1 if name == "batch_rows" else 0
-        if value < low:
-            msg = f"{var} is `{raw}`; it must be at least {low}"
-            raise ConfigError(msg)
-        return value
-    if name in ("stream_batch_rows",):
-        return _parse(var, "batch_rows", raw)
-    if name in ("stream_batch_seconds", "stream_heartbeat_seconds"):
-        try:
-            seconds = float(raw)
-        except ValueError:
-            msg = f"{var} is `{raw}`; it must be a number of seconds"
-            raise ConfigError(msg) from None
-        if not 0.01 <= seconds <= 3600:
-            msg = f"{var} is `{raw}`; give between 0.01 and 3600 seconds"
-            raise ConfigError(msg)
-        return seconds
-    if name == "feast_online_store":
-        if raw not in ("sqlite", "postgres"):
-            msg = f"{var} is `{raw}`; use `sqlite` or `postgres`"
-            raise ConfigError(msg)
-        return raw
-    if name == "model_threshold":
-        try:
-            probability = float(raw)
-        except ValueError:
-            probability = -1.0
-        if not 0 < probability < 1:
-            msg = f"{var} is `{raw}`; give a probability between 0 and 1"
-            raise ConfigError(msg)
-        return probability
-    if name == "log_format":
-        if raw not in ("text", "json"):
-            msg = f"{var} is `{raw}`; use `text` or `json`"
-            raise ConfigError(msg)
-        return raw
-    if name in ("s3_secret_access_key", "pg_dsn", "feast_pg_dsn"):
-        return Secret(raw)
-    if name == "duckdb_memory":
-        if not re.fullmatch(r"\d+(\.\d+)?\s*(KB|MB|GB|TB|KiB|MiB|GiB|TiB)", raw, re.IGNORECASE):
-            msg = f"{var} is `{raw}`; give a size like `2GB` or `512MB`"
-            raise ConfigError(msg)
-        return raw
-    if name == "home":
-        return Path(raw).expanduser().resolve()
-    if name == "pg_schema":
-        if not raw.replace("_", "").isalnum() or raw[0].isdigit():
-            msg = (
-                f"{var} is `{raw}`; use letters, digits and underscores only, not starting "
-                "with a digit"
-            )
-            raise ConfigError(msg)
-        return raw
-    return raw

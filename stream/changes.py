@@ -129,7 +129,7 @@ def check_relation(relation: pgoutput.Relation, source: SourceTable) -> None:
             raise SchemaChangeError(msg)
 
 
-_OPS = {
+_OPS: dict[int, str] = {
     pgoutput.MessageType.INSERT: "insert",
     pgoutput.MessageType.UPDATE: "update",
     pgoutput.MessageType.DELETE: "delete",

@@ -1,4 +1,5 @@
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,58 @@ def test_an_unusable_folder_is_one_line_naming_the_settings(variable: str, where
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert lines[0].startswith(f"error: the warehouse folder `{where}")
     assert "set LAKEHOUSE_STORAGE_URI (or LAKEHOUSE_HOME)" in lines[0]
+
+
+def test_every_setting_arrives_as_its_declared_type() -> None:
+    """A field added without its own parser would arrive as a string: each is read back typed.
+
+    The expected types are written here from the README's settings table, not taken from
+    the code's parsers.
+    """
+    expected = {
+        "home": Path,
+        "storage_uri": str,
+        "s3_endpoint": str,
+        "s3_region": str,
+        "s3_access_key_id": str,
+        "s3_secret_access_key": Secret,
+        "pg_dsn": Secret,
+        "pg_schema": str,
+        "pg_bin": str,
+        "batch_rows": int,
+        "seed": int,
+        "vacuum_retention_hours": int,
+        "duckdb_memory": str,
+        "feast_online_store": str,
+        "feast_pg_dsn": Secret,
+        "model_threshold": float,
+        "stream_batch_rows": int,
+        "stream_batch_seconds": float,
+        "stream_heartbeat_seconds": float,
+        "log_format": str,
+    }
+    samples = {
+        "pg_dsn": "postgresql://u@h/db",
+        "feast_pg_dsn": "postgresql://u@h/db",
+        "storage_uri": "/tmp/w",
+        "s3_endpoint": "http://h:9000",
+        "duckdb_memory": "1GB",
+        "feast_online_store": "postgres",
+        "log_format": "json",
+    }
+    assert {f.name for f in fields(Settings)} == set(expected)
+    for name, kind in expected.items():
+        var = f"LAKEHOUSE_{name.upper()}"
+        text = samples.get(name, {int: "3", float: "0.25", Path: "/tmp/x"}.get(kind, "x"))
+        env = {var: text}
+        if name == "feast_pg_dsn":
+            env["LAKEHOUSE_FEAST_ONLINE_STORE"] = "postgres"
+        value = getattr(Settings.from_env(env), name)
+        assert type(value) is kind or isinstance(value, kind), (var, value)
+
+
+def test_seed_unset_means_a_new_mix_but_a_repeatable_dataset() -> None:
+    unset = Settings.from_env({})
+    assert unset.seed is None and unset.repeatable_seed == 42
+    fixed = Settings.from_env({"LAKEHOUSE_SEED": "0"})
+    assert fixed.seed == 0 and fixed.repeatable_seed == 0
