@@ -15,16 +15,16 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import polars as pl
 
 from lakehouse import features
 from lakehouse.errors import LakehouseError
+# `Trained` here too: models pickled before it moved to `scoring` name `lakehouse.models`.
+from lakehouse.scoring import Trained, is_categorical
 from lakehouse.storage import Storage, _split_s3, minio_client
 
 if TYPE_CHECKING:
@@ -190,186 +190,6 @@ def frame_hash(frame: pd.DataFrame) -> str:
 # ---------------------------------------------------------------- model
 
 
-def _is_boolean(series: pd.Series) -> bool:
-    """Tell True/False columns, including objects of True/False/None.
-
-    A null in Feast's frame turns a bool column into objects.
-    """
-    import pandas as pd
-
-    if series.dtype == bool or str(series.dtype) == "boolean":
-        return True
-    return series.dtype == object and pd.api.types.infer_dtype(series, skipna=True) == "boolean"
-
-
-def _is_categorical(series: pd.Series) -> bool:
-    if _is_boolean(series):
-        return False
-    return series.dtype == object or str(series.dtype) in ("string", "str", "category")
-
-
-def _as_float(value: Any) -> float:
-    """Encode a request's value: numbers and booleans as floats, anything else missing."""
-    if isinstance(value, bool | int | float | np.number | np.bool_):
-        return float(value)
-    return math.nan
-
-
-@dataclass
-class Trained:
-    """A fitted model with the columns and category levels it was fitted on.
-
-    The model sees a float matrix: numbers as they are, booleans as 0/1, categories as
-    their index in `categories` (unknown or missing: NaN, which the trees route like a
-    missing value). Building that matrix from one dict is a few microseconds, so serving
-    one row costs little more than the trees themselves.
-    """
-
-    model: Any
-    columns: list[str]
-    categories: dict[str, list[str]]
-    threshold: float
-
-    def matrix(self, rows: pd.DataFrame) -> np.ndarray:
-        """Encode rows (a training set, or many requests) as the model's input matrix."""
-        import pandas as pd
-
-        out = np.empty((len(rows), len(self.columns)), dtype=np.float64)
-        for j, name in enumerate(self.columns):
-            series = rows[name]
-            if name in self.categories:
-                # Levels are strings (as `vector` looks them up), whatever the column holds.
-                values = [None if v is None or v != v else str(v) for v in series.astype(object)]
-                codes = pd.Categorical(values, categories=self.categories[name]).codes
-                out[:, j] = np.where(codes < 0, np.nan, codes)
-            elif _is_boolean(series):
-                out[:, j] = series.astype(object).map({True: 1.0, False: 0.0}).astype("float64")
-            else:
-                out[:, j] = pd.to_numeric(series.astype(object), errors="coerce").astype("float64")
-        return out
-
-    def vector(self, row: dict[str, Any]) -> np.ndarray:
-        """Encode one request (feature name -> value) as a 1-row input matrix."""
-        out = np.full((1, len(self.columns)), np.nan)
-        for j, name in enumerate(self.columns):
-            value = row.get(name)
-            if value is None:
-                continue
-            if name in self.categories:
-                index = self._levels()[name].get(str(value))
-                if index is not None:
-                    out[0, j] = index
-            else:
-                out[0, j] = _as_float(value)
-        return out
-
-    def _levels(self) -> dict[str, dict[str, int]]:
-        cached: dict[str, dict[str, int]] | None = getattr(self, "_level_index", None)
-        if cached is None:
-            cached = {c: {v: i for i, v in enumerate(lv)} for c, lv in self.categories.items()}
-            object.__setattr__(self, "_level_index", cached)
-        return cached
-
-    def predict_proba(self, rows: pd.DataFrame) -> np.ndarray:
-        """Return the probability of approval (label 1) of each row."""
-        return np.asarray(self.model.predict_proba(self.matrix(rows))[:, 1])
-
-    def predict_one(self, row: dict[str, Any]) -> float:
-        """Return the probability of approval of one request."""
-        x = self.vector(row)
-        fast = self._fast_path()
-        if fast is not None:
-            return fast(x)
-        return float(self.model.predict_proba(x)[0, 1])
-
-    def _fast_path(self) -> Any:
-        """Return a one-row scorer that skips scikit-learn's per-call overhead, or None.
-
-        `predict_proba` of a histogram gradient-boosted model validates its input, rebuilds
-        the known-category bitsets and sets up a call per tree on every call: about 3 ms
-        for one row, most of the serving time. This walks the same trees with the same
-        compiled routine (`_predict_from_raw_data`), the bitsets built once, and adds the
-        leaf values in the same order onto the same baseline, so the result is identical;
-        it is checked against `predict_proba` when built, and any mismatch or a change of
-        scikit-learn's private layout falls back to `predict_proba`.
-        """
-        cached = self.__dict__.get("_fast_predict", False)
-        if cached is not False:
-            return cached
-        scorer = None
-        try:
-            from scipy.special import expit
-            from sklearn.ensemble._hist_gradient_boosting._predictor import (
-                _predict_from_raw_data,
-            )
-
-            model = self.model
-            if model.n_trees_per_iteration_ != 1:
-                msg = "not a binary model"
-                raise ValueError(msg)
-            prepare = _input_encoder(model)
-            known, f_idx_map = model._bin_mapper.make_known_categories_bitsets()
-            trees = [(p.nodes, p.raw_left_cat_bitsets) for (p,) in model._predictors]
-            baseline = float(np.asarray(model._baseline_prediction).ravel()[0])
-
-            def score(x: np.ndarray) -> float:
-                # Per call: the routine writes `out` without the GIL, and the API scores
-                # requests in a thread pool.
-                out = np.zeros(1)
-                data = prepare(x)
-                total = baseline
-                for nodes, left_cats in trees:
-                    _predict_from_raw_data(nodes, data, left_cats, known, f_idx_map, 1, out)
-                    total += out[0]
-                return float(expit(total))
-
-            rng = np.random.default_rng(0)
-            width = len(self.columns)
-            probes = [np.full((1, width), np.nan), np.zeros((1, width))]
-            probes += [rng.integers(-1, 8, size=(1, width)).astype(np.float64) for _ in range(30)]
-            for x in probes:
-                x[0, rng.random(width) < 0.2] = np.nan
-                if score(x) != float(model.predict_proba(x)[0, 1]):
-                    msg = "the fast path disagrees with predict_proba"
-                    raise ValueError(msg)
-            scorer = score
-        except Exception:  # another scikit-learn layout: the public path
-            scorer = None
-        self.__dict__["_fast_predict"] = scorer
-        return scorer
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The caches are rebuilt after loading (a closure cannot be pickled).
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
-
-
-def _input_encoder(model: Any) -> Any:
-    """Return the model's own input transform of one row, without its per-call checks.
-
-    Categories are ordinal-encoded and moved first, unknown or missing ones as NaN. Raises
-    if the model's preprocessor is not the layout this reproduces.
-    """
-    pre = model._preprocessor
-    if pre is None:
-        return lambda x: np.ascontiguousarray(x, dtype=np.float64)
-    (name_a, encoder, cat_mask), (name_b, _, num_mask), *rest = pre.transformers_
-    if (name_a, name_b) != ("encoder", "numerical") or any(r[1] != "drop" for r in rest):
-        msg = f"unexpected preprocessor {pre.transformers_!r}"
-        raise ValueError(msg)
-    cat_idx, num_idx = np.flatnonzero(cat_mask), np.flatnonzero(num_mask)
-    lookups = [{float(v): float(i) for i, v in enumerate(c)} for c in encoder.categories_]
-    n_cat = len(cat_idx)
-
-    def prepare(x: np.ndarray) -> np.ndarray:
-        data = np.empty((1, n_cat + len(num_idx)), dtype=np.float64)
-        for k, (j, lookup) in enumerate(zip(cat_idx, lookups, strict=True)):
-            data[0, k] = lookup.get(float(x[0, j]), np.nan)  # NaN: missing or unknown
-        data[0, n_cat:] = x[0, num_idx]
-        return data
-
-    return prepare
-
-
 def fit(frame: pd.DataFrame, columns: list[str], *, seed: int, threshold: float) -> Trained:
     """Fit a histogram gradient-boosted classifier with native categorical support."""
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -380,7 +200,7 @@ def fit(frame: pd.DataFrame, columns: list[str], *, seed: int, threshold: float)
     categories = {
         c: sorted(str(v) for v in frame[c].dropna().unique())
         for c in columns
-        if _is_categorical(frame[c])
+        if is_categorical(frame[c])
     }
     trained = Trained(None, columns, categories, threshold)
     model = HistGradientBoostingClassifier(

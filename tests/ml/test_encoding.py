@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pandas as pd
+import pytest
 
-from lakehouse import models
+from lakehouse import models, scoring
 
 
 def test_training_matrix_and_served_vector_encode_alike() -> None:
@@ -24,10 +27,10 @@ def test_training_matrix_and_served_vector_encode_alike() -> None:
     categories = {
         c: sorted(str(v) for v in frame[c].dropna().unique())
         for c in columns
-        if models._is_categorical(frame[c])
+        if scoring.is_categorical(frame[c])
     }
     assert categories == {"loan_intent": ["EDUCATION", "VENTURE"]}  # the bool is not one
-    trained = models.Trained(None, columns, categories, 0.5)
+    trained = scoring.Trained(None, columns, categories, 0.5)
     matrix = trained.matrix(frame)
     # The boolean column carries its values (a category lookup of True would lose them).
     np.testing.assert_array_equal(matrix[:, 0], [1.0, 0.0, np.nan, 1.0])
@@ -111,3 +114,32 @@ def test_one_row_scoring_is_safe_across_threads() -> None:
     with ThreadPoolExecutor(8) as pool:
         for _ in range(3):
             assert list(pool.map(trained.predict_one, rows)) == expected
+
+
+def test_a_model_the_fast_scorer_cannot_walk_is_scored_by_predict_proba_and_says_why(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(60, 2))
+    y = (x[:, 0] > 0).astype(int)
+    classifier = LogisticRegression().fit(x, y)
+    trained = scoring.Trained(classifier, ["a", "b"], {}, 0.5)
+    with caplog.at_level(logging.WARNING, logger="lakehouse.scoring"):
+        probability = trained.predict_one({"a": 0.3, "b": -1.0})
+    assert probability == classifier.predict_proba(np.array([[0.3, -1.0]]))[0, 1]
+    assert "one-row fast scorer off (AttributeError" in caplog.text
+
+
+def test_an_unexpected_failure_of_the_fast_scorer_is_raised_not_hidden() -> None:
+    class Broken:
+        n_trees_per_iteration_ = 1
+
+        @property
+        def _preprocessor(self) -> None:
+            raise MemoryError
+
+    trained = scoring.Trained(Broken(), ["a"], {}, 0.5)
+    with pytest.raises(MemoryError):
+        trained.predict_one({"a": 1.0})
