@@ -23,6 +23,7 @@ import polars as pl
 
 from lakehouse import features
 from lakehouse.errors import LakehouseError
+
 # `Trained` here too: models pickled before it moved to `scoring` name `lakehouse.models`.
 from lakehouse.scoring import Trained, is_categorical
 from lakehouse.storage import Storage, _split_s3, minio_client

@@ -15,6 +15,7 @@ from lakehouse.errors import TableNotFoundError
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 from lakehouse.transforms.gold import GOLD
+from lakehouse.transforms.partitions import in_part
 from lakehouse.zones.commits import (
     ConcurrentWriteError,
     app_id,
@@ -207,7 +208,7 @@ def _frame_part(
     """Compute one key partition of a Polars-built gold table."""
     lazy = _scans(storage, sources, versions)
     if parts > 1:
-        lazy = {name: scan.filter(pl.col(key) % parts == part) for name, scan in lazy.items()}
+        lazy = {name: scan.filter(in_part(key, (part, parts))) for name, scan in lazy.items()}
     return frame(lazy)
 
 

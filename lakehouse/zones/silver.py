@@ -29,6 +29,7 @@ from lakehouse.storage import Storage
 from lakehouse.transforms import changes as changes_t
 from lakehouse.transforms import quality
 from lakehouse.transforms import silver as transform
+from lakehouse.transforms.partitions import in_part
 from lakehouse.zones import silver_reads as reads
 from lakehouse.zones import silver_writes as writes
 from lakehouse.zones.commits import ConcurrentWriteError, commit_properties
@@ -238,7 +239,7 @@ def _run(storage: Storage, table: str, plan: _Plan, result: PromoteResult) -> No
         )
         for part in range(parts):
             raw = reads.read_input(storage, table, span, (part, parts), batches)
-            mine = found.filter(reads.in_part(key, (part, parts)))
+            mine = found.filter(in_part(key, (part, parts)))
             mine = mine.filter(~pl.col(key).is_in(raw[key].implode()))
             outputs = _partition(table, raw, mine, plan, applicants, (part, parts))
             for target in plan.pending:
@@ -274,7 +275,7 @@ def _partition(
     applicants: Applicants | None,
     part: tuple[int, int],
 ) -> dict[str, pl.DataFrame]:
-    """Compute one key partition's outcome, as the rows each pending target receives."""
+    """Compute one key partition's outcome: prior state, rules, WAL-ordered application."""
     key = TABLES[table].key
     columns = TABLES[table].column_names
     truncated = bool((raw["_op"] == "truncate").any())
@@ -314,6 +315,19 @@ def _partition(
     rows = transform.drop_repeats(rows, prior.state, key)
     rows = transform.instants(rows, prior.state, key)
     out = transform.outcome(rows, prior.state, key)
+    return _target_rows(table, plan, out, raw, failed)
+
+
+def _target_rows(
+    table: str,
+    plan: _Plan,
+    out: transform.Outcome,
+    raw: pl.DataFrame,
+    failed: pl.DataFrame,
+) -> dict[str, pl.DataFrame]:
+    """Shape a partition's outcome as each pending target's rows (new, and closings)."""
+    key = TABLES[table].key
+    columns = TABLES[table].column_names
     outputs: dict[str, pl.DataFrame] = {}
     silver_columns = [*columns, *_POSITION]
     if "current" in plan.pending:

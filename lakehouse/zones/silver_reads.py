@@ -15,6 +15,7 @@ from lakehouse.storage import Storage
 from lakehouse.transforms import changes as changes_t
 from lakehouse.transforms import quality
 from lakehouse.transforms import silver as transform
+from lakehouse.transforms.partitions import in_part, key_part
 from lakehouse.zones.bronze import bronze_schema, changes_table
 
 # Bronze rows read per key partition of a large backlog (~1 GB per million rows).
@@ -35,14 +36,6 @@ class Range:
 
 BronzeReader = Callable[[int, int], pl.DataFrame]
 """(partition, partitions) -> bronze batch rows of that key partition."""
-
-
-def in_part(column: str, part: tuple[int, int]) -> pl.Expr:
-    """Select the rows of key partition `part` = (index, count)."""
-    index, parts = part
-    if parts == 1:
-        return pl.lit(True)
-    return pl.col(column).fill_null(0) % parts == index
 
 
 def count_input(storage: Storage, table: str, span: Range) -> int:
@@ -95,7 +88,7 @@ def bronze_reader(
     rows.sink_parquet(
         pl.PartitionBy(
             spool,
-            key=(pl.col(key).fill_null(0) % parts).alias("_part"),
+            key=key_part(key, parts).alias("_part"),
             include_key=False,
         ),
         compression="lz4",
