@@ -84,6 +84,8 @@ def _run(
 ) -> PipelineRun:
     import tasks
 
+    tasks.configure()  # also made on import; explicit here, where the run is built
+
     failures: list[str] = []
     tasks.COMPLETION_ERRORS.clear()
     started: dict[str, float] = {}

@@ -3,13 +3,16 @@
 Run with `luigi --module tasks Pipeline --local-scheduler` (or against `luigid`).
 Completion is read from the Delta log (app transaction versions), so finished work is
 skipped without scanning data.
+
+Importing this module applies the lakehouse's Luigi settings (`tasks.configure`): the
+`luigi` command line offers no other hook before it builds its worker, and `lakehouse run`
+makes the same call itself.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import multiprocessing
 import os
 from collections.abc import Callable
 from functools import cache
@@ -24,33 +27,7 @@ from lakehouse.source.schema import TABLES
 from lakehouse.storage import Storage
 from lakehouse.transforms.gold import GOLD
 from lakehouse.zones import bronze, gold, silver
-
-# A failed task must fail the command (Luigi exits 0 by default), and deltalake's tokio
-# runtime does not survive fork, so `--workers N` must spawn.
-_config = luigi.configuration.get_config()
-for _key, _code in (
-    ("unhandled_exception", "4"),
-    ("missing_data", "3"),
-    ("task_failed", "2"),
-    ("already_running", "5"),
-    ("scheduling_error", "6"),
-    # Luigi exits with the highest code that applies. Tasks left "not granted run
-    # permission" are the consequence of another category (a failed check: 6), so theirs
-    # is the lowest: the cause names the exit (issue 14: Postgres down exited 7, not 6).
-    ("not_run", "1"),
-):
-    if not _config.has_option("retcode", _key):
-        _config.set("retcode", _key, _code)
-# The source keeps changing while the pipeline runs, so a dependency that ran a moment ago
-# can be behind again when the next task starts; Luigi's run-time re-check would then fail
-# that task ("Unfulfilled dependencies at run time") on every run under live traffic. The
-# scheduler has already ordered the tasks; each one takes in what its inputs landed, and
-# the next run takes the rest.
-if not _config.has_option("worker", "check_unfulfilled_deps"):
-    _config.set("worker", "check_unfulfilled_deps", "false")
-if multiprocessing.get_start_method(allow_none=True) != "spawn":
-    multiprocessing.set_start_method("spawn", force=True)
-
+from tasks.config import configure
 
 _log = logging.getLogger("luigi-interface")
 COMPLETION_ERRORS: list[BaseException] = []
@@ -95,7 +72,7 @@ def _context() -> tuple[Settings, Storage]:
 
 
 class _Task(luigi.Task):
-    """A task is complete only if its own output is current *and* its inputs are.
+    """A task is complete only if its inputs are *and* its own output is current.
 
     Without this, new source rows would never trigger a run: gold built from the current
     silver looks complete although bronze is behind the source.
@@ -107,8 +84,11 @@ class _Task(luigi.Task):
 
     @_recorded
     def complete(self) -> bool:
-        return self.output_current() and all(
-            dep.complete() for dep in luigi.task.flatten(self.requires())
+        # Inputs first: an output's check may read its inputs (the ML tasks compare the
+        # versions they were built from), which need not exist before their tasks ran.
+        return (
+            all(dep.complete() for dep in luigi.task.flatten(self.requires()))
+            and self.output_current()
         )
 
 
@@ -178,11 +158,10 @@ class BuildGold(_Task):
         gold.build(settings, storage, self.name)
 
 
-class ApplyFeatures(luigi.Task):
+class ApplyFeatures(_Task):
     """Register the Feast repository (`feast apply`); complete once the service exists."""
 
-    @_recorded
-    def complete(self) -> bool:
+    def output_current(self) -> bool:
         from lakehouse import ml_tasks
 
         return ml_tasks.applied(*_context())
@@ -193,17 +172,16 @@ class ApplyFeatures(luigi.Task):
         ml_tasks.apply(*_context())
 
 
-class Materialize(luigi.Task):
+class Materialize(_Task):
     """Load the gold feature values into Feast's online store, incrementally."""
 
     def requires(self) -> list[luigi.Task]:
         return [ApplyFeatures(), *[BuildGold(name=n) for n in sorted(GOLD)]]
 
-    @_recorded
-    def complete(self) -> bool:
+    def output_current(self) -> bool:
         from lakehouse import ml_tasks
 
-        return all(t.complete() for t in self.requires()) and ml_tasks.materialized(*_context())
+        return ml_tasks.materialized(*_context())
 
     def run(self) -> None:
         from lakehouse import ml_tasks
@@ -211,19 +189,16 @@ class Materialize(luigi.Task):
         ml_tasks.materialize(*_context())
 
 
-class BuildTrainingSet(luigi.Task):
+class BuildTrainingSet(_Task):
     """Build the training set through Feast (point in time) and store it with its manifest."""
 
     def requires(self) -> list[luigi.Task]:
         return [ApplyFeatures(), *[BuildGold(name=n) for n in sorted(GOLD)]]
 
-    @_recorded
-    def complete(self) -> bool:
+    def output_current(self) -> bool:
         from lakehouse import ml_tasks
 
-        return all(t.complete() for t in self.requires()) and ml_tasks.training_set_built(
-            *_context()
-        )
+        return ml_tasks.training_set_built(*_context())
 
     def run(self) -> None:
         from lakehouse import ml_tasks
@@ -232,7 +207,7 @@ class BuildTrainingSet(luigi.Task):
         self.set_status_message(f"training set {manifest['sha256'][:12]}: {manifest['rows']} rows")
 
 
-class Train(luigi.Task):
+class Train(_Task):
     """Fit a new model version on the stored training set's stratified split.
 
     With it, the comparison model without the leaky feature; the version is complete (and
@@ -242,11 +217,10 @@ class Train(luigi.Task):
     def requires(self) -> BuildTrainingSet:
         return BuildTrainingSet()
 
-    @_recorded
-    def complete(self) -> bool:
+    def output_current(self) -> bool:
         from lakehouse import ml_tasks
 
-        return self.requires().complete() and ml_tasks.fitted(*_context())
+        return ml_tasks.fitted(*_context())
 
     def run(self) -> None:
         from lakehouse import ml_tasks
@@ -254,7 +228,7 @@ class Train(luigi.Task):
         self.set_status_message(f"fitted version {ml_tasks.fit(*_context())}")
 
 
-class Evaluate(luigi.Task):
+class Evaluate(_Task):
     """Evaluate the fitted version on its hold-out; write its metrics and lineage.
 
     From then on the version is complete, listed and served.
@@ -263,11 +237,10 @@ class Evaluate(luigi.Task):
     def requires(self) -> Train:
         return Train()
 
-    @_recorded
-    def complete(self) -> bool:
+    def output_current(self) -> bool:
         from lakehouse import ml_tasks
 
-        return self.requires().complete() and ml_tasks.trained(*_context())
+        return ml_tasks.trained(*_context())
 
     def run(self) -> None:
         from lakehouse import ml_tasks
@@ -286,6 +259,8 @@ class Pipeline(luigi.WrapperTask):
         return [*data, Materialize(), Evaluate()] if self.ml else data
 
 
+configure()
+
 __all__ = [
     "ApplyFeatures",
     "BuildGold",
@@ -296,4 +271,5 @@ __all__ = [
     "Pipeline",
     "PromoteSilver",
     "Train",
+    "configure",
 ]
