@@ -290,3 +290,17 @@ def test_simulate_writes_a_new_mix_each_call_unless_given_a_seed(  # type: ignor
 
     assert seed_of() != seed_of()
     assert seed_of("--seed", "7") == 7
+    assert seed_of() != 9
+    env["LAKEHOUSE_SEED"] = "9"  # set on purpose: repeated
+    assert seed_of() == 9
+
+
+def test_db_and_models_report_in_json_when_asked(cli, pg_server: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """`--log-format json` holds for every command's messages, not only the pipeline's."""
+    env = {"LAKEHOUSE_HOME": str(tmp_path), "LAKEHOUSE_PG_DSN": pg_server}
+    for argv, event in ((["db", "status"], "db.status"), (["models"], "models.empty")):
+        code, out, err = cli(env, "--log-format", "json", *argv)
+        assert code == 0, err
+        records = [json.loads(line) for line in out.splitlines()]
+        assert [r["event"] for r in records] == [event], out
+    assert records[0]["message"] == "no model yet; run `lakehouse train`"
