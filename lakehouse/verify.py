@@ -32,12 +32,13 @@ from psycopg import sql
 
 from lakehouse import duck
 from lakehouse.errors import LakehouseError
+from lakehouse.repair import promote_all, reread
 from lakehouse.settings import Settings
 from lakehouse.source import extract
 from lakehouse.source.schema import TABLES, SourceTable, connect, ident
 from lakehouse.storage import Storage
-from lakehouse.transforms import quality
-from lakehouse.zones import bronze, silver
+from lakehouse.transforms import checksums, quality
+from lakehouse.zones import bronze
 
 BUCKETS = 256
 ZONE, TABLE = "_meta", "verifications"
@@ -85,71 +86,6 @@ class Verification:
     def ok(self) -> bool:
         """Tell whether silver holds the source (what is in flight aside)."""
         return not self.differences
-
-
-# ----------------------------------------------------------------- canonical values
-
-
-def _hash_pg(text: str) -> str:
-    return f"('x' || lpad(substr(md5({text}), 1, 15), 16, '0'))::bit(64)::bigint"
-
-
-def _hash_duck(text: str) -> str:
-    return f"('0x' || substr(md5({text}), 1, 15))::BIGINT"
-
-
-def _canon_pg(table: str, column: str, pg_type: str) -> str:
-    c = f'"{column}"'
-    if pg_type in ("bigint", "integer", "smallint"):
-        return f"{c}::text"
-    if pg_type == "double precision":
-        # By its bits (so -0 differs from 0), except NaN: every NaN is the same value to
-        # Postgres, whatever its payload, and the stream's text form carries none.
-        return (
-            f"CASE WHEN {c} = 'NaN'::float8 THEN 'NaN' ELSE "
-            f"(('x' || encode(float8send({c}), 'hex'))::bit(64)::bigint)::text END"
-        )
-    if pg_type == "timestamptz":
-        return (
-            f"CASE WHEN {c} >= '{extract.REPRESENTABLE_FROM}'::timestamptz AND {c} < "
-            f"'{extract.REPRESENTABLE_UNTIL}'::timestamptz THEN "
-            f"(extract(epoch FROM {c}) * 1000000)::bigint::text END"
-        )
-    return quality.clean_sql(table, column, c)
-
-
-def _canon_duck(table: str, column: str, pg_type: str, *, typed: bool) -> str:
-    c = f'"{column}"'
-    if pg_type in ("bigint", "integer", "smallint"):
-        return f"CAST({c} AS VARCHAR)"
-    if pg_type == "double precision":
-        return (
-            f"CASE WHEN isnan(CAST({c} AS DOUBLE)) THEN 'NaN' ELSE "
-            f"CAST(CAST(CAST(CAST({c} AS DOUBLE) AS BIT) AS BIGINT) AS VARCHAR) END"
-        )
-    if pg_type == "timestamptz":
-        return f"CAST(epoch_us({c}) AS VARCHAR)"
-    if typed and column == "previous_loan_defaults_on_file":
-        return f"(CASE WHEN {c} THEN 'Yes' WHEN NOT {c} THEN 'No' END)"
-    return quality.clean_sql(table, column, c)
-
-
-def _hashes(
-    source: SourceTable,
-    canon: Callable[[str, str], str],
-    hash_: Callable[[str], str],
-    as_text: Callable[[str], str],
-) -> str:
-    """One hash column per source column: MD5 of `key:value` as text, as an integer."""
-    key = as_text(f'"{source.key}"')
-    return ", ".join(
-        f"{hash_(f'{key} || {chr(39)}:{chr(39)} || coalesce({canon(name, t)}, {_NULL})')}"
-        f' AS "h_{name}"'
-        for name, t in source.columns
-    )
-
-
-_NULL = "'\\N'"
 
 
 # ----------------------------------------------------------------- the two sides
@@ -215,8 +151,11 @@ def _source_frame(
 ) -> pl.DataFrame:
     """Per key (or per bucket when `buckets` is None): the column hashes, in Postgres."""
     key = f'"{source.key}"'
-    hashes = _hashes(
-        source, lambda c, t: _canon_pg(source.name, c, t), _hash_pg, lambda k: f"{k}::text"
+    hashes = checksums.hashes(
+        source,
+        lambda c, t: checksums.canon_pg(source.name, c, t),
+        checksums.hash_pg,
+        lambda k: f"{k}::text",
     )
     inner = sql.SQL(f"SELECT {key}, {hashes} FROM {{t}} WHERE {{settled}}").format(
         t=ident(schema, source.name), settled=fence.settled("updated_xid")
@@ -258,8 +197,11 @@ def _silver_relation(storage: Storage, source: SourceTable) -> str:
     def as_text(k: str) -> str:
         return f"CAST({k} AS VARCHAR)"
 
-    typed = _hashes(source, lambda c, t: _canon_duck(table, c, t, typed=True), _hash_duck, as_text)
-    raw = _hashes(source, lambda c, t: _canon_duck(table, c, t, typed=False), _hash_duck, as_text)
+    def canon(typed: bool) -> Callable[[str, str], str]:
+        return lambda c, t: checksums.canon_duck(table, c, t, typed=typed)
+
+    typed = checksums.hashes(source, canon(True), checksums.hash_duck, as_text)
+    raw = checksums.hashes(source, canon(False), checksums.hash_duck, as_text)
     parts = [f"SELECT {key}, 'current' AS _where, {typed} FROM {cur}"]
     if storage.exists("silver", f"{table}_rejected"):
         parts.append(f"SELECT {key}, 'rejected' AS _where, {raw} FROM {rej} WHERE is_current")
@@ -309,19 +251,22 @@ def verify(
         started = time.monotonic()
         result = _compare(settings, storage, table, fences[table])
         if repair and result.differences:
-            result.repaired = _repair(settings, storage, table, result.differences)
-            _promote_all(storage)
+            result.repaired = reread(
+                settings,
+                storage,
+                table,
+                sorted({d.key for d in result.differences}),
+                doubled=sorted(
+                    {d.key for d in result.differences if d.problem.startswith("held twice")}
+                ),
+            )
+            promote_all(storage)
             again = _compare(settings, storage, table, fences[table])
             result.differences = again.differences
         result.seconds = time.monotonic() - started
         record(storage, result)
         results.append(result)
     return results
-
-
-def _promote_all(storage: Storage) -> None:
-    for table in TABLES:  # applicants first: the applications' rules read them
-        silver.promote(storage, table)
 
 
 def _catch_up(
@@ -352,7 +297,7 @@ def _catch_up(
                 time.sleep(0.5)
         else:
             bronze.ingest(settings, storage, table)
-    _promote_all(storage)
+    promote_all(storage)
     for table in tables:
         if fed[table]:
             fences[table] = _Fence(snapshot, None)
@@ -482,59 +427,6 @@ def _consistency(con: object, storage: Storage, table: str, flight: pl.Series) -
             if k not in skip:
                 out.append(Difference(int(k), problem))
     return out
-
-
-# ----------------------------------------------------------------- repair
-
-
-def _repair(settings: Settings, storage: Storage, table: str, found: list[Difference]) -> int:
-    """Re-read the differing keys from the source into bronze (a repair batch)."""
-    source = TABLES[table]
-    keys = sorted({d.key for d in found})
-    doubled = sorted({d.key for d in found if d.problem.startswith("held twice")})
-    if doubled:
-        # A key held twice is first removed everywhere, then re-read.
-        with (
-            connect(settings) as conn,
-            extract.snapshot(conn, after=bronze.last_batch(storage, table)) as snap,
-        ):
-            first = snap.lsn
-        bronze.append_repair(storage, table, iter([_deletes(source, doubled, first)]), lsn=first)
-        _promote_all(storage)
-    with (
-        connect(settings) as conn,
-        extract.snapshot(conn, after=bronze.last_batch(storage, table)) as snap,
-    ):
-        rows = list(
-            extract.extract(
-                conn,
-                settings.pg_schema,
-                source,
-                extract.Window(None, None),
-                batch_rows=settings.batch_rows,
-                lsn=snap.lsn,
-                keys=keys,
-            )
-        )
-        lsn = snap.lsn
-    frame = pl.concat(rows) if rows else pl.DataFrame(schema=extract.extracted_schema(source))
-    present = set(frame[source.key].to_list())
-    gone = [k for k in keys if k not in present]
-    frames = [frame, _deletes(source, gone, lsn)] if gone else [frame]
-    bronze.append_repair(storage, table, iter(frames), lsn=lsn)
-    return len(keys)
-
-
-def _deletes(source: SourceTable, keys: list[int], lsn: int) -> pl.DataFrame:
-    schema = extract.extracted_schema(source)
-    now = datetime.now(UTC)
-    given = {
-        source.key: keys,
-        "_op": ["delete"] * len(keys),
-        "_source_ts": [now] * len(keys),
-        "_source_lsn": [lsn] * len(keys),
-    }
-    return pl.DataFrame({c: given.get(c, [None] * len(keys)) for c in schema}, schema=schema)
 
 
 # ----------------------------------------------------------------- records
