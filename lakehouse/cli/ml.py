@@ -5,17 +5,20 @@ from __future__ import annotations
 import argparse
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lakehouse import log
 from lakehouse.errors import LakehouseError, described
 from lakehouse.settings import Settings
-from lakehouse.storage import Storage
+
+if TYPE_CHECKING:  # imported when a command runs: `lakehouse --help` stays quick
+    from lakehouse.storage import Storage
 
 
 def _guarded(settings: Settings, args: argparse.Namespace, work: Callable[[Storage], int]) -> int:
     """Run an ML command: Feast, the online store and scikit-learn fail in one line."""
     from lakehouse import features
+    from lakehouse.storage import Storage
 
     features.check_repo_is_shipped()
     storage = Storage.from_settings(settings)
