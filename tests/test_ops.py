@@ -409,3 +409,29 @@ def test_ctrl_c_finishes_the_step_in_hand_and_a_second_ctrl_c_interrupts(
     built = read(storage, "gold", "application_features")["application_id"]
     assert sorted(built.unique()) == sorted(loans["application_id"])
 
+
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
+def test_a_second_ctrl_c_interrupts_a_stream_landing_its_batch(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for `lakehouse stream`: the first Ctrl-C lets it land what it holds; a
+    second one, while that landing hangs, interrupts it with exit 130, committing nothing."""
+    from stream import setup
+    from tests.stream.helpers import stream_settings
+
+    settings = stream_settings(settings)
+    storage = seeded(settings, rows=10)
+    setup.setup(settings, storage)
+    with psycopg.connect(settings.pg_dsn.get(), autocommit=True) as conn:
+        conn.execute(
+            f'UPDATE "{settings.pg_schema}".applicants SET credit_score = 701 '
+            "WHERE applicant_id = 1"
+        )
+    failpoint = "stream.applicants.before-commit"
+    with _service_at_failpoint(settings, monkeypatch, failpoint, "stream") as (stream, lines):
+        _ctrl_c(stream)
+        stream.send_signal(signal.SIGINT)
+        assert stream.wait(timeout=60) == 130
+    assert lines[-1] == "interrupted\n", "".join(lines)[-3000:]
+    assert "Traceback" not in "".join(lines)
+    assert not storage.exists("bronze", "applicants_changes")
