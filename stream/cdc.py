@@ -351,9 +351,14 @@ def build_flow(
 
 
 def install_signal_handlers() -> None:
-    """Make SIGTERM (and SIGINT) stop the flow gracefully: land what is held, then exit."""
+    """Make SIGTERM (and SIGINT) stop the flow gracefully: land what is held, then exit.
+
+    A second Ctrl-C does not wait for that landing (it may hang on a slow store).
+    """
 
     def stop(signum: int, frame: Any) -> None:
+        if signum == signal.SIGINT and STOP.is_set():
+            raise KeyboardInterrupt
         STOP.set()
 
     signal.signal(signal.SIGTERM, stop)

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ from lakehouse import log
 from lakehouse.settings import Settings
 from lakehouse.source.embedded import free_port
 from tests.conftest import env_for
-from tests.helpers import seeded
+from tests.helpers import read, seeded
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -308,3 +309,129 @@ def test_serve_answers_and_stops_with_exit_0(settings: Settings, workers: int) -
         code, out, err = stop(server)
     assert code == 0, err[-2000:]
     assert f"with {workers} worker(s)" in out
+
+
+def _wait_for_line(lines: list[str], wanted: str, child: subprocess.Popen[str]) -> None:
+    """Wait until a line of the child's stderr (read by a thread into `lines`) says `wanted`."""
+    wait_until(
+        lambda: any(wanted in line for line in lines) or child.poll() is not None,
+        120,
+        wanted,
+    )
+    assert any(wanted in line for line in lines), "".join(lines)[-3000:]
+
+
+def _ctrl_c(child: subprocess.Popen[str]) -> None:
+    """Press Ctrl-C once and wait until the child's handler has run.
+
+    Two SIGINTs sent back to back can arrive before Python runs its handler for the first,
+    and then count as one. The child waits in a failpoint's sleep: the signal interrupts
+    that system call, Python runs the handler, and the sleep resumes. So the handler has
+    run once the signal is no longer pending and the main thread is back in that call.
+    """
+    proc = Path(f"/proc/{child.pid}")
+    waiting = (proc / "syscall").read_text().split()[0]
+    child.send_signal(signal.SIGINT)
+    bit = 1 << (signal.SIGINT - 1)
+
+    def handled() -> bool:
+        status = dict(line.split(":", 1) for line in (proc / "status").read_text().splitlines())
+        pending = int(status["SigPnd"], 16) | int(status["ShdPnd"], 16)
+        return not pending & bit and (proc / "syscall").read_text().split()[0] == waiting
+
+    deadline = time.monotonic() + 30
+    while not handled():
+        assert child.poll() is None, "the child exited on the first Ctrl-C"
+        assert time.monotonic() < deadline, "the first Ctrl-C was not handled"
+        time.sleep(0.01)
+
+
+@contextmanager
+def _service_at_failpoint(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, failpoint: str, *args: str
+) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """A service paused at `failpoint` (mid-step); yields it and its stderr lines so far."""
+    monkeypatch.setenv("LAKEHOUSE_FAILPOINT", failpoint)
+    with service(settings, *args) as child:
+        lines: list[str] = []
+        assert child.stderr is not None
+        stderr = child.stderr
+
+        def collect() -> None:
+            for line in stderr:
+                lines.append(line)
+
+        reader = threading.Thread(target=collect)
+        reader.start()
+        _wait_for_line(lines, f"failpoint {failpoint} reached", child)
+        try:
+            yield child, lines
+        finally:
+            if child.poll() is None:
+                child.kill()
+            child.wait()
+            reader.join()
+
+
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
+def test_ctrl_c_finishes_the_step_in_hand_and_a_second_ctrl_c_interrupts(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """README, *Operations*: a service stopped by Ctrl-C finishes the step in hand and
+    exits 0; a second Ctrl-C interrupts (exit 130, `interrupted`), and what it interrupted
+    landed nothing (pipeline steps are atomic Delta commits)."""
+    from tests.zones.test_silver import assert_same_rows, expected
+
+    storage = seeded(settings, rows=40)
+    failpoint = "gold.application_features.mid-write"  # files written, commit not yet made
+    run = ("run", "--no-ml", "--every", "3600")
+
+    with _service_at_failpoint(settings, monkeypatch, failpoint, *run) as (runner, lines):
+        _ctrl_c(runner)
+        runner.send_signal(signal.SIGINT)
+        assert runner.wait(timeout=60) == 130
+    assert lines[-1] == "interrupted\n", "".join(lines)[-3000:]
+    assert "Traceback" not in "".join(lines)
+    assert not storage.exists("gold", "application_features")  # its build landed nothing
+
+    monkeypatch.setenv("LAKEHOUSE_FAILPOINT_PAUSE", "3")  # then the step goes on
+    with _service_at_failpoint(settings, monkeypatch, failpoint, *run) as (runner, lines):
+        _ctrl_c(runner)
+        assert not storage.exists("gold", "application_features")  # still in the step
+        assert runner.wait(timeout=120) == 0, "".join(lines)[-3000:]
+        assert runner.stdout is not None
+        out = runner.stdout.read()
+    assert "tasks ran in" in out, out
+    # The step finished: silver equals the source, gold holds every application in it.
+    applicants, loans = expected(settings)
+    assert_same_rows(read(storage, "silver", "applicants"), applicants, "applicant_id")
+    assert_same_rows(read(storage, "silver", "loan_applications"), loans, "application_id")
+    built = read(storage, "gold", "application_features")["application_id"]
+    assert sorted(built.unique()) == sorted(loans["application_id"])
+
+
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
+def test_a_second_ctrl_c_interrupts_a_stream_landing_its_batch(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same for `lakehouse stream`: the first Ctrl-C lets it land what it holds; a
+    second one, while that landing hangs, interrupts it with exit 130, committing nothing."""
+    from stream import setup
+    from tests.stream.helpers import stream_settings
+
+    settings = stream_settings(settings)
+    storage = seeded(settings, rows=10)
+    setup.setup(settings, storage)
+    with psycopg.connect(settings.pg_dsn.get(), autocommit=True) as conn:
+        conn.execute(
+            f'UPDATE "{settings.pg_schema}".applicants SET credit_score = 701 '
+            "WHERE applicant_id = 1"
+        )
+    failpoint = "stream.applicants.before-commit"
+    with _service_at_failpoint(settings, monkeypatch, failpoint, "stream") as (stream, lines):
+        _ctrl_c(stream)
+        stream.send_signal(signal.SIGINT)
+        assert stream.wait(timeout=60) == 130
+    assert lines[-1] == "interrupted\n", "".join(lines)[-3000:]
+    assert "Traceback" not in "".join(lines)
+    assert not storage.exists("bronze", "applicants_changes")

@@ -257,7 +257,12 @@ def _settle(conn: psycopg.Connection, schema: str, source: SourceTable) -> None:
         " xact_start FROM pg_stat_activity WHERE backend_xid = (pg_snapshot_xmin("
         "pg_current_snapshot())::text::bigint % 4294967296)::text::xid"
     ).fetchone()
-    holder = f"pid {row[0]} ({row[1]} {row[2]}, open since {row[3]})" if row else "a transaction"
+    holder = "a transaction"
+    if row:
+        # A role without pg_read_all_stats sees other roles' pids and xids, not the rest.
+        seen = [f"{row[1]} {row[2]}".strip(), f"open since {row[3]}" if row[3] else ""]
+        detail = ", ".join(part for part in seen if part)
+        holder = f"pid {row[0]}" + (f" ({detail})" if detail else "")
     _log.warning(
         "%s holds the extraction fence back: rows of `%s` committed after it start come "
         "with the next run",
