@@ -85,6 +85,7 @@ def _run(
     import tasks
 
     tasks.configure()  # also made on import; explicit here, where the run is built
+    tasks.forget_context()  # an earlier run in this process may have had other settings
 
     failures: list[str] = []
     tasks.COMPLETION_ERRORS.clear()

@@ -55,6 +55,14 @@ def _recorded(complete: Callable[[T], bool]) -> Callable[[T], bool]:
     return check
 
 
+def forget_context() -> None:
+    """Read the settings again at the next task: a new run in this process may have others.
+
+    Worker processes start empty; in-process runs (`lakehouse run`, tests) call this first.
+    """
+    _context.cache_clear()
+
+
 @cache
 def _context() -> tuple[Settings, Storage]:
     environment.private_files()
@@ -272,4 +280,5 @@ __all__ = [
     "PromoteSilver",
     "Train",
     "configure",
+    "forget_context",
 ]

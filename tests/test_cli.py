@@ -116,6 +116,15 @@ def test_run_before_seed(cli, base_settings: Settings) -> None:  # type: ignore[
     )
 
 
+def test_a_second_run_in_one_process_reads_its_own_settings(cli, base_settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """Luigi tasks cache their settings per process: each in-process run starts afresh."""
+    from dataclasses import replace
+
+    for schema in ("first_schema", "second_schema"):
+        code, _, err = cli(env_for(replace(base_settings, pg_schema=schema)), "run", "--no-ml")
+        assert_one_line_error(code, err, f"no lending tables in schema `{schema}`")
+
+
 def test_configured_server_status(cli, pg_server: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     code, out, _ = cli(
         {"LAKEHOUSE_HOME": str(tmp_path), "LAKEHOUSE_PG_DSN": pg_server}, "db", "status"
