@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
 import polars as pl
 import psycopg
 
@@ -12,6 +16,8 @@ from lakehouse.transforms.gold import GOLD
 from lakehouse.zones import bronze, gold, silver
 
 TABLES = ("applicants", "loan_applications")
+
+T = TypeVar("T")
 
 
 def seeded(settings: Settings, rows: int = 300) -> Storage:
@@ -52,3 +58,18 @@ def source_frame(settings: Settings, query: str) -> pl.DataFrame:
         cur = conn.execute(query)
         cols = [d.name for d in cur.description or []]
         return pl.DataFrame(cur.fetchall(), schema=cols, orient="row", infer_schema_length=None)
+
+
+def wait_until(check: Callable[[], T], timeout: float, what: str, *, every: float = 1.0) -> T:
+    """Call `check` every `every` seconds until it returns something true; return that.
+
+    Fails naming `what` after `timeout` seconds: tests wait on what they can observe,
+    never on a sleep that a loaded machine may outlast.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)

@@ -37,9 +37,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from lakehouse.cli import build_parser
 from lakehouse.settings import PREFIX, Settings
-from lakehouse.source.embedded import find_bin_dir
+from lakehouse.source.embedded import find_bin_dir, free_port
 from lakehouse.source.extract import fence, snapshot
-from tests.conftest import embedded_cluster
+from tests.conftest import embedded_cluster, wait_for_port
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "compose"
@@ -635,9 +635,64 @@ def test_minio_init_limits_the_lakehouse_user_to_its_bucket(tmp_path: Path) -> N
     resources = {r for statement in policy["Statement"] for r in statement["Resource"]}
     assert resources == {f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"}
     assert all(statement["Effect"] == "Allow" for statement in policy["Statement"])
+    assert_policy_enforced(policy, bucket)
     # A later `up` on the same volume: the policy is attached already (attach would fail).
     Path(f"{log}.info").write_text(f"AccessKey: {key}\nPolicyName: lakehouse-bucket\n")
     assert not any(call.startswith("admin policy attach") for call in run_init())
+
+
+def assert_policy_enforced(policy: dict[str, Any], bucket: str) -> None:
+    """A user with only `policy` reads and writes `bucket` and is denied another, on an S3
+    server that enforces IAM (moto with auth on, in a process of its own: the switch is
+    process-wide, and the session's S3 server runs without it)."""
+    import io
+
+    import boto3
+    import requests
+    from minio import Minio
+    from minio.error import S3Error
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port)
+        url = f"http://127.0.0.1:{port}"
+        admin = {"endpoint_url": url, "region_name": "us-east-1"}
+        admin |= {"aws_access_key_id": "admin", "aws_secret_access_key": "admin"}
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="lakehouse")
+        key = iam.create_access_key(UserName="lakehouse")["AccessKey"]
+        document = json.dumps(policy)
+        arn = iam.create_policy(PolicyName="bucket", PolicyDocument=document)["Policy"]["Arn"]
+        iam.attach_user_policy(UserName="lakehouse", PolicyArn=arn)
+        for name in (bucket, "another-bucket"):
+            boto3.client("s3", **admin).create_bucket(Bucket=name)
+        requests.post(f"{url}/moto-api/reset-auth", data=b"0", timeout=30).raise_for_status()
+        user = Minio(
+            f"127.0.0.1:{port}",
+            access_key=key["AccessKeyId"],
+            secret_key=key["SecretAccessKey"],
+            secure=False,
+            region="us-east-1",
+        )
+        user.put_object(bucket, "bronze/x", io.BytesIO(b"x"), 1)
+        assert [o.object_name for o in user.list_objects(bucket, recursive=True)] == ["bronze/x"]
+        assert user.get_object(bucket, "bronze/x").read() == b"x"
+        user.remove_object(bucket, "bronze/x")
+        for denied in (
+            lambda: user.put_object("another-bucket", "x", io.BytesIO(b"x"), 1),
+            lambda: list(user.list_objects("another-bucket")),
+            lambda: user.make_bucket("a-third-bucket"),
+        ):
+            with pytest.raises(S3Error, match="AccessDenied"):
+                denied()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 # ======================================================= commands and settings

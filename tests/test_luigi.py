@@ -17,9 +17,23 @@ from lakehouse.models import Registry
 from lakehouse.settings import Settings
 from lakehouse.source.embedded import free_port
 from tests.conftest import env_for, wait_for_port
-from tests.helpers import churn, read, run_all, seeded
+from tests.helpers import churn, read, run_all, seeded, source_frame
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# The tables of the data pipeline (`--ml false`): README, "Zones and tables".
+DATA_TABLES = [
+    ("bronze", "applicants"),
+    ("bronze", "loan_applications"),
+    *[
+        ("silver", f"{t}{suffix}")
+        for t in ("applicants", "loan_applications")
+        for suffix in ("", "_history", "_rejected")
+    ],
+    ("gold", "applicant_features"),
+    ("gold", "application_features"),
+    ("gold", "approval_rate_daily"),
+]
 
 
 def luigi(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
@@ -191,8 +205,15 @@ def test_two_runners_share_one_central_scheduler(base_settings: Settings, tmp_pa
         outputs = [r.communicate(timeout=300) for r in runners]
         for runner, (out, err) in zip(runners, outputs, strict=True):
             assert runner.returncode == 0, (out, err)
+    # Every table of the data pipeline is there, and no other.
+    assert sorted(storage.list_tables()) == sorted(DATA_TABLES)
     # One load each: bronze's first append, silver's and gold's load after their creation
     # (created empty at version 0, so that two writers never both load a new table).
-    for zone, name in storage.list_tables():
+    for zone, name in DATA_TABLES:
         want = 0 if zone == "bronze" else 1
         assert storage.table(zone, name).version() == want, f"{zone}.{name}"
+    # And the loads hold the data: every source row reached bronze exactly once.
+    for table in ("applicants", "loan_applications"):
+        query = f'SELECT count(*) AS n FROM "{base_settings.pg_schema}".{table}'
+        rows = source_frame(base_settings, query)["n"][0]
+        assert read(storage, "bronze", table).height == rows == 200, table

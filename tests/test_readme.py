@@ -7,6 +7,8 @@ checks are the part that fits in CI.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 import subprocess
 import sys
@@ -84,11 +86,43 @@ def test_every_luigi_command_names_real_tasks_and_parameters() -> None:
         assert task.task_family in tasks.__all__
 
 
-def test_the_other_programs_and_flows_exist() -> None:
-    from stream import cdc
+# What `python -m bytewax.run module:flow` does to find the flow, then a SIGTERM as
+# `docker compose stop` sends: in a child, because getting `stream.cdc:flow` installs the
+# flow's SIGTERM/SIGINT handlers (Ctrl-C would no longer stop pytest).
+_FLOW_CHECK = """
+import importlib, json, os, signal, sys
+from bytewax.dataflow import Dataflow
+module, _, name = sys.argv[1].partition(":")
+flow = getattr(importlib.import_module(module), name)
+from stream import cdc
+stopped_before = cdc.STOP.is_set()
+os.kill(os.getpid(), signal.SIGTERM)
+print(json.dumps({
+    "dataflow": isinstance(flow, Dataflow),
+    "steps": [(s.step_id, type(s).__name__) for s in flow.substeps],
+    "stop_on_sigterm": not stopped_before and cdc.STOP.is_set(),
+}))
+"""
 
-    assert "python -m bytewax.run stream.cdc:flow" in TEXT
-    assert cdc.flow is not None
+
+def test_the_other_programs_and_flows_exist(tmp_path: Path) -> None:
+    (target,) = re.findall(r"python -m bytewax\.run (\S+:\w+)", TEXT)
+    assert target == "stream.cdc:flow"
+    found = subprocess.run(
+        [sys.executable, "-c", _FLOW_CHECK, target],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+        check=False,
+    )
+    assert found.returncode == 0, found.stderr[-2000:]
+    assert json.loads(found.stdout) == {
+        "dataflow": True,
+        "steps": [["lakehouse_cdc.slots", "input"], ["lakehouse_cdc.bronze", "output"]],
+        "stop_on_sigterm": True,
+    }
     feast = [argv[0] for argv in _invocations("feast")]
     assert feast
     listed = subprocess.run(

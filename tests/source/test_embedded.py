@@ -66,8 +66,27 @@ def test_db_lifecycle(binaries: str) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
-def test_finds_system_binaries_first() -> None:
-    assert (find_bin_dir() / "initdb").is_file()
+def test_finds_system_binaries_first(pg_server: str) -> None:
+    """Without LAKEHOUSE_PG_BIN the cluster runs the system's Postgres (the installation
+    `pg_config` describes), not the pgserver wheel's, which is installed too. Seen from
+    the running server (the session's cluster, started with the default settings): the
+    executable of a backend, and the version it reports."""
+    pg_config = shutil.which("pg_config")
+    assert pg_config is not None, "install PostgreSQL's server and pg_config (CI has them)"
+
+    def ask(option: str) -> str:
+        return subprocess.run(
+            [pg_config, option], capture_output=True, text=True, check=True
+        ).stdout.strip()
+
+    major = re.match(r"PostgreSQL (\d+)", ask("--version"))
+    assert major is not None
+    with psycopg.connect(pg_server) as conn:
+        row = conn.execute("SELECT pg_backend_pid(), current_setting('server_version_num')")
+        pid, version = row.fetchone()  # type: ignore[misc]
+        running = Path(f"/proc/{pid}/exe").resolve(strict=True)  # while the backend lives
+    assert running == (Path(ask("--bindir")) / "postgres").resolve()
+    assert int(version) // 10_000 == int(major.group(1))
 
 
 def test_a_configured_folder_without_binaries_is_an_error_not_ignored(tmp_path: Path) -> None:

@@ -23,7 +23,7 @@ from lakehouse.storage import Storage
 from lakehouse.zones import bronze, silver
 from stream import changes, setup
 from tests.conftest import env_for
-from tests.helpers import read, run_all, seeded
+from tests.helpers import read, run_all, seeded, wait_until
 from tests.stream.helpers import (
     Witness,
     assert_exactly_once,
@@ -104,6 +104,8 @@ def test_silver_from_changes_key_change_toast_truncate(settings: Settings) -> No
     setup.setup(settings, storage)
     s = settings.pg_schema
     big = os.urandom(6000).hex()  # incompressible: stored out of line (TOAST)
+    valid_7 = expected(settings)[0].filter(pl.col("applicant_id") == 7)
+    assert valid_7.height == 1  # applicant 7 starts valid
 
     def work() -> None:
         with schema.connect(settings, autocommit=True) as conn:
@@ -130,13 +132,16 @@ def test_silver_from_changes_key_change_toast_truncate(settings: Settings) -> No
     # The speed layer already merged everything: the batch path has nothing left to do.
     assert all(silver.is_current(storage, t) for t in ("applicants", "loan_applications"))
     assert silver.promote(storage, "applicants").rows == {}
-    # Applicant 7's last versions broke a rule: silver keeps its last valid version.
+    # Applicant 7's last versions broke a rule: it left silver (README, "Silver equals
+    # the source"), and history closed its last valid version, the seeded one.
     applicants, loans = expected(settings)
-    current = read(storage, "silver", "applicants")
-    kept = current.filter(pl.col("applicant_id") == 7)
-    assert kept["person_home_ownership"].to_list() != [big]
-    assert_same_rows(current.filter(pl.col("applicant_id") != 7), applicants, "applicant_id")
+    assert 7 not in applicants["applicant_id"]
+    assert_same_rows(read(storage, "silver", "applicants"), applicants, "applicant_id")
     assert_same_rows(read(storage, "silver", "loan_applications"), loans, "application_id")
+    history_7 = read(storage, "silver", "applicants_history").filter(pl.col("applicant_id") == 7)
+    assert history_7["is_current"].to_list() == [False]
+    assert history_7["valid_to"].null_count() == 0
+    assert_same_rows(history_7, valid_7, "applicant_id")
 
     log = read(storage, "bronze", "applicants_changes")
     toast = (
@@ -231,6 +236,31 @@ def wait_active(settings: Settings, active: bool, timeout: float = 60) -> None:
             time.sleep(0.1)
 
 
+def wait_for_a_commit(child: subprocess.Popen[str], storage: Storage) -> None:
+    """Wait until a stream just started lands a micro-batch in either change log."""
+
+    def commits() -> int:
+        return sum(
+            storage.table("bronze", changes.changes_table(t)).version() + 1
+            for t in ("applicants", "loan_applications")
+            if storage.exists("bronze", changes.changes_table(t))
+        )
+
+    landed = commits()
+    try:
+        wait_until(
+            lambda: child.poll() is not None or commits() > landed,
+            60,
+            "a micro-batch landed by the stream",
+            every=0.1,
+        )
+    except AssertionError:
+        child.kill()  # a consumer left running keeps its slot and the cluster up
+        child.wait()
+        raise
+    assert child.poll() is None, child.communicate()[1][-2000:]
+
+
 def test_sigkill_at_random_points_loses_and_duplicates_nothing(settings: Settings) -> None:
     settings = stream_settings(settings)
     storage = seeded(settings, rows=300)
@@ -243,10 +273,11 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(settings: Setting
         wait_for_line(child, "failpoint stream.applicants.after-commit reached")
         child.send_signal(signal.SIGKILL)
         child.wait()
-        for _ in range(3):  # killed at random points
+        for _ in range(3):  # killed at random points, once each has landed a batch
             wait_active(settings, active=False)
             child = lakehouse_stream(settings)
-            time.sleep(rng.uniform(2.0, 4.0))
+            wait_for_a_commit(child, storage)
+            time.sleep(rng.uniform(0.0, 1.0))
             child.send_signal(signal.SIGKILL)
             child.wait()
             assert child.returncode == -signal.SIGKILL
@@ -408,15 +439,25 @@ def test_maintain_compacts_the_stream_small_files(settings: Settings) -> None:
     storage = seeded(settings, rows=50)
     setup.setup(settings, storage)
 
-    def trickle() -> None:
-        with schema.connect(settings, autocommit=True) as conn:
-            for i in range(8):
-                simulate(conn, settings.pg_schema, changes=20, batch_size=5, seed=i)
-                time.sleep(0.3)  # one micro-batch each
+    def files() -> int:
+        if not storage.exists("bronze", "applicants_changes"):
+            return 0
+        return len(storage.table("bronze", "applicants_changes").file_uris())
 
-    stream_while(settings, storage, trickle)
+    def trickle(rounds: int) -> None:
+        with schema.connect(settings, autocommit=True) as conn:
+            for i in range(rounds):
+
+                def grew(landed: int = files()) -> bool:
+                    return files() > landed
+
+                simulate(conn, settings.pg_schema, changes=20, batch_size=5, seed=i)
+                # A micro-batch of it landed before the next: a small file each.
+                wait_until(grew, 60, "a new file in bronze.applicants_changes", every=0.1)
+
+    stream_while(settings, storage, lambda: trickle(4))
     before = read(storage, "bronze", "applicants_changes").sort("_commit_lsn", "_seq")
-    files_before = len(storage.table("bronze", "applicants_changes").file_uris())
+    files_before = files()
     assert files_before >= 4
     results = {r.table: r for r in maintain(storage, retention_hours=168)}
     assert "bronze.applicants_changes" in results
@@ -424,5 +465,5 @@ def test_maintain_compacts_the_stream_small_files(settings: Settings) -> None:
     assert len(storage.table("bronze", "applicants_changes").file_uris()) < files_before
     assert after.equals(before)
     # The stream carries on after maintenance, from where it was.
-    stream_while(settings, storage, trickle)
+    stream_while(settings, storage, lambda: trickle(1))
     assert read(storage, "bronze", "applicants_changes").height > before.height
