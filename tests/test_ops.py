@@ -124,8 +124,19 @@ def test_runs_under_live_changes_succeed_are_recorded_and_status_shows_them(
     `_meta.pipeline_runs`, and `status` must show the tables caught up afterwards.
     """
     seeded(settings, rows=300)
+
+    def source_applications() -> int:
+        with psycopg.connect(settings.pg_dsn.get()) as conn:
+            row = conn.execute(
+                f'SELECT count(*) FROM "{settings.pg_schema}".loan_applications'
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    before = source_applications()
     with service(settings, "--log-format", "json", "simulate", "--rate", "100") as simulator:
-        time.sleep(1)
+        # The runs start under live changes: the simulator has written before the first.
+        wait_until(lambda: source_applications() > before, 60, "the simulator's first writes")
         for _ in range(2):
             run = lakehouse(settings, "--log-format", "json", "run", "--no-ml")
             assert run.returncode == 0, run.stderr[-2000:]
