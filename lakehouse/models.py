@@ -416,7 +416,8 @@ def load(storage: Storage, version: str | None = None) -> tuple[str, Trained]:
     if chosen not in registry.versions():
         msg = f"model version `{chosen}` is not in the registry; see `lakehouse models`"
         raise ModelError(msg)
-    trained = joblib.load(io.BytesIO(registry.get(chosen, "model.joblib")))
+    trained: Trained = joblib.load(io.BytesIO(registry.get(chosen, "model.joblib")))
+    trained.prepare()  # an unexpected scorer failure shows here, not on every request
     return chosen, trained
 
 

@@ -113,6 +113,10 @@ class Trained:
             return fast(x)
         return float(self.model.predict_proba(x)[0, 1])
 
+    def prepare(self) -> None:
+        """Build the one-row scorer now (it is built on first use otherwise)."""
+        self._fast_path()
+
     def _fast_path(self) -> Any:
         """Return a one-row scorer that skips scikit-learn's per-call overhead, or None.
 

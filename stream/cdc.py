@@ -14,6 +14,7 @@ before the recorded position.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -25,6 +26,7 @@ from bytewax.dataflow import Dataflow
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
+from lakehouse import log as events
 from lakehouse.errors import LakehouseError, StorageError
 from lakehouse.failpoints import failpoint
 from lakehouse.settings import Settings
@@ -53,6 +55,8 @@ MONITOR = Monitor()
 
 STOP = threading.Event()
 """Set by SIGTERM/SIGINT (or a failure): sources emit what they hold and end; sinks land it."""
+SIGNALLED = threading.Event()
+"""Set by the first SIGTERM or Ctrl-C only: a Ctrl-C after it interrupts the landing."""
 FAILURES: list[LakehouseError] = []
 """Errors that stopped the flow; `lakehouse stream` reports the first as one line."""
 CAPTURE = threading.Event()
@@ -353,12 +357,19 @@ def build_flow(
 def install_signal_handlers() -> None:
     """Make SIGTERM (and SIGINT) stop the flow gracefully: land what is held, then exit.
 
-    A second Ctrl-C does not wait for that landing (it may hang on a slow store).
+    A second Ctrl-C does not wait for that landing (it may hang on a slow store): it
+    exits 130 at once. That is safe because a batch is landed by one atomic Delta commit
+    and the slot is confirmed only after it: what was not landed is streamed again. A
+    KeyboardInterrupt would not do: raised outside a sink's `write_batch`, Bytewax turns
+    it into a Rust panic (a backtrace on stderr) wrapped in a runtime error.
     """
 
     def stop(signum: int, frame: Any) -> None:
-        if signum == signal.SIGINT and STOP.is_set():
-            raise KeyboardInterrupt
+        # Asked to stop before (not merely stopping after a failure, which sets STOP too).
+        if signum == signal.SIGINT and SIGNALLED.is_set():
+            events.event("interrupted", "interrupted", level="error")
+            os._exit(130)
+        SIGNALLED.set()
         STOP.set()
 
     signal.signal(signal.SIGTERM, stop)

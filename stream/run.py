@@ -61,6 +61,7 @@ def run_stream(
     check_ready(settings)
     cdc.install_signal_handlers()
     cdc.STOP.clear()
+    cdc.SIGNALLED.clear()
     cdc.FAILURES.clear()
     cdc.CAPTURE.set()
     progress(

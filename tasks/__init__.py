@@ -45,11 +45,14 @@ def _recorded(complete: Callable[[T], bool]) -> Callable[[T], bool]:
         try:
             return complete(self)
         except Exception as exc:
-            COMPLETION_ERRORS.append(exc)
-            # One line with the cause, above the traceback Luigi logs next (a plain
-            # `luigi` run showed only "failed scheduling" in its summary).
-            why = first_line(exc) if isinstance(exc, LakehouseError) else described(exc)
-            _log.error("%s could not check what is done: %s", self, why)
+            # Each task checks its inputs first, so one failure rises through every
+            # dependent's check: said once, by the task that failed.
+            if not any(seen is exc for seen in COMPLETION_ERRORS):
+                COMPLETION_ERRORS.append(exc)
+                # One line with the cause, above the traceback Luigi logs next (a plain
+                # `luigi` run showed only "failed scheduling" in its summary).
+                why = first_line(exc) if isinstance(exc, LakehouseError) else described(exc)
+                _log.error("%s could not check what is done: %s", self, why)
             raise
 
     return check

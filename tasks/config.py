@@ -22,7 +22,9 @@ def configure() -> None:
     does not survive fork, so `--workers N` must spawn its worker processes.
     """
     ours = configparser.ConfigParser()
-    ours.read(DEFAULTS)
+    if not ours.read(DEFAULTS):  # without it a failed run would exit 0
+        msg = f"the lakehouse's Luigi settings {DEFAULTS} are missing: reinstall the package"
+        raise FileNotFoundError(msg)
     config = luigi.configuration.get_config()
     for section in ours.sections():
         for option, value in ours.items(section):

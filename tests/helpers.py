@@ -23,7 +23,7 @@ T = TypeVar("T")
 def seeded(settings: Settings, rows: int = 300) -> Storage:
     """Seed the test's schema and return checked storage."""
     with schema.connect(settings) as conn:
-        seed.seed(conn, settings.pg_schema, rows=rows, seed=settings.seed)
+        seed.seed(conn, settings.pg_schema, rows=rows, seed=settings.repeatable_seed)
         conn.commit()
     storage = Storage.from_settings(settings)
     storage.check()
