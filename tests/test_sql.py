@@ -120,6 +120,9 @@ def test_the_connection_reads_the_warehouse_and_nothing_else(
     assert not (tmp_path / "out.csv").exists()
 
 
+# Local disk only (CI time): the SQL front end (statement checks, errors, rendering) is the same
+# whatever the storage; S3 reads are the views and time-travel tests.
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
 def test_read_only_queries_that_are_not_plain_selects(settings: Settings, lake: Storage) -> None:
     pivot = sql.run_query(
         settings,
@@ -136,6 +139,9 @@ def test_read_only_queries_that_are_not_plain_selects(settings: Settings, lake: 
         sql.run_query(settings, lake, "SELECT * FROM read_csv('/etc/passwd')")
 
 
+# Local disk only (CI time): the SQL front end (statement checks, errors, rendering) is the same
+# whatever the storage; S3 reads are the views and time-travel tests.
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
 def test_writes_are_refused_before_touching_tables(settings: Settings, lake: Storage) -> None:
     version = lake.table("silver", "applicants").version()
     with pytest.raises(
@@ -151,6 +157,9 @@ def test_writes_are_refused_before_touching_tables(settings: Settings, lake: Sto
     assert read(lake, "silver", "applicants").height > 0
 
 
+# Local disk only (CI time): the SQL front end (statement checks, errors, rendering) is the same
+# whatever the storage; S3 reads are the views and time-travel tests.
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
 def test_syntax_and_unknown_table_errors(settings: Settings, lake: Storage) -> None:
     with pytest.raises(SqlError, match=re.escape("SQL error: Binder Error")):
         sql.run_query(settings, lake, "SELECT no_such_column FROM silver.applicants")
@@ -167,6 +176,9 @@ def test_syntax_and_unknown_table_errors(settings: Settings, lake: Storage) -> N
         sql.run_query(settings, lake, "SELECT * FROM silver.nope")
 
 
+# Local disk only (CI time): the SQL front end (statement checks, errors, rendering) is the same
+# whatever the storage; S3 reads are the views and time-travel tests.
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
 def test_render_formats(settings: Settings, lake: Storage) -> None:
     result = sql.run_query(
         settings,
@@ -188,6 +200,9 @@ def test_render_formats(settings: Settings, lake: Storage) -> None:
     assert sql.render(result, max_rows=1).splitlines()[-1] == "(2 rows, 1 shown)"
 
 
+# Local disk only (CI time): the SQL front end (statement checks, errors, rendering) is the same
+# whatever the storage; S3 reads are the views and time-travel tests.
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
 def test_json_needs_distinct_column_names(settings: Settings, lake: Storage) -> None:
     result = sql.run_query(settings, lake, "SELECT 1 AS a, 2 AS a")
     assert sql.render(result, "csv") == "a,a\n1,2\n"

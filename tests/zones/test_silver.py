@@ -76,6 +76,9 @@ def test_silver_equals_source_after_changes_and_incremental_runs(settings: Setti
     assert_same_rows(read(storage, "silver", "loan_applications"), loans, "application_id")
 
 
+# Local disk only (CI time): promotion bookkeeping, storage-independent; S3 promotions run in the
+# scd2 and equality tests.
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
 def test_rejects_hold_rule_and_raw_values(settings: Settings) -> None:
     storage = seeded(settings, rows=2000)  # the dataset has ages above 100 in its first rows
     run_all(settings, storage, with_gold=False)
@@ -140,6 +143,9 @@ def test_history_is_a_consistent_scd2(settings: Settings) -> None:
             assert history.filter(pl.col(key).is_in(list(gone)))["valid_to"].null_count() == 0
 
 
+# Local disk only (CI time): promotion bookkeeping, storage-independent; S3 promotions run in the
+# scd2 and equality tests.
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
 def test_rerun_is_a_no_op(settings: Settings) -> None:
     storage = seeded(settings, rows=100)
     run_all(settings, storage, with_gold=False)
@@ -153,6 +159,9 @@ def test_rerun_is_a_no_op(settings: Settings) -> None:
     assert {t: storage.table("silver", t).version() for t in versions} == versions
 
 
+# Local disk only (CI time): promotion bookkeeping, storage-independent; S3 promotions run in the
+# scd2 and equality tests.
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
 def test_promotion_reads_only_new_batches(settings: Settings) -> None:
     storage = seeded(settings, rows=500)
     run_all(settings, storage, with_gold=False)
