@@ -73,3 +73,26 @@ def wait_until(check: Callable[[], T], timeout: float, what: str, *, every: floa
             return value
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(every)
+
+
+def insert_late_application(settings: Settings, loan_amnt: float = 1234.5) -> int:
+    """Insert an application dated a day after the oldest customer became one (a backfill,
+    long before any recent materialization window); return its id. Its share of income
+    is consistent with the amount, so it passes the rules."""
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(settings.pg_dsn.get(), autocommit=True) as conn:
+        row = conn.execute(
+            sql.SQL(
+                "INSERT INTO {s}.loan_applications (applicant_id, loan_amnt, loan_intent, "
+                "loan_int_rate, loan_percent_income, applied_at) "
+                "SELECT applicant_id, %(amount)s, 'EDUCATION', 10.5, "
+                "round((%(amount)s / person_income)::numeric, 2), created_at + interval '1 day' "
+                "FROM {s}.applicants WHERE person_age BETWEEN 18 AND 100 "
+                "ORDER BY created_at LIMIT 1 RETURNING application_id"
+            ).format(s=sql.Identifier(settings.pg_schema)),
+            {"amount": loan_amnt},
+        ).fetchone()
+    assert row is not None
+    return int(row[0])

@@ -5,14 +5,12 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import polars as pl
-import psycopg
 import pytest
-from psycopg import sql
 
 from lakehouse import features, ml_tasks
 from lakehouse.maintain import maintain
 from lakehouse.settings import Settings
-from tests.helpers import read, run_all, seeded
+from tests.helpers import insert_late_application, read, run_all, seeded
 
 GOLD = ("application_features", "applicant_features")
 
@@ -28,18 +26,7 @@ def test_a_vacuumed_gold_version_reloads_the_online_store_in_full(settings: Sett
     run_all(settings, storage)
     ml_tasks.materialize(settings, storage)
     seen = {name: storage.table("gold", name).version() for name in GOLD}
-    with psycopg.connect(settings.pg_dsn.get(), autocommit=True) as conn:
-        # A day after the oldest customer became one: years before the last window.
-        (late,) = conn.execute(
-            sql.SQL(
-                "INSERT INTO {s}.loan_applications (applicant_id, loan_amnt, loan_intent, "
-                "loan_int_rate, loan_percent_income, applied_at) "
-                "SELECT applicant_id, 1234.5, 'EDUCATION', 10.5, "
-                "round((1234.5 / person_income)::numeric, 2), created_at + interval '1 day' "
-                "FROM {s}.applicants WHERE person_age BETWEEN 18 AND 100 "
-                "ORDER BY created_at LIMIT 1 RETURNING application_id"
-            ).format(s=sql.Identifier(settings.pg_schema))
-        ).fetchone()  # type: ignore[misc]
+    late = insert_late_application(settings)  # years before the last window
     run_all(settings, storage)
     maintain(storage, retention_hours=0)
     for name, version in seen.items():  # the versions the last materialization saw are gone

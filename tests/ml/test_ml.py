@@ -28,7 +28,7 @@ from lakehouse.settings import Secret, Settings
 from lakehouse.source import schema
 from lakehouse.storage import Storage, minio_client
 from tests.conftest import S3_KEY, S3_SECRET, _empty_bucket, env_for, shared_tmp
-from tests.helpers import churn, read, run_all, seeded
+from tests.helpers import churn, insert_late_application, read, run_all, seeded
 
 FEATURES = [
     "loan_amnt", "loan_intent", "loan_int_rate", "loan_percent_income", "loan_to_income",
@@ -198,19 +198,7 @@ def test_late_rows_reach_the_online_store(lake: Lake) -> None:
     """A row reaching gold long after its event time (a backfill, a pipeline down for
     days) is still materialized: the incremental window follows what changed in gold."""
     ml_tasks.materialize(lake.settings, lake.storage)
-    with psycopg.connect(lake.settings.pg_dsn.get(), autocommit=True) as conn:
-        # Applied for a day after the oldest customer became one: long before the last
-        # materialization; its share of income consistent with the amount.
-        (app_id,) = conn.execute(
-            psycopg.sql.SQL(
-                "INSERT INTO {s}.loan_applications (applicant_id, loan_amnt, loan_intent, "
-                "loan_int_rate, loan_percent_income, applied_at) "
-                "SELECT applicant_id, 1234.5, 'EDUCATION', 10.5, "
-                "round((1234.5 / person_income)::numeric, 2), created_at + interval '1 day' "
-                "FROM {s}.applicants WHERE person_age BETWEEN 18 AND 100 "
-                "ORDER BY created_at LIMIT 1 RETURNING application_id"
-            ).format(s=psycopg.sql.Identifier(lake.settings.pg_schema))
-        ).fetchone()  # type: ignore[misc]
+    app_id = insert_late_application(lake.settings)  # long before the last window
     run_all(lake.settings, lake.storage)
     assert not ml_tasks.materialized(lake.settings, lake.storage)
     ml_tasks.materialize(lake.settings, lake.storage)
