@@ -109,7 +109,8 @@ class SizeResult:
 
 def measure_historical(settings: Any, storage: Any) -> dict[str, Any]:
     """Feast's point-in-time join against the same join by hand in DuckDB."""
-    from lakehouse import duck, features, models
+    from lakehouse import duck
+    from lakehouse.ml import features, models
 
     store = features.feature_store(settings, storage)
     entities = models.entity_frame(storage)
@@ -153,14 +154,14 @@ def _materialize_with_feasts_writer(store: Any, scratch: Path) -> float:
     """Feast's stock SQLite online store, into an empty file of its own: seconds."""
     from feast import FeatureStore
 
-    from lakehouse import features
+    from lakehouse.ml import features
 
     yaml = (features.repo_path() / "feature_store.yaml").read_text()
     stock_yaml = scratch / "stock.yaml"
     stock_yaml.write_text(
-        yaml.replace("type: lakehouse.feast_online.BatchSqliteOnlineStore", "type: sqlite").replace(
-            "${LAKEHOUSE_HOME}/feast/online_store.db", str(scratch / "stock.db")
-        )
+        yaml.replace(
+            "type: lakehouse.ml.feast_online.BatchSqliteOnlineStore", "type: sqlite"
+        ).replace("${LAKEHOUSE_HOME}/feast/online_store.db", str(scratch / "stock.db"))
     )
     stock = FeatureStore(fs_yaml_file=stock_yaml)
     assert stock.config.online_store.type == "sqlite"
@@ -177,7 +178,8 @@ def measure_materialize(
 ) -> dict[str, Any]:
     """Full materialization into SQLite: ours (Feast with batched writes), Feast's own
     SQLite writer (when `stock`), and a bare SQLite load of the same rows as the floor."""
-    from lakehouse import duck, features
+    from lakehouse import duck
+    from lakehouse.ml import features
 
     store = features.feature_store(settings, storage)
     start = time.perf_counter()
@@ -324,7 +326,7 @@ def measure_latency(
     from feast.protos.feast.types.EntityKey_pb2 import EntityKey
     from feast.protos.feast.types.Value_pb2 import Value
 
-    from lakehouse import features
+    from lakehouse.ml import features
 
     ids = (
         pl.read_delta(storage.uri("silver", "loan_applications"), storage_options=storage.options)
@@ -456,7 +458,7 @@ def report(results: list[SizeResult], command: str) -> str:
         "",
         "Ratios: Feast time / baseline time (above 1: Feast slower). Materialization: every",
         "feature view, first load into an empty store; ours is Feast with the lakehouse's",
-        "batched SQLite writer (`lakehouse.feast_online`).",
+        "batched SQLite writer (`lakehouse.ml.feast_online`).",
         "",
     ]
     for r in results:

@@ -1,123 +1,25 @@
-"""Feast definitions over the gold Delta tables: entities, feature views, a feature service.
+"""The Feast repository's objects, for the `feast` CLI (`feast apply`, `feast ui`).
 
-The gold tables are point-in-time step functions keyed by `event_timestamp`; Feast's
-as-of join (latest row with `event_timestamp <= t`) picks the values in force at `t`.
-Sources follow LAKEHOUSE_STORAGE_URI: local Delta folders or `s3://` paths.
+They are defined in `lakehouse.ml.definitions`; this file builds them for the storage the
+LAKEHOUSE_* settings name, and gives the CLI's DuckDB the offline extensions (and the S3
+secret). Imports go one way: this repository uses the lakehouse, never the reverse.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
-from feast.data_format import DeltaFormat
-from feast.types import Bool, Float64, Int64, String
-
-from lakehouse.features import prepare_duckdb
+from lakehouse.ml.definitions import build
+from lakehouse.ml.features import prepare_duckdb
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 
 _settings = Settings.from_env()
 _storage = Storage.from_settings(_settings)
-# Under the `feast` CLI too, DuckDB must load the offline extensions (and the S3 secret).
 prepare_duckdb(_settings, _storage)
+_defs = build(_storage)
 
-applicant = Entity(
-    name="applicant",
-    join_keys=["applicant_id"],
-    value_type=ValueType.INT64,
-    description="A person applying for loans (source table lending.applicants).",
-)
-application = Entity(
-    name="application",
-    join_keys=["application_id"],
-    value_type=ValueType.INT64,
-    description="One loan application (source table lending.loan_applications).",
-)
-
-application_source = FileSource(
-    name="gold_application_features",
-    path=_storage.uri("gold", "application_features"),
-    timestamp_field="event_timestamp",
-    file_format=DeltaFormat(),
-)
-applicant_source = FileSource(
-    name="gold_applicant_features",
-    path=_storage.uri("gold", "applicant_features"),
-    timestamp_field="event_timestamp",
-    file_format=DeltaFormat(),
-)
-
-# The applicant's attributes (a version of `silver.applicants`).
-PERSON = [
-    Field(name="person_age", dtype=Int64),
-    Field(name="person_gender", dtype=String),
-    Field(name="person_education", dtype=String),
-    Field(name="person_income", dtype=Float64),
-    Field(name="person_emp_exp", dtype=Int64),
-    Field(name="person_home_ownership", dtype=String),
-    Field(name="cb_person_cred_hist_length", dtype=Int64),
-    Field(name="credit_score", dtype=Int64),
-    Field(name="previous_loan_defaults_on_file", dtype=Bool),
-]
-# The applicant's history of applications before a time (earlier applications only).
-HISTORY = [
-    Field(name="application_count", dtype=Int64),
-    Field(name="approved_count", dtype=Int64),
-    Field(name="rejected_count", dtype=Int64),
-    Field(name="mean_loan_amnt", dtype=Float64),
-    Field(name="days_since_last_application", dtype=Float64),
-]
-
-# The application's own attributes, and the applicant and their history as of
-# `applied_at`: one row per application, so training (as of applied_at) and serving by
-# application_id (online, later) see the same values. No label here: `loan_status` is
-# decided later and comes from silver when a training set is built.
-application_features = FeatureView(
-    name="application_features",
-    entities=[application],
-    ttl=timedelta(0),
-    schema=[
-        Field(name="loan_amnt", dtype=Float64),
-        Field(name="loan_intent", dtype=String),
-        Field(name="loan_int_rate", dtype=Float64),
-        Field(name="loan_percent_income", dtype=Float64),
-        Field(name="loan_to_income", dtype=Float64),
-        Field(name="rate_spread", dtype=Float64),
-        Field(name="credit_score_band", dtype=String),
-        *PERSON,
-        *HISTORY,  # as of applied_at: earlier applications only
-    ],
-    source=application_source,
-    online=True,
-    tags={"zone": "gold", "table": "application_features"},
-)
-
-# The applicant's history of applications before `t` (strictly), at every change: the
-# latest row (online) is the history a new loan, not yet in the source, is scored with.
-applicant_features = FeatureView(
-    name="applicant_features",
-    entities=[applicant],
-    ttl=timedelta(0),
-    schema=list(HISTORY),
-    source=applicant_source,
-    online=True,
-    tags={"zone": "gold", "table": "applicant_features"},
-)
-
-# The applicant's latest attributes, for scoring a loan that is not in the source yet.
-applicant_profile = FeatureView(
-    name="applicant_profile",
-    entities=[applicant],
-    ttl=timedelta(0),
-    schema=list(PERSON),
-    source=applicant_source,
-    online=True,
-    tags={"zone": "gold", "table": "applicant_features"},
-)
-
-loan_approval_v1 = FeatureService(
-    name="loan_approval_v1",
-    features=[application_features],
-    description="Features of the loan approval model, version 1.",
-)
+applicant = _defs.applicant
+application = _defs.application
+application_features = _defs.application_features
+applicant_features = _defs.applicant_features
+applicant_profile = _defs.applicant_profile
+loan_approval_v1 = _defs.loan_approval_v1

@@ -121,8 +121,7 @@ def _path(var: str, raw: str) -> Path:
 def _identifier(var: str, raw: str) -> str:
     if not raw.replace("_", "").isalnum() or raw[0].isdigit():
         msg = (
-            f"{var} is `{raw}`; use letters, digits and underscores only, not starting "
-            "with a digit"
+            f"{var} is `{raw}`; use letters, digits and underscores only, not starting with a digit"
         )
         raise ConfigError(msg)
     return raw
@@ -211,7 +210,7 @@ class Settings:
         env = os.environ if environ is None else environ
         known = {PREFIX + f.name.upper(): f for f in fields(cls)}
         # FAILPOINT: fault-injection tests only (lakehouse.failpoints); FEAST_PG_*: derived
-        # from LAKEHOUSE_PG_DSN for Feast's YAML by `lakehouse.features`.
+        # from LAKEHOUSE_PG_DSN for Feast's YAML by `lakehouse.ml.features`.
         internal = {PREFIX + "FAILPOINT", PREFIX + "FAILPOINT_PAUSE"} | {
             f"{PREFIX}FEAST_PG_{k}"
             for k in ("HOST", "PORT", "DATABASE", "USER", "PASSWORD", "SCHEMA", "SSLMODE")

@@ -76,8 +76,16 @@ def _error(exc: BaseException) -> str:
     return described(exc)
 
 
-def collect(settings: Settings, storage: Storage) -> Status:
-    """Read every section."""
+FeaturesReader = Callable[[Settings, Storage], dict[str, Any]]
+
+
+def collect(settings: Settings, storage: Storage, features: FeaturesReader | None = None) -> Status:
+    """Read every section; the ML side's (`features`) is passed in by the caller.
+
+    The batch core never imports `lakehouse.ml` (its imports go one way, ML to core), so
+    the command that shows the status hands over the reader of the feature store and model
+    section (`lakehouse.ml.status.features`).
+    """
     status = Status(at=datetime.now(UTC), warehouse=storage.root)
     readers: list[tuple[str, Callable[[], Any]]] = [
         ("source", lambda: _source(settings)),
@@ -85,8 +93,9 @@ def collect(settings: Settings, storage: Storage) -> Status:
         ("stream", lambda: _stream(settings, storage)),
         ("runs", lambda: runs.recent(storage)),
         ("verifications", lambda: _verifications(storage)),
-        ("features", lambda: _features(settings, storage)),
     ]
+    if features is not None:
+        readers.append(("features", lambda: features(settings, storage)))
     for section, read in readers:
         try:
             setattr(status, section, read())
@@ -201,27 +210,6 @@ def _verifications(storage: Storage) -> list[dict[str, Any]]:
     from lakehouse import verify
 
     return verify.last(storage)
-
-
-def _features(settings: Settings, storage: Storage) -> dict[str, Any]:
-    from lakehouse import ml_tasks, models
-
-    state = ml_tasks.materialized_state(settings)
-    registry = models.Registry(storage)
-    versions = registry.versions()
-    out: dict[str, Any] = {
-        "online_store": settings.feast_online_store,
-        "materialized_up_to": state.get("end") if state else None,
-        "online_store_current": ml_tasks.materialized(settings, storage) if state else False,
-        "model_version": versions[-1] if versions else None,
-        "model_current": ml_tasks.trained(settings, storage) if versions else False,
-    }
-    if versions:
-        import json
-
-        metrics = json.loads(registry.get(versions[-1], "metrics.json"))
-        out["model_summary"] = models.summary(metrics)
-    return out
 
 
 # ---------------------------------------------------------------- rendering

@@ -173,12 +173,12 @@ class ApplyFeatures(_Task):
     """Register the Feast repository (`feast apply`); complete once the service exists."""
 
     def output_current(self) -> bool:
-        from lakehouse import ml_tasks
+        from lakehouse.ml import tasks as ml_tasks
 
         return ml_tasks.applied(*_context())
 
     def run(self) -> None:
-        from lakehouse import ml_tasks
+        from lakehouse.ml import tasks as ml_tasks
 
         ml_tasks.apply(*_context())
 
@@ -190,12 +190,12 @@ class Materialize(_Task):
         return [ApplyFeatures(), *[BuildGold(name=n) for n in sorted(GOLD)]]
 
     def output_current(self) -> bool:
-        from lakehouse import ml_tasks
+        from lakehouse.ml import tasks as ml_tasks
 
         return ml_tasks.materialized(*_context())
 
     def run(self) -> None:
-        from lakehouse import ml_tasks
+        from lakehouse.ml import tasks as ml_tasks
 
         ml_tasks.materialize(*_context())
 
@@ -207,12 +207,12 @@ class BuildTrainingSet(_Task):
         return [ApplyFeatures(), *[BuildGold(name=n) for n in sorted(GOLD)]]
 
     def output_current(self) -> bool:
-        from lakehouse import ml_tasks
+        from lakehouse.ml import tasks as ml_tasks
 
         return ml_tasks.training_set_built(*_context())
 
     def run(self) -> None:
-        from lakehouse import ml_tasks
+        from lakehouse.ml import tasks as ml_tasks
 
         manifest = ml_tasks.build_training_set(*_context())
         self.set_status_message(f"training set {manifest['sha256'][:12]}: {manifest['rows']} rows")
@@ -229,12 +229,12 @@ class Train(_Task):
         return BuildTrainingSet()
 
     def output_current(self) -> bool:
-        from lakehouse import ml_tasks
+        from lakehouse.ml import tasks as ml_tasks
 
         return ml_tasks.fitted(*_context())
 
     def run(self) -> None:
-        from lakehouse import ml_tasks
+        from lakehouse.ml import tasks as ml_tasks
 
         self.set_status_message(f"fitted version {ml_tasks.fit(*_context())}")
 
@@ -249,12 +249,12 @@ class Evaluate(_Task):
         return Train()
 
     def output_current(self) -> bool:
-        from lakehouse import ml_tasks
+        from lakehouse.ml import tasks as ml_tasks
 
         return ml_tasks.trained(*_context())
 
     def run(self) -> None:
-        from lakehouse import ml_tasks
+        from lakehouse.ml import tasks as ml_tasks
 
         result = ml_tasks.evaluate(*_context())
         self.set_status_message(f"model {result.version}: {result.metrics['test']}")

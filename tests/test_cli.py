@@ -318,10 +318,7 @@ def test_db_and_models_report_in_json_when_asked(cli, pg_server: str, tmp_path: 
 def test_the_command_line_imports_no_engine_before_a_command_runs() -> None:
     """`lakehouse --help` and a usage error stay quick: engines load with their command."""
     heavy = ("deltalake", "duckdb", "polars", "feast", "luigi", "sklearn")
-    code = (
-        "import sys, lakehouse.cli\n"
-        f"print(','.join(m for m in {heavy!r} if m in sys.modules))\n"
-    )
+    code = f"import sys, lakehouse.cli\nprint(','.join(m for m in {heavy!r} if m in sys.modules))\n"
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
     )

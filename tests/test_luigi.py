@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lakehouse.maintain import maintain
-from lakehouse.models import Registry
+from lakehouse.ml.models import Registry
 from lakehouse.settings import Settings
 from lakehouse.source.embedded import free_port
 from tests.conftest import env_for, wait_for_port

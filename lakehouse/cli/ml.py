@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # imported when a command runs: `lakehouse --help` stays quic
 
 def _guarded(settings: Settings, args: argparse.Namespace, work: Callable[[Storage], int]) -> int:
     """Run an ML command: Feast, the online store and scikit-learn fail in one line."""
-    from lakehouse import features
+    from lakehouse.ml import features
     from lakehouse.storage import Storage
 
     features.check_repo_is_shipped()
@@ -39,7 +39,7 @@ def _guarded(settings: Settings, args: argparse.Namespace, work: Callable[[Stora
 
 def features(settings: Settings, args: argparse.Namespace) -> int:
     """Register the Feast repository, or materialize the online store."""
-    from lakehouse import ml_tasks
+    from lakehouse.ml import tasks as ml_tasks
 
     def work(storage: Storage) -> int:
         if args.action == "apply":
@@ -63,7 +63,8 @@ def features(settings: Settings, args: argparse.Namespace) -> int:
 
 def train(settings: Settings, args: argparse.Namespace) -> int:
     """Train, evaluate and register a model version."""
-    from lakehouse import ml_tasks, models
+    from lakehouse.ml import models
+    from lakehouse.ml import tasks as ml_tasks
 
     def work(storage: Storage) -> int:
         result = ml_tasks.train(settings, storage)
@@ -81,7 +82,7 @@ def train(settings: Settings, args: argparse.Namespace) -> int:
 
 def models(settings: Settings, args: argparse.Namespace) -> int:
     """List registered model versions with their metrics."""
-    from lakehouse import models as registry
+    from lakehouse.ml import models as registry
 
     def work(storage: Storage) -> int:
         entries = registry.describe(storage)
@@ -105,11 +106,11 @@ def serve(settings: Settings, args: argparse.Namespace) -> int:
     def work(storage: Storage) -> int:
         import uvicorn
 
-        from lakehouse.serve import create_app
+        from lakehouse.ml.serve import create_app
 
         # One process builds the app here (errors surface before serving); several run
         # uvicorn's factory in each worker process, from the same environment.
-        app: Any = create_app(settings) if args.workers == 1 else "lakehouse.serve:app_from_env"
+        app: Any = create_app(settings) if args.workers == 1 else "lakehouse.ml.serve:app_from_env"
         log.event(
             "serve.start",
             f"serving the prediction API on http://{args.host}:{args.port} with "

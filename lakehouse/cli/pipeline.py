@@ -11,7 +11,7 @@ from lakehouse.settings import Settings
 
 def demo(settings: Settings, args: argparse.Namespace) -> int:
     """Start Postgres, seed, run the pipeline and print a summary."""
-    from lakehouse.demo import demo as run_demo
+    from lakehouse.cli.demo import demo as run_demo
 
     run_demo(settings, rows=args.rows, workers=args.workers, debug=args.debug)
     return 0

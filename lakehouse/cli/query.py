@@ -70,11 +70,12 @@ def tables(settings: Settings, args: argparse.Namespace) -> int:
 def status(settings: Settings, args: argparse.Namespace) -> int:
     """Tables and freshness, the CDC slots, the last runs, the model: a table or JSON."""
     from lakehouse import status as state_of
+    from lakehouse.ml import status as ml_status
     from lakehouse.storage import Storage
 
     storage = Storage.from_settings(settings)
     storage.check(create_bucket=False)
-    state = state_of.collect(settings, storage)
+    state = state_of.collect(settings, storage, ml_status.features)
     if args.format == "json":
         text = json.dumps(state.to_dict(), default=_json_default, indent=2) + "\n"
     else:

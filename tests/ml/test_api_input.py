@@ -6,7 +6,7 @@ import json
 
 from fastapi.testclient import TestClient
 
-from lakehouse.serve import create_app
+from lakehouse.ml.serve import create_app
 from lakehouse.settings import Settings
 
 LOAN = {"loan_amnt": 5000, "loan_intent": "EDUCATION", "loan_int_rate": 11.5}

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from lakehouse import models, scoring
+from lakehouse.ml import models, scoring
 
 
 def test_training_matrix_and_served_vector_encode_alike() -> None:
@@ -126,7 +126,7 @@ def test_a_model_the_fast_scorer_cannot_walk_is_scored_by_predict_proba_and_says
     y = (x[:, 0] > 0).astype(int)
     classifier = LogisticRegression().fit(x, y)
     trained = scoring.Trained(classifier, ["a", "b"], {}, 0.5)
-    with caplog.at_level(logging.WARNING, logger="lakehouse.scoring"):
+    with caplog.at_level(logging.WARNING, logger="lakehouse.ml.scoring"):
         probability = trained.predict_one({"a": 0.3, "b": -1.0})
     assert probability == classifier.predict_proba(np.array([[0.3, -1.0]]))[0, 1]
     assert "one-row fast scorer off (AttributeError" in caplog.text

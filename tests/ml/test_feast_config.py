@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lakehouse import environment, features
+from lakehouse import environment
+from lakehouse.ml import features
 from lakehouse.settings import Secret, Settings
 
 

@@ -7,8 +7,9 @@ from datetime import UTC, datetime
 import polars as pl
 import pytest
 
-from lakehouse import features, ml_tasks
 from lakehouse.maintain import maintain
+from lakehouse.ml import features
+from lakehouse.ml import tasks as ml_tasks
 from lakehouse.settings import Settings
 from tests.helpers import insert_late_application, read, run_all, seeded
 

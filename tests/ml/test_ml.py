@@ -23,7 +23,9 @@ import psycopg
 import pytest
 from deltalake import DeltaTable
 
-from lakehouse import environment, features, ml_tasks, models
+from lakehouse import environment
+from lakehouse.ml import features, models
+from lakehouse.ml import tasks as ml_tasks
 from lakehouse.settings import Secret, Settings
 from lakehouse.source import schema
 from lakehouse.storage import Storage, minio_client
@@ -244,18 +246,18 @@ def test_batched_sqlite_writer_writes_what_feasts_writer_writes(lake: Lake, tmp_
 
     from feast import FeatureStore
 
-    from lakehouse.feast_online import BatchSqliteOnlineStore
+    from lakehouse.ml.feast_online import BatchSqliteOnlineStore
 
     assert type(lake.store._get_provider().online_store) is BatchSqliteOnlineStore  # type: ignore[attr-defined]
     features.feature_store(lake.settings, lake.storage)  # the environment Feast's YAML reads
     source = (features.repo_path() / "feature_store.yaml").read_text()
     dumps = {}
-    for kind in ("sqlite", "lakehouse.feast_online.BatchSqliteOnlineStore"):
+    for kind in ("sqlite", "lakehouse.ml.feast_online.BatchSqliteOnlineStore"):
         name = kind.rsplit(".", 1)[-1]
         yaml = tmp_path / f"{name}.yaml"
         yaml.write_text(
             source.replace(
-                "type: lakehouse.feast_online.BatchSqliteOnlineStore", f"type: {kind}"
+                "type: lakehouse.ml.feast_online.BatchSqliteOnlineStore", f"type: {kind}"
             ).replace("${LAKEHOUSE_HOME}/feast/online_store.db", str(tmp_path / f"{name}.db"))
         )
         store = FeatureStore(fs_yaml_file=yaml)
@@ -275,7 +277,7 @@ def test_batched_sqlite_writer_writes_what_feasts_writer_writes(lake: Lake, tmp_
                 for view in features.FEATURE_VIEWS
             }
     features.apply(lake.store)  # type: ignore[arg-type]  # the registry's infrastructure back
-    ours, feasts = dumps["lakehouse.feast_online.BatchSqliteOnlineStore"], dumps["sqlite"]
+    ours, feasts = dumps["lakehouse.ml.feast_online.BatchSqliteOnlineStore"], dumps["sqlite"]
     assert all(len(feasts[v]) > 1000 for v in features.FEATURE_VIEWS)
     assert ours == feasts
 
@@ -396,7 +398,7 @@ def test_the_feast_registry_is_never_seen_half_written(lake: Lake, tmp_path: Pat
 
     from feast.repo_config import RegistryConfig
 
-    from lakehouse.feast_registry import AtomicFileRegistryStore
+    from lakehouse.ml.registry import AtomicFileRegistryStore
 
     assert type(lake.store.registry._registry_store) is AtomicFileRegistryStore  # type: ignore[attr-defined]
     proto = lake.store.registry.proto()  # type: ignore[attr-defined]
@@ -594,7 +596,7 @@ def test_feast_cli_from_the_repository_folder(lake: Lake) -> None:
 def test_prediction_api_contract(lake: Lake, tmp_path: Path) -> None:
     from fastapi.testclient import TestClient
 
-    from lakehouse.serve import create_app
+    from lakehouse.ml.serve import create_app
 
     empty = replace(lake.settings, storage_uri=str(tmp_path / "no-models"))
     if lake.settings.is_s3:
@@ -718,7 +720,7 @@ def test_every_accepted_value_reaches_training_the_online_store_and_predict(lake
     and the run around it completes."""
     from fastapi.testclient import TestClient
 
-    from lakehouse.serve import create_app
+    from lakehouse.ml.serve import create_app
 
     s = psycopg.sql.Identifier(lake.settings.pg_schema)
     with psycopg.connect(lake.settings.pg_dsn.get(), autocommit=True) as conn:
@@ -795,8 +797,8 @@ def test_a_lost_or_emptied_online_store_is_reloaded_in_full(lake: Lake) -> None:
     materialization reloads every row, not the last window."""
     from fastapi.testclient import TestClient
 
-    from lakehouse import online_store
-    from lakehouse.serve import ONLINE_STORE_MISSING, create_app
+    from lakehouse.ml import online_store
+    from lakehouse.ml.serve import ONLINE_STORE_MISSING, create_app
 
     ml_tasks.materialize(lake.settings, lake.storage)
     if not models.Registry(lake.storage).versions():

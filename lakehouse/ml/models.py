@@ -21,11 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from lakehouse import features
 from lakehouse.errors import LakehouseError
+from lakehouse.ml import features
 
-# `Trained` here too: models pickled before it moved to `scoring` name `lakehouse.models`.
-from lakehouse.scoring import Trained, is_categorical
+# `Trained` here too: models pickled before it moved to `scoring` name `lakehouse.ml.models`.
+from lakehouse.ml.scoring import Trained, is_categorical
 from lakehouse.storage import Storage, _split_s3, minio_client
 
 if TYPE_CHECKING:
@@ -327,9 +327,7 @@ def _split(frame: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     return fit_rows, test_rows
 
 
-def fit_version(
-    storage: Storage, manifest: dict[str, Any], *, seed: int, threshold: float
-) -> str:
+def fit_version(storage: Storage, manifest: dict[str, Any], *, seed: int, threshold: float) -> str:
     """Fit on a stored training set's stratified split; write a new, incomplete version.
 
     The version holds the model, the same model without `LEAKY` (for the comparison the
@@ -398,9 +396,7 @@ def evaluate_version(storage: Storage, version: str) -> TrainResult:
     return TrainResult(version, metrics, lineage)
 
 
-def train(
-    store: FeatureStore, storage: Storage, *, seed: int, threshold: float
-) -> TrainResult:
+def train(store: FeatureStore, storage: Storage, *, seed: int, threshold: float) -> TrainResult:
     """Build the training set, fit, evaluate on a stratified hold-out, register a version."""
     manifest = build_training_set(store, storage)
     version = fit_version(storage, manifest, seed=seed, threshold=threshold)

@@ -11,7 +11,7 @@ import json
 from datetime import datetime
 from typing import Any
 
-from lakehouse import features, models, online_store
+from lakehouse.ml import features, models, online_store
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 

@@ -1,8 +1,8 @@
 """Scoring with a trained model: the input encoding and a fast one-row path for serving.
 
 A `Trained` is what the registry stores (pickled with joblib): the fitted classifier,
-its columns and category levels. Training (`lakehouse.models`) builds it; the API
-(`lakehouse.serve`) and evaluation score with it.
+its columns and category levels. Training (`lakehouse.ml.models`) builds it; the API
+(`lakehouse.ml.serve`) and evaluation score with it.
 """
 
 from __future__ import annotations

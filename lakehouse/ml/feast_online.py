@@ -9,7 +9,7 @@ the same upsert, so the table, and everything that reads it (Feast's own `online
 It also puts the database in write-ahead-log mode, so readers (the prediction API) are
 not locked out while a materialization writes.
 
-`feature_store.yaml` selects it with `type: lakehouse.feast_online.BatchSqliteOnlineStore`
+`feature_store.yaml` selects it with `type: lakehouse.ml.feast_online.BatchSqliteOnlineStore`
 (Feast requires the class name to end in `SqliteOnlineStore` for SQLite paths, and finds the
 config class by appending `Config`). Vector and numeric-search columns, which the lakehouse
 does not use, go through Feast's own writer.
@@ -37,7 +37,7 @@ from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.repo_config import RepoConfig
 from feast.utils import to_naive_utc
 
-TYPE = "lakehouse.feast_online.BatchSqliteOnlineStore"
+TYPE = "lakehouse.ml.feast_online.BatchSqliteOnlineStore"
 COLUMNS = ("entity_key", "feature_name", "value", "value_text", "event_ts", "created_ts")
 CHUNK_ENTITIES = 10_000  # rows are built and written in chunks: bounded memory
 
@@ -45,7 +45,7 @@ CHUNK_ENTITIES = 10_000  # rows are built and written in chunks: bounded memory
 class BatchSqliteOnlineStoreConfig(SqliteOnlineStoreConfig):
     """Feast's SQLite online store settings, under this store's type name."""
 
-    type: Literal["lakehouse.feast_online.BatchSqliteOnlineStore"] = TYPE  # type: ignore[assignment]
+    type: Literal["lakehouse.ml.feast_online.BatchSqliteOnlineStore"] = TYPE  # type: ignore[assignment]
 
 
 class OnlineStoreMissing(Exception):

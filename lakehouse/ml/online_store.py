@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from lakehouse.features import FEATURE_VIEWS
+from lakehouse.ml.features import FEATURE_VIEWS
 from lakehouse.settings import Settings
 
 PROJECT = "lakehouse"  # feature_repo/feature_store.yaml

@@ -18,8 +18,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictInt, model_validator
 
-from lakehouse import features, log, models, online_store
+from lakehouse import log
 from lakehouse.errors import described
+from lakehouse.ml import features, models, online_store
 from lakehouse.settings import Settings
 from lakehouse.source.schema import APPLICANTS
 from lakehouse.storage import Storage
@@ -127,7 +128,7 @@ def create_app(settings: Settings) -> FastAPI:
         with lock:
             if "store" not in state:
                 fs = features.feature_store(settings, storage)
-                from lakehouse import feast_online  # after Feast's import (see features)
+                from lakehouse.ml import feast_online  # after Feast's import (see features)
 
                 online = fs._get_provider().online_store
                 if isinstance(online, feast_online.BatchSqliteOnlineStore):

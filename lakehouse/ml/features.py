@@ -84,10 +84,17 @@ class FeatureStoreError(LakehouseError):
 
 
 def repo_path() -> Path:
-    """Return the folder of the Feast repository (the `feature_repo` package)."""
-    import feature_repo
+    """Return the folder of the Feast repository (the `feature_repo` package).
 
-    return Path(feature_repo.__file__).resolve().parent
+    Found, not imported: the repository imports the lakehouse, never the reverse.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("feature_repo")
+    if spec is None or spec.origin is None:
+        msg = "the `feature_repo` package is missing; reinstall the project: pip install ."
+        raise UsageError(msg)
+    return Path(spec.origin).resolve().parent
 
 
 def prepare_duckdb(settings: Settings, storage: Storage) -> None:
@@ -138,19 +145,10 @@ def feature_store(settings: Settings, storage: Storage) -> FeatureStore:
 
 def definitions() -> list[Any]:
     """Return the repository's Feast objects, built for the current environment."""
-    import importlib
+    from lakehouse.ml.definitions import build
 
-    import feature_repo.features as defs
-
-    defs = importlib.reload(defs)  # its sources follow LAKEHOUSE_STORAGE_URI: re-read it
-    return [
-        defs.applicant,
-        defs.application,
-        defs.application_features,
-        defs.applicant_features,
-        defs.applicant_profile,
-        defs.loan_approval_v1,
-    ]
+    # Sources follow LAKEHOUSE_STORAGE_URI, as the `feast` CLI's repository does.
+    return build(Storage.from_settings(Settings.from_env())).all()
 
 
 def apply(store: FeatureStore) -> list[str]:

@@ -93,7 +93,7 @@ def demo(
     say("Sample query: approval rate by loan intent (gold.approval_rate_daily)")
     say(sql.render(sql.run_query(settings, storage, SAMPLE_QUERY)).rstrip())
     say("")
-    from lakehouse import models
+    from lakehouse.ml import models
 
     version, _ = models.load(storage)
     entry = next(e for e in models.describe(storage) if e["version"] == version)
@@ -122,7 +122,7 @@ def _predict_through_api(settings: Settings, storage: Storage) -> tuple[int, dic
 
     import uvicorn
 
-    from lakehouse.serve import create_app
+    from lakehouse.ml.serve import create_app
     from lakehouse.source.embedded import free_port
 
     row = sql.run_query(
