@@ -50,11 +50,13 @@ def features(settings: Settings, args: argparse.Namespace) -> int:
                 objects=names,
             )
         else:
-            end = ml_tasks.materialize(settings, storage)
+            done = ml_tasks.materialize(settings, storage)
             log.event(
                 "features.materialize",
-                f"online store holds feature values up to {end:%Y-%m-%d %H:%M:%S} UTC",
-                up_to=end,
+                f"online store holds feature values up to {done.end:%Y-%m-%d %H:%M:%S} UTC "
+                f"({done.summary()})",
+                up_to=done.end,
+                views=[vars(w) for w in done.views],
             )
         return 0
 

@@ -9,12 +9,9 @@ things are.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import sys
 import warnings
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -74,9 +71,6 @@ def _quiet_ibis() -> None:
     # ibis (under Feast's DuckDB offline store) calls a method DuckDB 1.5 deprecates. Set
     # after importing Feast, whose modules put their own DeprecationWarning filter first.
     warnings.filterwarnings("ignore", message=".*fetch_arrow_table", category=DeprecationWarning)
-
-
-FEATURE_VIEWS = ("application_features", "applicant_features", "applicant_profile")
 
 
 class FeatureStoreError(LakehouseError):
@@ -165,31 +159,6 @@ def require_applied(store: FeatureStore) -> None:
     except Exception:  # Feast raises several types for a missing registry or object
         msg = f"the feature service `{SERVICE}` is not registered; run `lakehouse features apply`"
         raise FeatureStoreError(msg) from None
-
-
-LOOKBACK = timedelta(days=2)
-"""Re-read this much before the previous materialization's end: rows can reach gold
-after their `event_timestamp` (pipeline lag), and Feast's incremental window would skip
-them. Writing a value twice is harmless (the online store keeps the latest)."""
-
-
-def materialize(
-    store: FeatureStore, since: datetime | None = None, changed_from: datetime | None = None
-) -> datetime:
-    """Load feature values into the online store up to now; return the end used.
-
-    The first time (`since` None) everything is loaded; later, from `since - LOOKBACK`,
-    or from `changed_from` (the earliest event time of gold rows changed since) if earlier.
-    """
-    require_applied(store)
-    end = datetime.now(UTC)
-    start = datetime(1970, 1, 2, tzinfo=UTC) if since is None else since - LOOKBACK
-    if changed_from is not None:
-        start = min(start, changed_from)
-    # Feast prints a coloured banner per view to stdout; callers report the result.
-    with contextlib.redirect_stdout(io.StringIO()):
-        store.materialize(start_date=start, end_date=end, feature_views=list(FEATURE_VIEWS))
-    return end
 
 
 def check_repo_is_shipped() -> None:

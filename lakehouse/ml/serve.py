@@ -20,7 +20,8 @@ from pydantic import BaseModel, Field, StrictInt, model_validator
 
 from lakehouse import log
 from lakehouse.errors import described
-from lakehouse.ml import features, models, online_store
+from lakehouse.ml import features, models
+from lakehouse.ml import online as online_store
 from lakehouse.settings import Settings
 from lakehouse.source.schema import APPLICANTS
 from lakehouse.storage import Storage
@@ -128,11 +129,13 @@ def create_app(settings: Settings) -> FastAPI:
         with lock:
             if "store" not in state:
                 fs = features.feature_store(settings, storage)
-                from lakehouse.ml import feast_online  # after Feast's import (see features)
+                from lakehouse.ml.online.store import _LakehouseOnlineStore  # after Feast's
 
                 online = fs._get_provider().online_store
-                if isinstance(online, feast_online.BatchSqliteOnlineStore):
-                    online.read_only = True  # the API reads; it never creates the file
+                if isinstance(online, _LakehouseOnlineStore):
+                    # The API reads: SQLite opened read-only (never created), a Postgres
+                    # session with read-only transactions.
+                    online.read_only = True
                 state["store"] = fs
             return state["store"]
 

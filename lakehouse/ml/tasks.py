@@ -7,11 +7,15 @@ when nothing it read has changed since.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from dataclasses import dataclass
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from lakehouse.ml import features, models, online_store
+from lakehouse.ml import features, models
+from lakehouse.ml import online as online_store
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 
@@ -52,7 +56,7 @@ def _online_store(settings: Settings) -> str:
         info = conninfo_to_dict(online_dsn(settings))  # no password in the name
         where = f"{info.get('host', '')}:{info.get('port', '')}/{info.get('dbname', '')}"
         return f"postgres:{where}/{settings.pg_schema}_online"
-    return f"sqlite:{settings.home / 'feast' / 'online_store.db'}"
+    return f"sqlite:{online_store.sqlite_path(settings)}"
 
 
 def _state(settings: Settings) -> dict[str, Any] | None:
@@ -84,62 +88,100 @@ def materialized(settings: Settings, storage: Storage) -> bool:
     )
 
 
-def _earliest_change(
-    settings: Settings, storage: Storage, before: dict[str, int]
-) -> datetime | None:
-    """Return the earliest event time among gold rows added or changed since `before`.
+@contextlib.contextmanager
+def _one_at_a_time(settings: Settings) -> Iterator[None]:
+    """Hold the materialization lock: one materialization writes the store at a time.
 
-    Rows can reach gold long after their event time (a pipeline down for days, a late
-    batch); a window on event time alone would never load them. Comparing each gold table
-    with its version at the last materialization finds them, whatever their time. Raises
-    `LookupError` when that version is gone (vacuumed): the caller reloads everything.
+    Two at once could each pin another gold version and the older one land last, its
+    state then telling the next run to diff from the wrong version. The second waits.
     """
-    import duckdb
+    import fcntl
 
+    path = settings.home / "feast" / "materialize.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class Materialized:
+    """What a materialization did: its end, and per view the rows written and removed."""
+
+    end: datetime
+    views: list[Any]
+    """`lakehouse.ml.materialize.Written` per view."""
+
+    def summary(self) -> str:
+        """Say it in one line."""
+        parts = []
+        for w in self.views:
+            how = "in full" if w.full else "changed"
+            parts.append(f"{w.view} {w.upserted} {how}, {w.deleted} removed")
+        return "; ".join(parts)
+
+
+def materialize(settings: Settings, storage: Storage) -> Materialized:
+    """Materialize up to now (only changed entities after the first time); record it."""
+    with _one_at_a_time(settings):
+        return _materialize(settings, storage)
+
+
+def _materialize(settings: Settings, storage: Storage) -> Materialized:
     from lakehouse import duck
+    from lakehouse.ml import materialize as load
+    from lakehouse.ml.online.store import _LakehouseOnlineStore
 
-    earliest: datetime | None = None
-    con = duck.connect(settings, storage)
-    try:
-        for name, version in before.items():
-            uri = storage.uri("gold", name)
-            if storage.data_version("gold", name) == version:
-                continue
-            try:
-                (found,) = con.execute(
-                    f"SELECT min(event_timestamp) FROM (SELECT * FROM {duck.scan(uri)} "
-                    f"EXCEPT SELECT * FROM {duck.scan(uri, version)})"
-                ).fetchone()  # type: ignore[misc]
-            except duckdb.Error as exc:
-                msg = f"gold.{name} version {version}: {exc}"
-                raise LookupError(msg) from None
-            if found is not None and (earliest is None or found < earliest):
-                earliest = found
-    finally:
-        con.close()
-    return earliest
-
-
-def materialize(settings: Settings, storage: Storage) -> datetime:
-    """Materialize up to now (incrementally after the first time); record what it saw."""
-    versions = _gold_versions(storage)
+    tables = {name: storage.table("gold", name) for name in _GOLD_VIEWS}
+    versions = {name: storage.data_version("gold", name, dt) for name, dt in tables.items()}
     state = _state(settings)
     if state is not None and state.get("online_rows") != online_store.row_counts(settings):
         state = None  # the store was lost or changed behind our back: reload it in full
         online_store.forget_orphans(settings)
-    since = changed_from = None
-    if state is not None:
-        try:
-            changed_from = _earliest_change(settings, storage, state["gold"])
-            since = datetime.fromisoformat(state["end"])
-        except LookupError:
-            since = None  # the last materialized versions are gone: reload everything
     store = features.feature_store(settings, storage)
     if state is None:
         # A first load into this online store (or another store than last time): `apply`
         # creates its tables; the registry alone may have been applied with the old one.
         features.apply(store)
-    end = features.materialize(store, since, changed_from)
+    online = store._get_provider().online_store
+    if not isinstance(online, _LakehouseOnlineStore):
+        msg = "feature_store.yaml must select the lakehouse online store (see README)"
+        raise features.FeatureStoreError(msg)
+    target = online.tables(store.config)
+    by_uri = {storage.uri("gold", name): name for name in _GOLD_VIEWS}
+    views = [store.get_feature_view(name) for name in online_store.VIEWS]
+    end = load.now()
+    con = duck.connect(settings, storage)
+    written = []
+    try:
+        for feast_view in views:
+            view = load.View.of(feast_view)
+            gold_name = by_uri[view.source]
+            current = tables[gold_name].version()
+            emptied = target.ensure(view.name, view.fields, view.key_kind)
+            if state is not None and not emptied:
+                try:
+                    done = load.incremental(
+                        con,
+                        target,
+                        view,
+                        state["gold"][gold_name],
+                        current,
+                        datetime.fromisoformat(state["end"]),
+                        end,
+                    )
+                    written.append(done)
+                    continue
+                except LookupError:
+                    pass  # the last materialized version is gone: load this view in full
+            written.append(load.full(con, target, view, current, end))
+    finally:
+        con.close()
+    start = datetime.fromisoformat(state["end"]) if state else load.FIRST
+    load.record_in_registry(store, views, start, end)
     path = _state_file(settings)
     tmp = path.with_suffix(".tmp")
     record = {
@@ -150,7 +192,7 @@ def materialize(settings: Settings, storage: Storage) -> datetime:
     }
     tmp.write_text(json.dumps(record))
     tmp.replace(path)
-    return end
+    return Materialized(end, written)
 
 
 def _current_inputs(storage: Storage) -> dict[str, int]:

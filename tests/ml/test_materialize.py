@@ -53,3 +53,88 @@ def test_a_vacuumed_gold_version_reloads_the_online_store_in_full(settings: Sett
         assert online[name] == latest[name].to_list(), name
     at = latest["application_id"].to_list().index(late)
     assert online["loan_amnt"][at] == 1234.5
+
+
+def _online_rows(settings: Settings) -> dict[str, list[tuple[object, ...]]]:
+    """Every row of every online table (key, time, values), sorted."""
+    import sqlite3
+
+    from lakehouse.ml import online
+
+    with sqlite3.connect(online.sqlite_path(settings)) as conn:
+        return {
+            view: sorted(conn.execute(f'SELECT * FROM "lakehouse__{view}"').fetchall())
+            for view in online.VIEWS
+        }
+
+
+def _changed(before: pl.DataFrame, after: pl.DataFrame, key: str) -> tuple[int, int]:
+    """Count entities whose latest row differs, and entities with any row that differs."""
+
+    def latest(frame: pl.DataFrame) -> pl.DataFrame:
+        return frame.sort("event_timestamp").group_by(key).last()
+
+    def keys(a: pl.DataFrame, b: pl.DataFrame) -> set[object]:
+        return set(a.join(b, on=a.columns, how="anti", nulls_equal=True)[key].to_list())
+
+    latest_changed = keys(latest(after), latest(before)) | keys(latest(before), latest(after))
+    any_changed = keys(after, before) | keys(before, after)
+    return len(latest_changed), len(any_changed)
+
+
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
+def test_an_incremental_materialization_writes_only_the_entities_that_changed(
+    settings: Settings,
+) -> None:
+    """Issue 16: after a few source changes, materialization rewrites the entities whose
+    gold rows changed (at least those whose latest row did), not the store; it removes an
+    application deleted in the source; and the store then equals a full reload."""
+    import psycopg
+
+    from lakehouse.ml import online
+
+    storage = seeded(settings, rows=400)
+    run_all(settings, storage)
+    first = ml_tasks.materialize(settings, storage)
+    assert all(w.full for w in first.views)
+    total = {w.view: w.upserted for w in first.views}
+    gold_before = {name: read(storage, "gold", name) for name in GOLD}
+
+    late = insert_late_application(settings)
+    with psycopg.connect(settings.pg_dsn.get(), autocommit=True) as conn:
+        s = settings.pg_schema
+        (gone,) = conn.execute(
+            f'SELECT max(application_id) FROM "{s}".loan_applications WHERE application_id <> %s',
+            (late,),
+        ).fetchone()  # type: ignore[misc]
+        conn.execute(f'DELETE FROM "{s}".loan_applications WHERE application_id = %s', (gone,))
+        conn.execute(
+            f'UPDATE "{s}".applicants SET person_income = person_income + 1, '
+            f"updated_at = now() WHERE applicant_id IN (SELECT applicant_id FROM "
+            f'"{s}".applicants ORDER BY applicant_id LIMIT 2)'
+        )
+    run_all(settings, storage)
+    second = ml_tasks.materialize(settings, storage)
+    written = {w.view: w for w in second.views}
+    assert not any(w.full for w in second.views)
+
+    apps_after = read(storage, "gold", "application_features")
+    people_after = read(storage, "gold", "applicant_features")
+    lo, hi = _changed(gold_before["application_features"], apps_after, "application_id")
+    app = written["application_features"]
+    assert lo - 1 <= app.upserted <= hi  # the deleted one is removed, not written
+    assert app.deleted == 1 and gone not in apps_after["application_id"].to_list()
+    assert 1 <= app.upserted < total["application_features"] / 10
+    lo, hi = _changed(gold_before["applicant_features"], people_after, "applicant_id")
+    for view in ("applicant_features", "applicant_profile"):
+        assert 3 <= written[view].upserted <= hi, view  # two updated, one applied again
+        assert written[view].upserted < total[view] / 10
+
+    incremental = _online_rows(settings)
+    assert gone not in {row[0] for row in incremental["application_features"]}
+    assert late in {row[0] for row in incremental["application_features"]}
+    path = online.sqlite_path(settings)
+    for suffix in ("", "-wal", "-shm"):
+        path.with_name(path.name + suffix).unlink(missing_ok=True)
+    assert all(w.full for w in ml_tasks.materialize(settings, storage).views)
+    assert _online_rows(settings) == incremental

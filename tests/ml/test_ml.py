@@ -25,7 +25,9 @@ from deltalake import DeltaTable
 
 from lakehouse import environment
 from lakehouse.ml import features, models
+from lakehouse.ml import online as online_store
 from lakehouse.ml import tasks as ml_tasks
+from lakehouse.ml.online import VIEWS
 from lakehouse.settings import Secret, Settings
 from lakehouse.source import schema
 from lakehouse.storage import Storage, minio_client
@@ -220,13 +222,13 @@ def check_reads_go_on_while_a_materialization_writes(
     Out of WAL mode the read waits for SQLite's lock timeout and raises "database is
     locked"; in it, the read answers the committed value (gold's, as the caller read it).
     """
-    db = lake.settings.home / "feast" / "online_store.db"
+    db = online_store.sqlite_path(lake.settings)
     writer = sqlite3.connect(db, timeout=0)
     try:
         assert writer.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         writer.execute("PRAGMA cache_size = 1")  # spill at once, as a big write does
         writer.execute("BEGIN IMMEDIATE")
-        writer.execute("UPDATE lakehouse_application_features SET value = value")
+        writer.execute('UPDATE "lakehouse__application_features" SET "values" = "values"')
         reader = features.feature_store(lake.settings, lake.storage)
         online = reader.get_online_features(
             features=["application_features:loan_amnt"],
@@ -238,48 +240,79 @@ def check_reads_go_on_while_a_materialization_writes(
         writer.close()
 
 
+def _online_everything(store: object) -> dict[str, dict[str, list[object]]]:
+    """Read every view's features for every entity gold has (and one it has not)."""
+    out = {}
+    for view, key, table in (
+        ("application_features", "application_id", "application_features"),
+        ("applicant_features", "applicant_id", "applicant_features"),
+        ("applicant_profile", "applicant_id", "applicant_features"),
+    ):
+        definition = store.get_feature_view(view)  # type: ignore[attr-defined]
+        ids = sorted({int(i) for i in read(LAKE_STORAGE[0], "gold", table)[key]})
+        out[view] = store.get_online_features(  # type: ignore[attr-defined]
+            features=[f"{view}:{f.name}" for f in definition.features],
+            entity_rows=[{key: i} for i in [*ids, -1]],
+        ).to_dict()
+    return out
+
+
+LAKE_STORAGE: list[Storage] = []
+
+
 # The online store does not depend on where the tables live: local disk only.
 @pytest.mark.parametrize("lake", ["local"], indirect=True)
-def test_batched_sqlite_writer_writes_what_feasts_writer_writes(lake: Lake, tmp_path: Path) -> None:
-    """The lakehouse's SQLite online store (batched writes) leaves the same table as Feast's."""
-    from datetime import UTC, datetime
-
+def test_online_features_equal_feasts_own_sqlite_store(lake: Lake, tmp_path: Path) -> None:
+    """Issue 16: the lakehouse online store, SQLite and Postgres, written in bulk by
+    `lakehouse` materialization, answers `get_online_features` for every entity exactly as
+    Feast's own SQLite store does after Feast's own materialization up to the same end."""
     from feast import FeatureStore
 
-    from lakehouse.ml.feast_online import BatchSqliteOnlineStore
+    LAKE_STORAGE[:] = [lake.storage]
+    end = ml_tasks.materialize(lake.settings, lake.storage).end
+    on_pg = replace(lake.settings, feast_online_store="postgres")
+    try:
+        assert ml_tasks.materialize(on_pg, lake.storage).end >= end
+        ours_pg = _online_everything(features.feature_store(on_pg, lake.storage))
+    finally:
+        with psycopg.connect(lake.settings.pg_dsn.get(), autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{lake.settings.pg_schema}_online" CASCADE')
+    lake.store = features.feature_store(lake.settings, lake.storage)
+    features.apply(lake.store)  # type: ignore[arg-type]  # the registry's store back to SQLite
+    ours = _online_everything(lake.store)
 
-    assert type(lake.store._get_provider().online_store) is BatchSqliteOnlineStore  # type: ignore[attr-defined]
-    features.feature_store(lake.settings, lake.storage)  # the environment Feast's YAML reads
     source = (features.repo_path() / "feature_store.yaml").read_text()
-    dumps = {}
-    for kind in ("sqlite", "lakehouse.ml.feast_online.BatchSqliteOnlineStore"):
-        name = kind.rsplit(".", 1)[-1]
-        yaml = tmp_path / f"{name}.yaml"
-        yaml.write_text(
-            source.replace(
-                "type: lakehouse.ml.feast_online.BatchSqliteOnlineStore", f"type: {kind}"
-            ).replace("${LAKEHOUSE_HOME}/feast/online_store.db", str(tmp_path / f"{name}.db"))
+    ours_type = "type: lakehouse.ml.online.store.LakehouseSqliteOnlineStore"
+    assert ours_type in source
+    yaml = tmp_path / "stock.yaml"
+    yaml.write_text(
+        source.replace(ours_type, "type: sqlite").replace(
+            "${LAKEHOUSE_HOME}/feast/online.db", str(tmp_path / "stock.db")
         )
-        store = FeatureStore(fs_yaml_file=yaml)
-        assert store.config.online_store.type == kind
-        features.apply(store)  # creates the online tables in this file
-        store.materialize(
-            start_date=datetime(1970, 1, 2, tzinfo=UTC),
-            end_date=datetime.now(UTC),
-            feature_views=list(features.FEATURE_VIEWS),
+    )
+    stock = FeatureStore(fs_yaml_file=yaml)
+    assert stock.config.online_store.type == "sqlite"
+    try:
+        features.apply(stock)
+        stock.materialize(
+            start_date=datetime(1970, 1, 2, tzinfo=UTC), end_date=end, feature_views=list(VIEWS)
         )
-        with sqlite3.connect(tmp_path / f"{name}.db") as conn:
-            dumps[kind] = {
-                view: conn.execute(
-                    f"SELECT entity_key, feature_name, value, value_text, event_ts, created_ts "
-                    f"FROM lakehouse_{view} ORDER BY entity_key, feature_name"
-                ).fetchall()
-                for view in features.FEATURE_VIEWS
-            }
-    features.apply(lake.store)  # type: ignore[arg-type]  # the registry's infrastructure back
-    ours, feasts = dumps["lakehouse.ml.feast_online.BatchSqliteOnlineStore"], dumps["sqlite"]
-    assert all(len(feasts[v]) > 1000 for v in features.FEATURE_VIEWS)
-    assert ours == feasts
+        feasts = _online_everything(stock)
+    finally:
+        features.apply(lake.store)  # type: ignore[arg-type]
+    assert all(len(feasts[v][k]) > 1000 for v, k in (("application_features", "loan_amnt"),))
+    for view in VIEWS:
+        assert ours[view].keys() == feasts[view].keys()
+        for name in feasts[view]:
+            assert _same_lists(ours[view][name], feasts[view][name]), (view, name)
+            assert _same_lists(ours_pg[view][name], feasts[view][name]), (view, name)
+
+
+def _same_lists(a: list[object], b: list[object]) -> bool:
+    return len(a) == len(b) and all(
+        x == y or (isinstance(x, float) and isinstance(y, float) and x != x and y != y)
+        for x, y in zip(a, b, strict=True)
+    )
 
 
 # The online store does not depend on where the tables live: local disk only.
@@ -325,7 +358,7 @@ def test_postgres_online_store_serves_the_latest_gold_values(lake: Lake) -> None
     try:
         writing = as_role(writer, "w'pass word")
         store = features.feature_store(writing, lake.storage)
-        assert type(store.config.online_store).__name__ == "PostgreSQLOnlineStoreConfig"
+        assert type(store.config.online_store).__name__ == "LakehousePostgresOnlineStoreConfig"
         # Switching stores: the first materialization into it applies (creates its tables).
         ml_tasks.materialize(writing, lake.storage)
         with psycopg.connect(admin) as conn:
@@ -335,7 +368,7 @@ def test_postgres_online_store_serves_the_latest_gold_values(lake: Lake) -> None
                     (online_schema,),
                 ).fetchall()
             )
-        assert owners.get("lakehouse_application_features") == writer, owners
+        assert owners.get("lakehouse__application_features") == writer, owners
         assert set(owners.values()) == {writer}
         serving = features.feature_store(as_role(reader, "r-pass"), lake.storage)
         apps = read(lake.storage, "gold", "application_features")
@@ -354,7 +387,7 @@ def test_postgres_online_store_serves_the_latest_gold_values(lake: Lake) -> None
         ):
             conn.execute(
                 SQL("DELETE FROM {}").format(
-                    Identifier(online_schema, "lakehouse_application_features")
+                    Identifier(online_schema, "lakehouse__application_features")
                 )
             )
     finally:
@@ -374,7 +407,7 @@ def test_a_materialization_in_progress_stops_neither_training_nor_serving(lake: 
 
     ml_tasks.materialize(lake.settings, lake.storage)
     writer = features.feature_store(lake.settings, lake.storage)
-    for name in features.FEATURE_VIEWS:
+    for name in VIEWS:
         writer.set_feature_view_state(name, FeatureViewState.MATERIALIZING)
     try:
         reader = features.feature_store(lake.settings, lake.storage)
@@ -388,7 +421,7 @@ def test_a_materialization_in_progress_stops_neither_training_nor_serving(lake: 
         ).to_dict()
         assert online["loan_amnt"][0] is not None
     finally:
-        for name in features.FEATURE_VIEWS:
+        for name in VIEWS:
             writer.set_feature_view_state(name, FeatureViewState.AVAILABLE_ONLINE)
 
 
@@ -797,7 +830,6 @@ def test_a_lost_or_emptied_online_store_is_reloaded_in_full(lake: Lake) -> None:
     materialization reloads every row, not the last window."""
     from fastapi.testclient import TestClient
 
-    from lakehouse.ml import online_store
     from lakehouse.ml.serve import ONLINE_STORE_MISSING, create_app
 
     ml_tasks.materialize(lake.settings, lake.storage)
@@ -823,7 +855,7 @@ def test_a_lost_or_emptied_online_store_is_reloaded_in_full(lake: Lake) -> None:
     due = gold.filter(pl.col("event_timestamp").dt.replace_time_zone(None) <= now)
     with contextlib.closing(sqlite3.connect(db)) as conn:
         (online,) = conn.execute(
-            'SELECT count(DISTINCT entity_key) FROM "lakehouse_application_features"'
+            'SELECT count(DISTINCT entity_key) FROM "lakehouse__application_features"'
         ).fetchone()
     assert online == due["application_id"].n_unique()
     full = online_store.row_counts(lake.settings)
@@ -832,8 +864,8 @@ def test_a_lost_or_emptied_online_store_is_reloaded_in_full(lake: Lake) -> None:
     assert client.post("/predict", json={"application_id": app_id}).status_code == 200
 
     with sqlite3.connect(db) as conn:  # emptied, the file and tables left
-        for table in full:
-            conn.execute(f'DELETE FROM "{table}"')
+        for view in full:
+            conn.execute(f'DELETE FROM "lakehouse__{view}"')
     answer = client.post("/predict", json={"application_id": app_id})
     assert (answer.status_code, answer.json()) == (503, {"detail": ONLINE_STORE_MISSING})
     assert not ml_tasks.materialized(lake.settings, lake.storage)
@@ -846,7 +878,7 @@ def test_a_lost_or_emptied_online_store_is_reloaded_in_full(lake: Lake) -> None:
         assert online_store.row_counts(on_pg) == full
         with psycopg.connect(lake.settings.pg_dsn.get(), autocommit=True) as conn:
             conn.execute(
-                f'DROP TABLE "{lake.settings.pg_schema}_online"."lakehouse_application_features"'
+                f'DROP TABLE "{lake.settings.pg_schema}_online"."lakehouse__application_features"'
             )
         assert online_store.row_counts(on_pg) is None
         assert not ml_tasks.materialized(on_pg, lake.storage)
