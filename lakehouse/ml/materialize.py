@@ -105,17 +105,22 @@ def _encoded(view: View, frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def full(con: Any, tables: Tables, view: View, current: int, end: datetime) -> Written:
-    """Load every entity's latest row (gold at version `current`).
+def full(
+    con: Any, tables: Tables, view: View, current: int, end: datetime, version: int | None
+) -> Written:
+    """Load every entity's latest row (gold at version `current`, from silver `version`).
 
-    Entities the store holds and gold does not are removed.
+    Entities the store holds and gold does not are removed (unless a newer silver state
+    wrote them: the stream). A new load token is recorded last.
     """
+    import uuid
+
     done = Written(view.name, full=True)
     tables.ensure(view.name, view.fields, view.key_kind)
     had_rows = bool(tables.count(view.name, upto=1))
     seen: list[pl.Series] = []
     for frame in _batches(con, _latest(view, duck.scan(view.source, current), end, None)):
-        tables.upsert(view.name, _encoded(view, frame))
+        tables.upsert(view.name, _encoded(view, frame), version)
         done.upserted += frame.height
         if had_rows:
             seen.append(frame["entity_key"])
@@ -123,8 +128,9 @@ def full(con: Any, tables: Tables, view: View, current: int, end: datetime) -> W
         held = pl.Series("entity_key", tables.keys(view.name))
         kept = pl.concat(seen) if seen else held.clear()
         gone = held.filter(~held.is_in(kept.implode()))
-        tables.delete(view.name, gone.to_list())
+        tables.delete(view.name, gone.to_list(), version)
         done.deleted = gone.len()
+    tables.set_load(view.name, uuid.uuid4().hex)
     return done
 
 
@@ -136,10 +142,12 @@ def incremental(
     current: int,
     since: datetime,
     end: datetime,
+    silver: int | None = None,
 ) -> Written:
     """Rewrite the entities whose latest row may have changed since gold `version`.
 
-    `current` is the gold version read now, `since` the end of the last materialization.
+    `current` is the gold version read now, `since` the end of the last materialization,
+    `silver` the silver state gold was built from (`gold_rows.watermark`).
 
     Raises LookupError when that version can no longer be read (vacuumed): the caller
     then loads everything.
@@ -178,14 +186,14 @@ def incremental(
         return done
     written: list[pl.Series] = []
     for frame in _batches(con, _latest(view, now, end, "changed")):
-        tables.upsert(view.name, _encoded(view, frame))
+        tables.upsert(view.name, _encoded(view, frame), silver)
         done.upserted += frame.height
         written.append(frame["entity_key"])
     changed_keys = con.execute("SELECT k FROM changed").pl()["k"]
     kept = pl.concat(written) if written else changed_keys.clear()
     gone = changed_keys.filter(~changed_keys.is_in(kept.implode()))
     if gone.len():
-        tables.delete(view.name, gone.to_list())
+        tables.delete(view.name, gone.to_list(), silver)
         done.deleted = gone.len()
     return done
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -77,14 +77,15 @@ def materialized_state(settings: Settings) -> dict[str, Any] | None:
 def materialized(settings: Settings, storage: Storage) -> bool:
     """Tell whether this online store holds the current gold versions.
 
-    The store itself is looked at: it must exist and hold the rows the last
-    materialization left (a lost or emptied store is reloaded in full).
+    The store itself is looked at: it must hold rows in every view, from the full load
+    the last materialization recorded (a lost, emptied or recreated store is reloaded in
+    full). Row counts are not compared: the stream adds rows between materializations.
     """
     state = _state(settings)
     return (
         state is not None
         and state.get("gold") == _gold_versions(storage)
-        and state.get("online_rows") == online_store.row_counts(settings)
+        and online_store.intact(settings, state.get("loads"))
     )
 
 
@@ -134,12 +135,14 @@ def _materialize(settings: Settings, storage: Storage) -> Materialized:
     from lakehouse import duck
     from lakehouse.ml import materialize as load
     from lakehouse.ml.online.store import _LakehouseOnlineStore
+    from lakehouse.zones.gold import built_from
+    from lakehouse.zones.gold_rows import watermark
 
     tables = {name: storage.table("gold", name) for name in _GOLD_VIEWS}
     versions = {name: storage.data_version("gold", name, dt) for name, dt in tables.items()}
     state = _state(settings)
-    if state is not None and state.get("online_rows") != online_store.row_counts(settings):
-        state = None  # the store was lost or changed behind our back: reload it in full
+    if state is not None and not online_store.intact(settings, state.get("loads")):
+        state = None  # the store was lost or emptied behind our back: reload it in full
         online_store.forget_orphans(settings)
     store = features.feature_store(settings, storage)
     if state is None:
@@ -161,6 +164,7 @@ def _materialize(settings: Settings, storage: Storage) -> Materialized:
             view = load.View.of(feast_view)
             gold_name = by_uri[view.source]
             current = tables[gold_name].version()
+            silver = watermark(built_from(storage, gold_name, tables[gold_name]), gold_name)
             emptied = target.ensure(view.name, view.fields, view.key_kind)
             if state is not None and not emptied:
                 try:
@@ -172,12 +176,13 @@ def _materialize(settings: Settings, storage: Storage) -> Materialized:
                         current,
                         datetime.fromisoformat(state["end"]),
                         end,
+                        silver,
                     )
                     written.append(done)
                     continue
                 except LookupError:
                     pass  # the last materialized version is gone: load this view in full
-            written.append(load.full(con, target, view, current, end))
+            written.append(load.full(con, target, view, current, end, silver))
     finally:
         con.close()
     start = datetime.fromisoformat(state["end"]) if state else load.FIRST
@@ -188,7 +193,7 @@ def _materialize(settings: Settings, storage: Storage) -> Materialized:
         "online_store": _online_store(settings),
         "gold": versions,
         "end": end.isoformat(),
-        "online_rows": online_store.row_counts(settings),
+        "loads": {view.name: target.load(view.name) for view in views},
     }
     tmp.write_text(json.dumps(record))
     tmp.replace(path)

@@ -53,6 +53,8 @@ def submitted_frame(sources: dict[str, pl.LazyFrame]) -> pl.DataFrame:
 
 
 _WINDOW_US = 30 * 86_400 * 1_000_000
+_RATE_UNITS = 1_000_000_000
+"""Rates are summed as whole nano-percent: exact integer sums (see intent_rate_30d)."""
 
 
 def intent_rate_30d(submitted: pl.DataFrame) -> pl.DataFrame:
@@ -62,18 +64,32 @@ def intent_rate_30d(submitted: pl.DataFrame) -> pl.DataFrame:
     instant are not in each other's window. Per intent, on times sorted once, the window
     of every row is two binary searches into prefix sums: linear memory, where a rolling
     aggregation (or a RANGE window in DuckDB) costs several times more at 10M rows.
+
+    The prefix sums are of integers (each rate rounded to a billionth of a percent), so a
+    window's sum is exact and depends only on the rows in it: a float prefix sum would
+    change in its last bits whenever any earlier application of the intent appears (a
+    backfill years back), and the speed layer recomputing a few applications
+    (`zones.gold_rows`) could not match the full build to the bit. Rates in silver are
+    between 1 and 36 (quality rules), so the sums fit in int64 up to ~2.5e8 applications
+    per intent; a rate that is not finite counts as unknown.
     """
     parts = []
-    for _, group in submitted.sort("applied_at").group_by("loan_intent"):
+    ordered = submitted.sort("applied_at", "application_id")
+    for _, group in ordered.group_by("loan_intent", maintain_order=True):
         times = group["applied_at"].dt.epoch("us").to_numpy()
-        rates = group["loan_int_rate"]
-        known = rates.is_not_null().to_numpy()
-        sums = np.concatenate([[0.0], np.cumsum(np.where(known, rates.fill_null(0).to_numpy(), 0))])
+        rates = group["loan_int_rate"].cast(pl.Float64)
+        known = (rates.is_not_null() & rates.is_finite()).to_numpy()
+        values = np.where(known, rates.fill_null(0.0).fill_nan(0.0).to_numpy(), 0.0)
+        if np.abs(values).max(initial=0.0) * len(values) >= 9e18 / _RATE_UNITS:
+            msg = "loan_int_rate values too large to sum exactly (expected 1-36 percent)"
+            raise ValueError(msg)
+        units = np.rint(values * _RATE_UNITS).astype(np.int64)
+        sums = np.concatenate([[0], np.cumsum(units)])
         counts = np.concatenate([[0], np.cumsum(known)])
         hi = np.searchsorted(times, times, side="left")
         lo = np.searchsorted(times, times - _WINDOW_US, side="left")
         n = counts[hi] - counts[lo]
-        mean = (sums[hi] - sums[lo]) / np.maximum(n, 1)
+        mean = (sums[hi] - sums[lo]) / np.maximum(n, 1) / _RATE_UNITS
         parts.append(
             pl.DataFrame(
                 {

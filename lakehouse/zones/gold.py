@@ -81,6 +81,18 @@ def _app(name: str, source: str) -> str:
     return app_id("gold", name, f"{zone}.{table}")
 
 
+def built_from(storage: Storage, name: str, dt: DeltaTable | None = None) -> dict[str, int]:
+    """Return the data versions of the silver tables `gold.<name>` was last built from."""
+    dt = dt if dt is not None else storage.table_or_none("gold", name)
+    out = {}
+    for source in GOLD[name].sources:
+        zone, table = _located(source)
+        version = recorded(dt, _app(name, source))
+        if zone == "silver" and version is not None:
+            out[table] = version
+    return out
+
+
 def is_current(storage: Storage, name: str) -> bool:
     """Tell whether `gold.<name>` was built from the current versions of its inputs (cheap)."""
     dt = storage.table_or_none("gold", name)

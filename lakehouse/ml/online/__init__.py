@@ -7,8 +7,9 @@ its rows.
 
 `Materialize` used to be complete when a state file said so. Delete the SQLite file (or
 drop the Postgres tables) and every run said "nothing to do" while the API answered 500.
-Completion compares the store's row counts with those the last materialization recorded,
-and a mismatch reloads it in full. Reading never creates the store (SQLite: `mode=ro`).
+Completion now looks at the store: every view must hold rows, from the full load the last
+materialization recorded (a token in the store), or it is reloaded in full. Reading never
+creates the store (SQLite: `mode=ro`).
 """
 
 from __future__ import annotations
@@ -61,6 +62,25 @@ def row_counts(settings: Settings, *, upto: int | None = None) -> dict[str, int]
         return counts
     except (OnlineStoreMissing, sqlite3.Error):  # gone, or not a database
         return None
+    finally:
+        tables.close()
+
+
+def intact(settings: Settings, loads: dict[str, str | None] | None) -> bool:
+    """Tell whether the store holds rows in every view, from these full loads."""
+    import sqlite3
+
+    from lakehouse.ml.online.tables import OnlineStoreMissing
+
+    if not loads or (
+        settings.feast_online_store != "postgres" and not sqlite_path(settings).is_file()
+    ):
+        return False
+    tables = open_tables(settings)
+    try:
+        return all(tables.load(view) == loads.get(view) and tables.count(view, 1) for view in VIEWS)
+    except (OnlineStoreMissing, sqlite3.Error):
+        return False
     finally:
         tables.close()
 

@@ -26,7 +26,7 @@ import polars as pl
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.value_type import ValueType
 
-FORMAT = 1
+FORMAT = 2
 """Bumped when the layout changes: a table written in another format is rebuilt."""
 
 # The value types a row can hold, and the ValueProto field each is read into.

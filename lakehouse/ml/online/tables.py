@@ -3,8 +3,13 @@
 One table per feature view, `<project>__<view>` (two underscores: never one of Feast's
 own tables, `<project>_<view>`, which may sit in the same file or schema), with one row
 per entity: `entity_key` (the view's one join key, as an integer or text), `event_ts`
-(microseconds since the epoch, UTC) and `values` (`encoding`). A table `<project>__views`
-records each view's field list and format.
+(microseconds since the epoch, UTC), `values` (`encoding`) and `version`: the state of
+silver the row was computed from (`lakehouse.ml.fresh.watermark`; null for rows Feast
+wrote). A row only replaces one from the same or an older state, and a delete only
+removes such rows: the stream and a batch materialization may write the same entity in
+either order, and the newer state stays. A table `<project>__views` records each view's
+field list, format and load (a token a full load sets: a store lost and recreated has
+another one, or none).
 
 Writes are bulk: SQLite takes `executemany` in one transaction per call (rows sorted by
 key append to the table's B-tree); Postgres takes a `COPY` into a temporary table and
@@ -31,6 +36,12 @@ CHUNK = 100_000
 
 class OnlineStoreMissing(Exception):
     """A read-only reader found no store (a reader never creates one)."""
+
+
+_NOT_NEWER = (
+    "excluded.version IS NULL OR {table}.version IS NULL OR excluded.version >= {table}.version"
+)
+"""An upsert's condition: the stored row is not from a newer silver state."""
 
 
 def table_name(project: str, view: str) -> str:
@@ -68,8 +79,10 @@ class Tables(ABC):
         """Create the view's table and the views table if missing."""
 
     @abstractmethod
-    def _upsert(self, view: str, keys: list[Any], ts: list[int], values: list[str]) -> None:
-        """Insert or replace rows, in one transaction."""
+    def _upsert(
+        self, view: str, keys: list[Any], ts: list[int], values: list[str], version: int | None
+    ) -> None:
+        """Insert or replace rows (not newer ones), in one transaction."""
 
     @abstractmethod
     def _exists(self, table: str) -> bool:
@@ -90,14 +103,16 @@ class Tables(ABC):
         stored = self.fields(view, refresh=True)
         if stored == fields and self._format(view) == FORMAT:
             return False
-        self._execute(f"DELETE FROM {quote(table_name(self.project, view))}")
+        # Another layout or field list: the table is rebuilt empty (and then loaded).
+        self._execute(f"DROP TABLE {quote(table_name(self.project, view))}")
+        self._create(view, key_type)
         self._execute(
             f"DELETE FROM {quote(views_table(self.project))} WHERE view = {self._param}",
             (view,),
         )
         self._execute(
-            f"INSERT INTO {quote(views_table(self.project))} (view, fields, format) "
-            f"VALUES ({self._param}, {self._param}, {self._param})",
+            f"INSERT INTO {quote(views_table(self.project))} (view, fields, format, load_id) "
+            f"VALUES ({self._param}, {self._param}, {self._param}, NULL)",
             (view, dump_fields(fields), FORMAT),
         )
         self._fields[view] = fields
@@ -111,6 +126,24 @@ class Tables(ABC):
             (view,),
         )
         return int(rows[0][0]) if rows else None
+
+    def load(self, view: str) -> str | None:
+        """Return the token of the view's last full load (None: none, or no table)."""
+        if not self._exists(views_table(self.project)):
+            return None
+        rows = self._execute(
+            f"SELECT load_id FROM {quote(views_table(self.project))} WHERE view = {self._param}",
+            (view,),
+        )
+        return rows[0][0] if rows else None
+
+    def set_load(self, view: str, token: str) -> None:
+        """Record a full load of the view."""
+        self._execute(
+            f"UPDATE {quote(views_table(self.project))} SET load_id = {self._param} "
+            f"WHERE view = {self._param}",
+            (token, view),
+        )
 
     def fields(self, view: str, *, refresh: bool = False) -> FieldList | None:
         """Return the field list the view's rows were written with (None: no table)."""
@@ -126,10 +159,11 @@ class Tables(ABC):
             self._fields[view] = load_fields(rows[0][0])
         return self._fields[view]
 
-    def upsert(self, view: str, frame: pl.DataFrame) -> None:
-        """Write rows (`entity_key`, `event_ts` in µs, `values`), one transaction.
+    def upsert(self, view: str, frame: pl.DataFrame, version: int | None = None) -> None:
+        """Write rows (`entity_key`, `event_ts` in µs, `values`) from silver state `version`.
 
-        Keys must be unique within the frame (the latest row per entity).
+        One transaction. A stored row from a newer state is kept. Keys must be unique
+        within the frame (the latest row per entity).
         """
         if frame.height == 0:
             return
@@ -139,17 +173,18 @@ class Tables(ABC):
             frame["entity_key"].to_list(),
             frame["event_ts"].to_list(),
             frame["values"].to_list(),
+            version,
         )
 
-    def delete(self, view: str, keys: Sequence[Any]) -> None:
-        """Remove entities that no longer have a row (in chunks, one transaction each)."""
+    def delete(self, view: str, keys: Sequence[Any], version: int | None = None) -> None:
+        """Remove entities that no longer have a row, unless stored from a newer state."""
         table = quote(table_name(self.project, view))
         for start in range(0, len(keys), CHUNK):
             chunk = list(keys[start : start + CHUNK])
-            self._delete(table, chunk)
+            self._delete(table, chunk, version)
 
     @abstractmethod
-    def _delete(self, quoted_table: str, keys: list[Any]) -> None: ...
+    def _delete(self, quoted_table: str, keys: list[Any], version: int | None) -> None: ...
 
     def keys(self, view: str) -> list[Any]:
         """Return every entity key the view's table holds."""
@@ -173,13 +208,13 @@ class Tables(ABC):
         return int(self._execute(statement)[0][0])
 
     def drop(self, view: str) -> None:
-        """Drop the view's table and forget its fields."""
+        """Drop the view's table and forget its fields (the last one: the views table)."""
         self._execute(f"DROP TABLE IF EXISTS {quote(table_name(self.project, view))}")
+        views = quote(views_table(self.project))
         if self._exists(views_table(self.project)):
-            self._execute(
-                f"DELETE FROM {quote(views_table(self.project))} WHERE view = {self._param}",
-                (view,),
-            )
+            self._execute(f"DELETE FROM {views} WHERE view = {self._param}", (view,))
+            if not self._execute(f"SELECT 1 FROM {views} LIMIT 1"):
+                self._execute(f"DROP TABLE {views}")
         self._fields.pop(view, None)
 
 
@@ -238,37 +273,41 @@ class SqliteTables(Tables):
         tail = "" if key_type == "int" else " WITHOUT ROWID"
         self._execute(
             f"CREATE TABLE IF NOT EXISTS {quote(views_table(self.project))} "
-            "(view TEXT PRIMARY KEY, fields TEXT NOT NULL, format INTEGER NOT NULL)"
+            "(view TEXT PRIMARY KEY, fields TEXT NOT NULL, format INTEGER NOT NULL, load_id TEXT)"
         )
         self._execute(
             f"CREATE TABLE IF NOT EXISTS {quote(table_name(self.project, view))} "
-            f'(entity_key {key}, event_ts INTEGER NOT NULL, "values" TEXT NOT NULL){tail}'
+            f'(entity_key {key}, event_ts INTEGER NOT NULL, "values" TEXT NOT NULL, '
+            f"version INTEGER){tail}"
         )
 
-    def _upsert(self, view: str, keys: list[Any], ts: list[int], values: list[str]) -> None:
+    def _upsert(
+        self, view: str, keys: list[Any], ts: list[int], values: list[str], version: int | None
+    ) -> None:
+        table = quote(table_name(self.project, view))
         statement = (
-            f"INSERT INTO {quote(table_name(self.project, view))} "
-            '(entity_key, event_ts, "values") VALUES (?, ?, ?) '
+            f'INSERT INTO {table} (entity_key, event_ts, "values", version) VALUES (?, ?, ?, ?) '
             "ON CONFLICT (entity_key) DO UPDATE SET event_ts = excluded.event_ts, "
-            '"values" = excluded."values"'
+            '"values" = excluded."values", version = excluded.version '
+            f"WHERE {_NOT_NEWER.format(table=table)}"
         )
         with self._lock:
             conn = self._connect()
             with conn:  # one transaction
                 for start in range(0, len(keys), CHUNK):
                     end = start + CHUNK
-                    conn.executemany(
-                        statement,
-                        zip(keys[start:end], ts[start:end], values[start:end], strict=True),
-                    )
+                    rows = zip(keys[start:end], ts[start:end], values[start:end], strict=True)
+                    conn.executemany(statement, ((*row, version) for row in rows))
 
-    def _delete(self, quoted_table: str, keys: list[Any]) -> None:
+    def _delete(self, quoted_table: str, keys: list[Any], version: int | None) -> None:
+        statement = (
+            f"DELETE FROM {quoted_table} WHERE entity_key = ? AND "
+            "(? IS NULL OR version IS NULL OR version <= ?)"
+        )
         with self._lock:
             conn = self._connect()
             with conn:
-                conn.executemany(
-                    f"DELETE FROM {quoted_table} WHERE entity_key = ?", ((k,) for k in keys)
-                )
+                conn.executemany(statement, ((k, version, version) for k in keys))
 
     def read(self, view: str, keys: Sequence[Any]) -> dict[Any, tuple[int, str]]:
         """Return {key: (event_ts µs, values)} for the keys found."""
@@ -353,16 +392,19 @@ class PostgresTables(Tables):
                     conn.execute(f"CREATE SCHEMA {quote(self.schema)}")
                 conn.execute(
                     f"CREATE TABLE IF NOT EXISTS {self._qualified(views_table(self.project))} "
-                    "(view TEXT PRIMARY KEY, fields TEXT NOT NULL, format INTEGER NOT NULL)"
+                    "(view TEXT PRIMARY KEY, fields TEXT NOT NULL, format INTEGER NOT NULL, "
+                    "load_id TEXT)"
                 )
                 conn.execute(
                     f"CREATE TABLE IF NOT EXISTS "
                     f"{self._qualified(table_name(self.project, view))} "
                     f"(entity_key {key} PRIMARY KEY, event_ts BIGINT NOT NULL, "
-                    '"values" TEXT NOT NULL)'
+                    '"values" TEXT NOT NULL, version BIGINT)'
                 )
 
-    def _upsert(self, view: str, keys: list[Any], ts: list[int], values: list[str]) -> None:
+    def _upsert(
+        self, view: str, keys: list[Any], ts: list[int], values: list[str], version: int | None
+    ) -> None:
         table = self._qualified(table_name(self.project, view))
         with self._lock:
             conn = self._connect()
@@ -371,25 +413,27 @@ class PostgresTables(Tables):
                     f"CREATE TEMPORARY TABLE lakehouse_staging (LIKE {table}) ON COMMIT DROP"
                 )
                 with conn.cursor().copy(
-                    'COPY lakehouse_staging (entity_key, event_ts, "values") FROM STDIN'
+                    'COPY lakehouse_staging (entity_key, event_ts, "values", version) FROM STDIN'
                 ) as copy:
                     for start in range(0, len(keys), CHUNK):
                         end = start + CHUNK
                         for row in zip(
                             keys[start:end], ts[start:end], values[start:end], strict=True
                         ):
-                            copy.write_row(row)
+                            copy.write_row((*row, version))
                 conn.execute(
-                    f'INSERT INTO {table} (entity_key, event_ts, "values") '
-                    'SELECT entity_key, event_ts, "values" FROM lakehouse_staging '
+                    f'INSERT INTO {table} AS t (entity_key, event_ts, "values", version) '
+                    'SELECT entity_key, event_ts, "values", version FROM lakehouse_staging '
                     "ON CONFLICT (entity_key) DO UPDATE SET event_ts = excluded.event_ts, "
-                    '"values" = excluded."values"'
+                    '"values" = excluded."values", version = excluded.version '
+                    f"WHERE {_NOT_NEWER.format(table='t')}"
                 )
 
-    def _delete(self, quoted_table: str, keys: list[Any]) -> None:
+    def _delete(self, quoted_table: str, keys: list[Any], version: int | None) -> None:
         self._execute(
-            f"DELETE FROM {quote(self.schema)}.{quoted_table} WHERE entity_key = ANY(%s)",
-            (keys,),
+            f"DELETE FROM {quote(self.schema)}.{quoted_table} WHERE entity_key = ANY(%s) "
+            "AND (%s::BIGINT IS NULL OR version IS NULL OR version <= %s::BIGINT)",
+            (keys, version, version),
         )
 
     def read(self, view: str, keys: Sequence[Any]) -> dict[Any, tuple[int, str]]:

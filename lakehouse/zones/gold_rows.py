@@ -1,0 +1,229 @@
+"""Gold feature rows of a few entities, exactly as a full gold build computes them.
+
+The speed layer (`lakehouse stream --promote`) keeps online features fresh without
+rebuilding gold: after silver changes, it asks which applicants and applications a
+change can touch (`affected`) and recomputes their rows here, with the same transforms
+over the same silver versions (`transforms.gold`). Gold itself stays the batch's; the next
+build produces the same rows (tested value for value).
+
+What a change touches, and why it is all recomputed:
+- an applicant's `applicant_features` rows: every row of an applicant with a changed
+  version or a changed application (running counts, their attributes);
+- the features of every application of those applicants (they are taken as of each
+  application's `applied_at`, and a late change can fall before it);
+- `rate_spread` of applications of the same intent submitted in the 30 days after a new
+  submission (its market rate window): normally none, since a new application is the
+  latest; a backfilled one reaches them.
+The market rates are computed over every submission, as the full build does, so the
+floating-point sums are the same to the last bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import polars as pl
+
+from lakehouse import duck
+from lakehouse.settings import Settings
+from lakehouse.storage import Storage
+from lakehouse.transforms.gold import (
+    GOLD,
+    applicant_features_frame,
+    intent_rate_30d,
+    submitted_frame,
+)
+
+SOURCES = ("applicants_history", "loan_applications_history", "loan_applications")
+"""The silver tables the feature tables are built from."""
+
+_WINDOW = timedelta(days=30)
+
+WATERMARK_SOURCES = {
+    "application_features": SOURCES,
+    "applicant_features": ("applicants_history", "loan_applications_history"),
+}
+
+
+def watermark(data_versions: dict[str, int], gold_table: str) -> int | None:
+    """Return the silver state rows of a gold table come from, as one number.
+
+    The sum of the data versions of the silver tables the table reads: each grows with
+    every commit that changes its data, so rows from a later state carry a larger number
+    (the online store keeps the newer of two writes, `ml.online.tables`). None if a
+    version is unknown.
+    """
+    names = WATERMARK_SOURCES[gold_table]
+    if any(name not in data_versions for name in names):
+        return None
+    return sum(data_versions[name] for name in names)
+
+
+@dataclass(frozen=True)
+class Affected:
+    """Entities a silver change may touch, before widening (see the module)."""
+
+    applicants: frozenset[int]
+    applications: frozenset[int]
+    submitted: frozenset[int]
+    """Applications whose first version (their submission) is new."""
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The recomputed rows, and the entities they are complete for."""
+
+    applicants: frozenset[int]
+    """Every `applicant_features` row of these applicants is in `applicant_features`."""
+    applications: frozenset[int]
+    """Every `application_features` row of these applications is in `application_features`."""
+    applicant_features: pl.DataFrame
+    application_features: pl.DataFrame
+
+
+def _scans(storage: Storage, versions: dict[str, int]) -> dict[str, pl.LazyFrame]:
+    return {
+        name: pl.scan_delta(
+            storage.uri("silver", name), version=versions[name], storage_options=storage.options
+        )
+        for name in SOURCES
+    }
+
+
+def affected(
+    settings: Settings, storage: Storage, before: dict[str, int], now: dict[str, int]
+) -> Affected:
+    """Return the entities with a silver history row added, changed or removed in between.
+
+    Compares the two versions of each history table on its keys and validity (a new
+    version, a closed one, a delete), in DuckDB. Raises `LookupError` when `before` can
+    no longer be read (vacuumed).
+    """
+    import duckdb
+
+    found: dict[str, set[int]] = {"applicant": set(), "application": set(), "new": set()}
+    con = duck.connect(settings, storage)
+    try:
+        for name in ("applicants_history", "loan_applications_history"):
+            if before[name] == now[name]:
+                continue
+            try:
+                rows = con.execute(_diff(storage, name, before[name], now[name])).fetchall()
+            except duckdb.Error as exc:
+                msg = f"silver.{name} version {before[name]}: {exc}"
+                raise LookupError(msg) from None
+            for applicant, application, first in rows:
+                if applicant is not None:
+                    found["applicant"].add(int(applicant))
+                if application is not None:
+                    found["application"].add(int(application))
+                    if first:
+                        found["new"].add(int(application))
+    finally:
+        con.close()
+    return Affected(
+        frozenset(found["applicant"]), frozenset(found["application"]), frozenset(found["new"])
+    )
+
+
+def _diff(storage: Storage, name: str, before: int, now: int) -> str:
+    """Select (applicant, application, is a first version) of the rows that differ."""
+    uri = storage.uri("silver", name)
+    new, old = duck.scan(uri, now), duck.scan(uri, before)
+    if name == "applicants_history":
+        columns = "applicant_id, valid_from, valid_to"
+        differ = f"(SELECT {columns} FROM {new} EXCEPT SELECT {columns} FROM {old}) UNION ALL "
+        differ += f"(SELECT {columns} FROM {old} EXCEPT SELECT {columns} FROM {new})"
+        return f"SELECT applicant_id, NULL, false FROM ({differ})"
+    columns = "applicant_id, application_id, valid_from, valid_to"
+    differ = f"(SELECT {columns} FROM {new} EXCEPT SELECT {columns} FROM {old}) UNION ALL "
+    differ += f"(SELECT {columns} FROM {old} EXCEPT SELECT {columns} FROM {new})"
+    firsts = f"SELECT application_id, min(valid_from) AS first_from FROM {new} GROUP BY ALL"
+    return (
+        "SELECT d.applicant_id, d.application_id, "
+        "f.first_from IS NULL OR d.valid_from <= f.first_from "
+        f"FROM ({differ}) AS d LEFT JOIN ({firsts}) AS f USING (application_id)"
+    )
+
+
+def rows_for(
+    settings: Settings, storage: Storage, changed: Affected, versions: dict[str, int]
+) -> Rows:
+    """Recompute the gold feature rows of everything `changed` can touch (silver `versions`)."""
+    scans = _scans(storage, versions)
+    history = scans["loan_applications_history"]
+    submitted = submitted_frame(scans)  # every submission: the market rates need them all
+    # Widen: the applicants of changed applications, all their applications, and the
+    # applications in the 30-day market window after a new submission.
+    applicants = set(changed.applicants) | set(
+        history.filter(pl.col("application_id").is_in(list(changed.applications)))
+        .select("applicant_id")
+        .unique()
+        .collect()["applicant_id"]
+        .to_list()
+    )
+    applications = set(changed.applications) | set(
+        submitted.filter(pl.col("applicant_id").is_in(list(applicants)))["application_id"]
+    )
+    new = submitted.filter(pl.col("application_id").is_in(list(changed.submitted)))
+    for intent, at in new.select("loan_intent", "applied_at").iter_rows():
+        window = submitted.filter(
+            (pl.col("loan_intent") == intent)
+            & (pl.col("applied_at") > at)
+            & (pl.col("applied_at") <= at + _WINDOW)
+        )
+        applications |= set(window["application_id"])
+    # Applicants whose history the widened applications are joined with (unchanged
+    # ones: their rows are inputs only).
+    inputs = applicants | set(
+        submitted.filter(pl.col("application_id").is_in(list(applications)))["applicant_id"]
+    )
+    people = applicant_features_frame(
+        {
+            name: scans[name].filter(pl.col("applicant_id").is_in(list(inputs)))
+            for name in ("applicants_history", "loan_applications_history")
+        }
+    )
+    apps = _application_features(scans, submitted, people, applications, inputs, settings, storage)
+    return Rows(
+        frozenset(applicants),
+        frozenset(applications),
+        people.filter(pl.col("applicant_id").is_in(list(applicants))),
+        apps,
+    )
+
+
+def _application_features(
+    scans: dict[str, pl.LazyFrame],
+    submitted: pl.DataFrame,
+    people: pl.DataFrame,
+    applications: set[int],
+    applicants: set[int],
+    settings: Settings,
+    storage: Storage,
+) -> pl.DataFrame:
+    """Run gold's `application_features` SQL over the rows these applications read."""
+    from lakehouse.zones.gold import _frame, _normalise
+
+    ids = list(applications)
+    relations = {
+        "loan_applications": scans["loan_applications"]
+        .filter(pl.col("application_id").is_in(ids))
+        .collect(),
+        "applicants_history": scans["applicants_history"]
+        .filter(pl.col("applicant_id").is_in(list(applicants)))
+        .collect(),
+        "applicant_features": people,
+        "submitted": submitted.filter(pl.col("application_id").is_in(ids)),
+        "market": intent_rate_30d(submitted).filter(pl.col("application_id").is_in(ids)),
+    }
+    con = duck.connect(settings, storage)
+    try:
+        for name, frame in relations.items():
+            con.register(name, frame.to_arrow())
+        reader = _normalise(con.execute(GOLD["application_features"].sql).to_arrow_reader())
+        result = _frame(reader.read_all())
+    finally:
+        con.close()
+    return result
