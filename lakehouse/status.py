@@ -354,9 +354,17 @@ def render(status: Status) -> str:
         f = status.features
         upto = f.get("materialized_up_to") or "never materialized"
         parts.append(
-            f"  online store ({f['online_store']}): values up to {upto}; "
-            f"current: {_yes(f['online_store_current'])}\n"
+            f"  online store ({f['online_store']}): materialized up to {upto}; "
+            f"current with gold: {_yes(f['online_store_current'])}\n"
         )
+        if "online_behind_silver_seconds" in f:
+            streamed = f.get("online_refreshed_by_stream_at")
+            parts.append(
+                f"    freshness: {_ago(f['online_behind_silver_seconds'])} behind silver "
+                f"(silver's own lag: the Tables section)"
+                + (f"; last refreshed by the stream at {streamed}" if streamed else "")
+                + "\n"
+            )
         if f.get("model_version"):
             parts.append(
                 f"  model {f['model_version']}, current: {_yes(f['model_current'])}\n"

@@ -27,7 +27,7 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from lakehouse import log as events
-from lakehouse.errors import LakehouseError, StorageError
+from lakehouse.errors import LakehouseError, StorageError, described
 from lakehouse.failpoints import failpoint
 from lakehouse.settings import Settings
 from lakehouse.source.schema import TABLES
@@ -299,9 +299,12 @@ class ChangesPartition(StatefulSinkPartition[ChangeBatch, None]):
                     # safe, and the next micro-batch or run promotes it.
                     MONITOR.promote_errors += 1
                     log.warning("silver promotion deferred: %s", exc)
+                    continue
                 except LakehouseError as exc:
                     self.failed = True
                     fail(exc)
+                    continue
+                _refresh_online(self.settings, self.storage)
 
     def snapshot(self) -> None:
         """Return nothing: positions live in Delta and in the slot, not in Bytewax."""
@@ -320,6 +323,35 @@ def _promote(storage: Storage, table: str) -> None:
     del table
     for name in ("applicants", "loan_applications"):
         silver.promote(storage, name)
+
+
+_REFRESHER: list[Any] = []
+
+
+def _refresh_online(settings: Settings, storage: Storage) -> None:
+    """Bring the online features of what silver just took in up to date (`ml.fresh`).
+
+    A failure is logged and counted, never fatal: silver and bronze are safe, and the
+    next refresh (which diffs from the last state it wrote) or batch run catches up.
+    """
+    from lakehouse.ml.fresh import Refresher
+
+    if not _REFRESHER:
+        _REFRESHER.append(Refresher(settings, storage))
+    try:
+        done = _REFRESHER[0].refresh()
+    except Exception as exc:  # the online store down, a Feast error: keep streaming
+        MONITOR.online_errors += 1
+        log.warning("online features not refreshed: %s", described(exc))
+        return
+    if done is not None:
+        MONITOR.online_refreshes += 1
+        log.info(
+            "online features of %d applicants and %d applications refreshed in %.2fs",
+            done.applicants,
+            done.applications,
+            done.seconds,
+        )
 
 
 class ChangesSink(FixedPartitionedSink[ChangeBatch, None]):

@@ -27,6 +27,8 @@ class Monitor:
     buffered: dict[str, int] = field(default_factory=dict)
     newest_commit: datetime | None = None
     promote_errors: int = 0
+    online_refreshes: int = 0
+    online_errors: int = 0
     _last: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -70,6 +72,10 @@ class Monitor:
         )
         if self.promote_errors:
             line += f"; {self.promote_errors} silver promotions deferred (see the log)"
+        if self.online_refreshes:
+            line += f"; online features refreshed {self.online_refreshes} times"
+        if self.online_errors:
+            line += f"; {self.online_errors} online refreshes failed (see the log)"
         self.report(
             line,
             {

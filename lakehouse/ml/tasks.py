@@ -90,7 +90,7 @@ def materialized(settings: Settings, storage: Storage) -> bool:
 
 
 @contextlib.contextmanager
-def _one_at_a_time(settings: Settings) -> Iterator[None]:
+def one_at_a_time(settings: Settings) -> Iterator[None]:
     """Hold the materialization lock: one materialization writes the store at a time.
 
     Two at once could each pin another gold version and the older one land last, its
@@ -127,7 +127,7 @@ class Materialized:
 
 def materialize(settings: Settings, storage: Storage) -> Materialized:
     """Materialize up to now (only changed entities after the first time); record it."""
-    with _one_at_a_time(settings):
+    with one_at_a_time(settings):
         return _materialize(settings, storage)
 
 
