@@ -18,7 +18,7 @@ GOLD = ("application_features", "applicant_features")
 
 @pytest.mark.parametrize("settings", ["local"], indirect=True)
 def test_a_vacuumed_gold_version_reloads_the_online_store_in_full(settings: Settings) -> None:
-    """README, *Incremental materialization*: the window follows the gold rows changed
+    """README, *Materialization*: later runs write the entities whose gold rows changed
     since the last materialization, found by comparing each table with its version then;
     if that version was vacuumed, everything is reloaded. A row applied for long before the
     last window reaches gold after it; `maintain --retention-hours 0` removes the old
