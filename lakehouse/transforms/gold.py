@@ -325,6 +325,7 @@ _ATTRIBUTES = [
 
 
 _NEVER = pl.datetime(1, 1, 1, time_zone="UTC")
+_PER_DAY_US = 1 / 86_400_000_000
 
 
 def applicant_features_frame(sources: dict[str, pl.LazyFrame]) -> pl.DataFrame:
@@ -407,8 +408,11 @@ def applicant_features_frame(sources: dict[str, pl.LazyFrame]) -> pl.DataFrame:
         pl.col("approved_count").cast(pl.Int64),
         pl.col("rejected_count").cast(pl.Int64),
         mean_loan_amnt=pl.when(count > 0).then(pl.col("amount_sum") / count),
+        # A product, not `/ 86_400_000_000`: Polars divides a chunk by a scalar as a
+        # product with the reciprocal but a one-row chunk by true division, so a quotient
+        # would depend on the chunk layout (the speed layer's subset vs the full build).
         days_since_last_application=pl.when(pl.col("last_applied_at") != _NEVER).then(
-            (pl.col("ts") - pl.col("last_applied_at")).dt.total_microseconds() / 86_400_000_000
+            (pl.col("ts") - pl.col("last_applied_at")).dt.total_microseconds() * _PER_DAY_US
         ),
     ).collect()
 

@@ -92,9 +92,13 @@ def test_online_rows_written_by_the_stream_equal_the_batch_materialization(
         assert len(streamed[view]) == len(batch[view]), view
         assert streamed[view] == batch[view], view
 
-    # A change silver takes in without the stream: status says the store is behind.
-    with schema.connect(settings, autocommit=True) as conn:
-        simulate(conn, s, changes=10, batch_size=10, seed=22)
+    # Changes the stream lands without --promote, promoted by the batch: silver moves on
+    # without a refresh, and status says how far behind the online store is.
+    def more() -> None:
+        with schema.connect(settings, autocommit=True) as conn:
+            simulate(conn, s, changes=10, batch_size=10, seed=22)
+
+    stream_while(settings, storage, more)
     run_all(settings, storage, with_gold=False)
     freshness = ml_status.online_freshness(settings, storage, materialized=False)
     assert not freshness["online_current_with_silver"]
