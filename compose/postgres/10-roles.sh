@@ -36,7 +36,8 @@ ALTER DEFAULT PRIVILEGES FOR ROLE lakehouse_owner IN SCHEMA lending
 ALTER DEFAULT PRIVILEGES FOR ROLE lakehouse_owner IN SCHEMA lending
     GRANT USAGE ON SEQUENCES TO lakehouse_app;
 
--- Feast's online store: the pipeline's Materialize creates and writes its tables.
+-- The online store: the pipeline's Materialize creates and writes its tables, the stream
+-- (--promote) keeps the rows of changed entities fresh.
 CREATE ROLE lakehouse_features LOGIN PASSWORD :'features_pw';
 CREATE SCHEMA lending_online AUTHORIZATION lakehouse_features;
 
