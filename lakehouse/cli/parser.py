@@ -185,7 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
         "the aligned snapshot; status: slot lag and freshness; teardown: drop them",
     )
     p.add_argument(
-        "--promote", action="store_true", help="with run: also merge each micro-batch into silver"
+        "--promote",
+        action="store_true",
+        help="with run: also merge each micro-batch into silver and refresh the online "
+        "features it touched",
     )
     p.add_argument(
         "--setup",
