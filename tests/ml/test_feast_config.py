@@ -1,4 +1,4 @@
-"""Feast's Postgres online store configuration, as the lakehouse exports it."""
+"""The Postgres online store's configuration, as the lakehouse exports it."""
 
 from __future__ import annotations
 
@@ -19,9 +19,7 @@ def test_postgres_online_store_settings_survive_the_yaml(
 ) -> None:
     """Feast expands ${VAR} in the YAML text, then parses it: a password that looks like a
     number or a boolean, holds a quote or is empty must still arrive as that string."""
-    from feast.infra.online_stores.postgres_online_store.postgres import (
-        PostgreSQLOnlineStoreConfig,
-    )
+    from lakehouse.ml.online.store import LakehousePostgresOnlineStoreConfig
 
     quoted = password.replace("'", "%27")
     settings = Settings(
@@ -32,7 +30,9 @@ def test_postgres_online_store_settings_survive_the_yaml(
     for name, value in environment.feast_env(settings).items():
         monkeypatch.setenv(name, value)
     text = (features.repo_path() / "feature_store.postgres.yaml").read_text()
-    config = PostgreSQLOnlineStoreConfig(**yaml.safe_load(os.path.expandvars(text))["online_store"])
+    config = LakehousePostgresOnlineStoreConfig(
+        **yaml.safe_load(os.path.expandvars(text))["online_store"]
+    )
     assert config.password == password
     assert (config.host, config.port, config.database, config.user) == (
         "db.internal",
