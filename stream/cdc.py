@@ -261,6 +261,8 @@ class ChangesPartition(StatefulSinkPartition[ChangeBatch, None]):
         self.storage = Storage.from_settings(settings)
         self.done: Progress = changes.progress(self.storage, table)
         self.promote = promote
+        if promote:
+            _refresher(settings, self.storage)  # warms up while the first batch gathers
         self.failed = False
 
     def write_batch(self, values: list[ChangeBatch]) -> None:
@@ -328,18 +330,25 @@ def _promote(storage: Storage, table: str) -> None:
 _REFRESHER: list[Any] = []
 
 
+def _refresher(settings: Settings, storage: Storage) -> Any:
+    """Return the process's online refresher, warming it up in the background first."""
+    from lakehouse.ml.fresh import Refresher
+
+    if not _REFRESHER:
+        refresher = Refresher(settings, storage)
+        _REFRESHER.append(refresher)
+        threading.Thread(target=refresher.warm, name="warm-online", daemon=True).start()
+    return _REFRESHER[0]
+
+
 def _refresh_online(settings: Settings, storage: Storage) -> None:
     """Bring the online features of what silver just took in up to date (`ml.fresh`).
 
     A failure is logged and counted, never fatal: silver and bronze are safe, and the
     next refresh (which diffs from the last state it wrote) or batch run catches up.
     """
-    from lakehouse.ml.fresh import Refresher
-
-    if not _REFRESHER:
-        _REFRESHER.append(Refresher(settings, storage))
     try:
-        done = _REFRESHER[0].refresh()
+        done = _refresher(settings, storage).refresh()
     except Exception as exc:  # the online store down, a Feast error: keep streaming
         MONITOR.online_errors += 1
         log.warning("online features not refreshed: %s", described(exc))

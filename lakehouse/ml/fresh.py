@@ -87,6 +87,26 @@ class Refresher:
         """Silver versions (readable ones) the online store reflects."""
         self._lock = threading.Lock()
         self._store: Any = None
+        self._con: Any = None  # one DuckDB connection, its extensions loaded once
+
+    def warm(self) -> None:
+        """Open Feast and DuckDB ahead of the first refresh (seconds of imports).
+
+        Called in a background thread when the stream starts; a failure is left for the
+        first refresh to report.
+        """
+        from lakehouse import duck
+        from lakehouse.ml import tasks as ml_tasks
+
+        if ml_tasks.materialized_state(self.settings) is None:
+            return  # nothing to keep fresh yet: no Feast import for nothing
+        try:
+            with self._lock:
+                self._feast()
+                if self._con is None:
+                    self._con = duck.connect(self.settings, self.storage)
+        except Exception as exc:  # the refresh that needs it says so
+            log.debug("online refresher not warmed up: %s", exc)
 
     def _start(self, now: dict[str, int]) -> dict[str, int]:
         """Start from the silver versions gold was built from (readable), else from now."""
@@ -131,12 +151,16 @@ class Refresher:
         from lakehouse.ml.online.store import _LakehouseOnlineStore
 
         started = time.perf_counter()
+        if self._con is None:
+            from lakehouse import duck
+
+            self._con = duck.connect(self.settings, self.storage)
         try:
-            changed = gold_rows.affected(self.settings, self.storage, before, now)
+            changed = gold_rows.affected(self.settings, self.storage, before, now, self._con)
         except LookupError as exc:  # the version last reflected was vacuumed
             log.warning("online refresh skipped (%s); the next batch run catches up", exc)
             changed = gold_rows.Affected(frozenset(), frozenset(), frozenset())
-        rows = gold_rows.rows_for(self.settings, self.storage, changed, now)
+        rows = gold_rows.rows_for(self.settings, self.storage, changed, now, self._con)
         data = _data_versions(self.storage, now)
         store = self._feast()
         online = store._get_provider().online_store

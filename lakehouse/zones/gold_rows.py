@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
+import duckdb
 import polars as pl
 
 from lakehouse import duck
@@ -92,18 +93,21 @@ def _scans(storage: Storage, versions: dict[str, int]) -> dict[str, pl.LazyFrame
 
 
 def affected(
-    settings: Settings, storage: Storage, before: dict[str, int], now: dict[str, int]
+    settings: Settings,
+    storage: Storage,
+    before: dict[str, int],
+    now: dict[str, int],
+    con: duckdb.DuckDBPyConnection | None = None,
 ) -> Affected:
     """Return the entities with a silver history row added, changed or removed in between.
 
     Compares the two versions of each history table on its keys and validity (a new
-    version, a closed one, a delete), in DuckDB. Raises `LookupError` when `before` can
-    no longer be read (vacuumed).
+    version, a closed one, a delete), in DuckDB (`con`, or a connection of its own).
+    Raises `LookupError` when `before` can no longer be read (vacuumed).
     """
-    import duckdb
-
     found: dict[str, set[int]] = {"applicant": set(), "application": set(), "new": set()}
-    con = duck.connect(settings, storage)
+    own = con is None
+    con = duck.connect(settings, storage) if con is None else con
     try:
         for name in ("applicants_history", "loan_applications_history"):
             if before[name] == now[name]:
@@ -121,7 +125,8 @@ def affected(
                     if first:
                         found["new"].add(int(application))
     finally:
-        con.close()
+        if own:
+            con.close()
     return Affected(
         frozenset(found["applicant"]), frozenset(found["application"]), frozenset(found["new"])
     )
@@ -148,7 +153,11 @@ def _diff(storage: Storage, name: str, before: int, now: int) -> str:
 
 
 def rows_for(
-    settings: Settings, storage: Storage, changed: Affected, versions: dict[str, int]
+    settings: Settings,
+    storage: Storage,
+    changed: Affected,
+    versions: dict[str, int],
+    con: duckdb.DuckDBPyConnection | None = None,
 ) -> Rows:
     """Recompute the gold feature rows of everything `changed` can touch (silver `versions`)."""
     scans = _scans(storage, versions)
@@ -185,7 +194,9 @@ def rows_for(
             for name in ("applicants_history", "loan_applications_history")
         }
     )
-    apps = _application_features(scans, submitted, people, applications, inputs, settings, storage)
+    apps = _application_features(
+        scans, submitted, people, applications, inputs, settings, storage, con
+    )
     return Rows(
         frozenset(applicants),
         frozenset(applications),
@@ -202,6 +213,7 @@ def _application_features(
     applicants: set[int],
     settings: Settings,
     storage: Storage,
+    con: duckdb.DuckDBPyConnection | None,
 ) -> pl.DataFrame:
     """Run gold's `application_features` SQL over the rows these applications read."""
     from lakehouse.zones.gold import _frame, _normalise
@@ -218,12 +230,16 @@ def _application_features(
         "submitted": submitted.filter(pl.col("application_id").is_in(ids)),
         "market": intent_rate_30d(submitted).filter(pl.col("application_id").is_in(ids)),
     }
-    con = duck.connect(settings, storage)
+    own = con is None
+    con = duck.connect(settings, storage) if con is None else con
     try:
         for name, frame in relations.items():
             con.register(name, frame.to_arrow())
         reader = _normalise(con.execute(GOLD["application_features"].sql).to_arrow_reader())
         result = _frame(reader.read_all())
     finally:
-        con.close()
+        for name in relations:
+            con.unregister(name)
+        if own:
+            con.close()
     return result
