@@ -327,18 +327,25 @@ def _promote(storage: Storage, table: str) -> None:
         silver.promote(storage, name)
 
 
-_REFRESHER: list[Any] = []
+_REFRESHERS: dict[tuple[str, str, str], Any] = {}
+_REFRESHERS_LOCK = threading.Lock()
 
 
 def _refresher(settings: Settings, storage: Storage) -> Any:
-    """Return the process's online refresher, warming it up in the background first."""
+    """Return the online refresher of these settings, warming it up in the background.
+
+    One per lakehouse (home, warehouse, online store), shared by the flow's partitions: a
+    process running several flows one after another (the tests) gets the right one.
+    """
     from lakehouse.ml.fresh import Refresher
 
-    if not _REFRESHER:
-        refresher = Refresher(settings, storage)
-        _REFRESHER.append(refresher)
-        threading.Thread(target=refresher.warm, name="warm-online", daemon=True).start()
-    return _REFRESHER[0]
+    key = (str(settings.home), storage.root, settings.feast_online_store)
+    with _REFRESHERS_LOCK:
+        if key not in _REFRESHERS:
+            refresher = Refresher(settings, storage)
+            _REFRESHERS[key] = refresher
+            threading.Thread(target=refresher.warm, name="warm-online", daemon=True).start()
+        return _REFRESHERS[key]
 
 
 def _refresh_online(settings: Settings, storage: Storage) -> None:
