@@ -57,7 +57,13 @@ def test_ctrl_c_stops_the_query_with_exit_130_and_one_line(tmp_path: Path, when:
             time.sleep(0.1)
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=30)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        # Never leave the query running: it would take a core from every later test.
+        proc.kill()
+        _, err = proc.communicate()
+        pytest.fail(f"Ctrl-C did not stop the query within 30 s; stderr: {err[-2000:]!r}")
     assert proc.returncode == 130, err
     assert err == "interrupted\n"
     assert time.monotonic() - sent < 10
