@@ -12,6 +12,9 @@ import sys
 def main() -> int:
     """Import and run the command line; exit 130 with one line if interrupted first."""
     try:
+        from lakehouse import interrupts
+
+        interrupts.install()  # first: a Ctrl-C swallowed while importing is remembered
         from lakehouse.cli import main as cli_main
         from lakehouse.environment import private_files
     except KeyboardInterrupt:

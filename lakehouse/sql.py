@@ -20,7 +20,7 @@ from typing import Any, Literal, TextIO, TypeVar
 
 import duckdb
 
-from lakehouse import duck
+from lakehouse import duck, interrupts
 from lakehouse.errors import LakehouseError, SqlError, TableNotFoundError
 from lakehouse.settings import Settings
 from lakehouse.storage import ZONES, Storage
@@ -305,6 +305,7 @@ class _Stopper:
             undo()
 
     def _on_sigint(self, signum: int, frame: object) -> None:
+        interrupts.note()
         self.interrupted = True  # the watcher stops the query; see `attach` for before it
 
     def attach(self, con: duckdb.DuckDBPyConnection | None) -> None:
@@ -316,7 +317,7 @@ class _Stopper:
             self._con = con
         if con is None:
             return
-        if self.interrupted:
+        if self.interrupted or interrupts.received():  # also one swallowed before this
             raise KeyboardInterrupt
         if self.timed_out:
             msg = "stopped before it started"
@@ -332,6 +333,8 @@ class _Stopper:
             # The fd carries the signal numbers: the Python-level handler runs only once
             # the main thread is back in Python, which may be when the query is over.
             if ready and signal.SIGINT in os.read(read_fd, 512):  # type: ignore[arg-type]
+                self.interrupted = True
+            if interrupts.received():  # a Ctrl-C whose KeyboardInterrupt was swallowed
                 self.interrupted = True
             if deadline is not None and time.monotonic() >= deadline:
                 self.timed_out = True
