@@ -70,13 +70,6 @@ def last(settings: Settings) -> dict[str, Any] | None:
         return None
 
 
-def _data_versions(storage: Storage, versions: dict[str, int]) -> dict[str, int]:
-    return {
-        name: storage.data_version("silver", name, storage.table("silver", name, version=v))
-        for name, v in versions.items()
-    }
-
-
 class Refresher:
     """Keeps the online store's rows of changed entities current with silver."""
 
@@ -136,17 +129,21 @@ class Refresher:
         with self._lock:
             if ml_tasks.materialized_state(self.settings) is None:
                 return None
-            now = {n: self.storage.table("silver", n).version() for n in gold_rows.SOURCES}
+            tables = {n: self.storage.table("silver", n) for n in gold_rows.SOURCES}
+            now = {n: dt.version() for n, dt in tables.items()}
             if self.seen is None:
                 self.seen = self._start(now)
             if now == self.seen:
                 return None
+            data = {n: self.storage.data_version("silver", n, dt) for n, dt in tables.items()}
             with ml_tasks.one_at_a_time(self.settings):
-                done = self._refresh(self.seen, now)
+                done = self._refresh(self.seen, now, data)
             self.seen = now
             return done
 
-    def _refresh(self, before: dict[str, int], now: dict[str, int]) -> Refreshed:
+    def _refresh(
+        self, before: dict[str, int], now: dict[str, int], data: dict[str, int]
+    ) -> Refreshed:
         from lakehouse.ml import materialize
         from lakehouse.ml.online.store import _LakehouseOnlineStore
 
@@ -161,7 +158,6 @@ class Refresher:
             log.warning("online refresh skipped (%s); the next batch run catches up", exc)
             changed = gold_rows.Affected(frozenset(), frozenset(), frozenset())
         rows = gold_rows.rows_for(self.settings, self.storage, changed, now, self._con)
-        data = _data_versions(self.storage, now)
         store = self._feast()
         online = store._get_provider().online_store
         assert isinstance(online, _LakehouseOnlineStore)
@@ -176,7 +172,7 @@ class Refresher:
             wanted = rows.applications if key == "application_id" else rows.applicants
             latest = _latest(frame, key, end)
             version = gold_rows.watermark(data, gold_table)
-            encoded = materialize._encoded(view, latest.rename({key: "entity_key"}))
+            encoded = materialize.encoded(view, latest.rename({key: "entity_key"}))
             tables.upsert(view_name, encoded, version)
             gone = sorted(set(wanted) - set(latest[key].to_list()))
             tables.delete(view_name, gone, version)

@@ -95,7 +95,8 @@ def _batches(con: Any, query: str) -> Iterator[pl.DataFrame]:
         yield pl.from_arrow(pa.Table.from_batches([batch]))  # type: ignore[misc]
 
 
-def _encoded(view: View, frame: pl.DataFrame) -> pl.DataFrame:
+def encoded(view: View, frame: pl.DataFrame) -> pl.DataFrame:
+    """Return the rows to write: key, event time in µs, the view's values encoded."""
     return pl.DataFrame(
         {
             "entity_key": frame["entity_key"],
@@ -120,7 +121,7 @@ def full(
     had_rows = bool(tables.count(view.name, upto=1))
     seen: list[pl.Series] = []
     for frame in _batches(con, _latest(view, duck.scan(view.source, current), end, None)):
-        tables.upsert(view.name, _encoded(view, frame), version)
+        tables.upsert(view.name, encoded(view, frame), version)
         done.upserted += frame.height
         if had_rows:
             seen.append(frame["entity_key"])
@@ -186,7 +187,7 @@ def incremental(
         return done
     written: list[pl.Series] = []
     for frame in _batches(con, _latest(view, now, end, "changed")):
-        tables.upsert(view.name, _encoded(view, frame), silver)
+        tables.upsert(view.name, encoded(view, frame), silver)
         done.upserted += frame.height
         written.append(frame["entity_key"])
     changed_keys = con.execute("SELECT k FROM changed").pl()["k"]

@@ -240,7 +240,7 @@ def check_reads_go_on_while_a_materialization_writes(
         writer.close()
 
 
-def _online_everything(store: object) -> dict[str, dict[str, list[object]]]:
+def _online_everything(store: object, storage: Storage) -> dict[str, dict[str, list[object]]]:
     """Read every view's features for every entity gold has (and one it has not)."""
     out = {}
     for view, key, table in (
@@ -249,15 +249,12 @@ def _online_everything(store: object) -> dict[str, dict[str, list[object]]]:
         ("applicant_profile", "applicant_id", "applicant_features"),
     ):
         definition = store.get_feature_view(view)  # type: ignore[attr-defined]
-        ids = sorted({int(i) for i in read(LAKE_STORAGE[0], "gold", table)[key]})
+        ids = sorted({int(i) for i in read(storage, "gold", table)[key]})
         out[view] = store.get_online_features(  # type: ignore[attr-defined]
             features=[f"{view}:{f.name}" for f in definition.features],
             entity_rows=[{key: i} for i in [*ids, -1]],
         ).to_dict()
     return out
-
-
-LAKE_STORAGE: list[Storage] = []
 
 
 # The online store does not depend on where the tables live: local disk only.
@@ -268,18 +265,17 @@ def test_online_features_equal_feasts_own_sqlite_store(lake: Lake, tmp_path: Pat
     Feast's own SQLite store does after Feast's own materialization up to the same end."""
     from feast import FeatureStore
 
-    LAKE_STORAGE[:] = [lake.storage]
     end = ml_tasks.materialize(lake.settings, lake.storage).end
     on_pg = replace(lake.settings, feast_online_store="postgres")
     try:
         assert ml_tasks.materialize(on_pg, lake.storage).end >= end
-        ours_pg = _online_everything(features.feature_store(on_pg, lake.storage))
+        ours_pg = _online_everything(features.feature_store(on_pg, lake.storage), lake.storage)
     finally:
         with psycopg.connect(lake.settings.pg_dsn.get(), autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{lake.settings.pg_schema}_online" CASCADE')
     lake.store = features.feature_store(lake.settings, lake.storage)
     features.apply(lake.store)  # type: ignore[arg-type]  # the registry's store back to SQLite
-    ours = _online_everything(lake.store)
+    ours = _online_everything(lake.store, lake.storage)
 
     source = (features.repo_path() / "feature_store.yaml").read_text()
     ours_type = "type: lakehouse.ml.online.store.LakehouseSqliteOnlineStore"
@@ -297,7 +293,7 @@ def test_online_features_equal_feasts_own_sqlite_store(lake: Lake, tmp_path: Pat
         stock.materialize(
             start_date=datetime(1970, 1, 2, tzinfo=UTC), end_date=end, feature_views=list(VIEWS)
         )
-        feasts = _online_everything(stock)
+        feasts = _online_everything(stock, lake.storage)
     finally:
         features.apply(lake.store)  # type: ignore[arg-type]
     assert all(len(feasts[v][k]) > 1000 for v, k in (("application_features", "loan_amnt"),))

@@ -244,7 +244,7 @@ def test_reads_equal_feasts_sqlite_store(
     described = materialize.View.of(view)
     frame = pl.from_arrow(table).rename({KEY: "entity_key"})  # type: ignore[union-attr]
     frame = frame.with_columns(event_ts=pl.col("event_timestamp").dt.epoch("us"))
-    bulk.tables(cfg).upsert(view.name, materialize._encoded(described, frame))
+    bulk.tables(cfg).upsert(view.name, materialize.encoded(described, frame))
     try:
         assert read_all(bulk, cfg, view, keys, wanted) == exact
 

@@ -14,9 +14,16 @@ creates the store (SQLite: `mode=ro`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from lakehouse.settings import Settings
+
+if TYPE_CHECKING:
+    from lakehouse.ml.online.tables import Tables
+
+T = TypeVar("T")
 
 PROJECT = "lakehouse"  # feature_repo/feature_store.yaml
 VIEWS = ("application_features", "applicant_features", "applicant_profile")
@@ -28,7 +35,7 @@ def sqlite_path(settings: Settings) -> Path:
     return settings.home / "feast" / "online.db"
 
 
-def open_tables(settings: Settings, *, read_only: bool = True):  # type: ignore[no-untyped-def]
+def open_tables(settings: Settings, *, read_only: bool = True) -> Tables:
     """Open the online store's tables the settings select (no Feast import)."""
     from lakehouse.ml.online.tables import PostgresTables, SqliteTables
 
@@ -40,49 +47,47 @@ def open_tables(settings: Settings, *, read_only: bool = True):  # type: ignore[
     return SqliteTables(sqlite_path(settings), PROJECT, read_only=read_only)
 
 
-def row_counts(settings: Settings, *, upto: int | None = None) -> dict[str, int] | None:
-    """Return the rows of each view's online table; None if the store or a table is missing.
-
-    With `upto`, count at most that many rows per table (cheap: "is it empty?").
-    """
+def _look(settings: Settings, look: Callable[[Tables], T], missing: T) -> T:
+    """Run `look` on the store's tables, read-only; `missing` if there is no store."""
     import sqlite3
 
     from lakehouse.ml.online.tables import OnlineStoreMissing
 
     if settings.feast_online_store != "postgres" and not sqlite_path(settings).is_file():
-        return None
+        return missing
     tables = open_tables(settings)
     try:
-        counts = {}
-        for view in VIEWS:
-            count = tables.count(view, upto)
-            if count is None:
-                return None
-            counts[view] = count
-        return counts
+        return look(tables)
     except (OnlineStoreMissing, sqlite3.Error):  # gone, or not a database
-        return None
+        return missing
     finally:
         tables.close()
+
+
+def row_counts(settings: Settings, *, upto: int | None = None) -> dict[str, int] | None:
+    """Return the rows of each view's online table; None if the store or a table is missing.
+
+    With `upto`, count at most that many rows per table (cheap: "is it empty?").
+    """
+
+    def count(tables: Tables) -> dict[str, int] | None:
+        counts = {view: tables.count(view, upto) for view in VIEWS}
+        if any(c is None for c in counts.values()):
+            return None
+        return {view: c for view, c in counts.items() if c is not None}
+
+    return _look(settings, count, None)
 
 
 def intact(settings: Settings, loads: dict[str, str | None] | None) -> bool:
     """Tell whether the store holds rows in every view, from these full loads."""
-    import sqlite3
-
-    from lakehouse.ml.online.tables import OnlineStoreMissing
-
-    if not loads or (
-        settings.feast_online_store != "postgres" and not sqlite_path(settings).is_file()
-    ):
+    if not loads:
         return False
-    tables = open_tables(settings)
-    try:
-        return all(tables.load(view) == loads.get(view) and tables.count(view, 1) for view in VIEWS)
-    except (OnlineStoreMissing, sqlite3.Error):
-        return False
-    finally:
-        tables.close()
+    return _look(
+        settings,
+        lambda t: all(t.load(v) == loads.get(v) and bool(t.count(v, 1)) for v in VIEWS),
+        False,
+    )
 
 
 def empty_or_missing(settings: Settings) -> bool:
