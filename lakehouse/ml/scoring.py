@@ -121,12 +121,13 @@ class Trained:
         """Return a one-row scorer that skips scikit-learn's per-call overhead, or None.
 
         `predict_proba` of a histogram gradient-boosted model validates its input, rebuilds
-        the known-category bitsets and sets up a call per tree on every call: about 3 ms
-        for one row, most of the serving time. This walks the same trees with the same
-        compiled routine (`_predict_from_raw_data`), the bitsets built once, and adds the
-        leaf values in the same order onto the same baseline, so the result is identical;
-        it is checked against `predict_proba` when built, and any mismatch or a change of
-        scikit-learn's private layout falls back to `predict_proba`.
+        the known-category bitsets and calls a compiled routine per tree on every call:
+        about 3 ms for one row of 300 trees (1.5 ms with the routine called directly).
+        This walks the trees compiled to Python (`_forest_walker`, about 0.1 ms), with the
+        routine's own decisions, and adds the leaf values in the same order onto the same
+        baseline, so the result is identical; it is checked against `predict_proba` when
+        built, and any mismatch or a change of scikit-learn's private layout falls back to
+        `predict_proba`.
         """
         cached = self.__dict__.get("_fast_predict", False)
         if cached is not False:
@@ -134,28 +135,19 @@ class Trained:
         scorer = None
         try:
             from scipy.special import expit
-            from sklearn.ensemble._hist_gradient_boosting._predictor import (
-                _predict_from_raw_data,
-            )
 
             model = self.model
             if model.n_trees_per_iteration_ != 1:
                 msg = "not a binary model"
                 raise ValueError(msg)
             prepare = _input_encoder(model)
-            known, f_idx_map = model._bin_mapper.make_known_categories_bitsets()
-            trees = [(p.nodes, p.raw_left_cat_bitsets) for (p,) in model._predictors]
+            walk = _forest_walker(model)
             baseline = float(np.asarray(model._baseline_prediction).ravel()[0])
 
             def score(x: np.ndarray) -> float:
-                # Per call: the routine writes `out` without the GIL, and the API scores
-                # requests in a thread pool.
-                out = np.zeros(1)
-                data = prepare(x)
                 total = baseline
-                for nodes, left_cats in trees:
-                    _predict_from_raw_data(nodes, data, left_cats, known, f_idx_map, 1, out)
-                    total += out[0]
+                for leaf in walk(prepare(x)[0]):  # one tree after another, as sklearn adds
+                    total += leaf
                 return float(expit(total))
 
             rng = np.random.default_rng(0)
@@ -183,6 +175,76 @@ class Trained:
     def __getstate__(self) -> dict[str, Any]:
         # The caches are rebuilt after loading (a closure cannot be pickled).
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
+
+def _forest_walker(model: Any) -> Any:
+    """Return a function from one encoded row to each tree's leaf value, in tree order.
+
+    The trees are compiled to one Python function of nested `if`s: a row takes one
+    comparison per level, about 0.1 ms for 300 trees, where calling the compiled routine
+    once per tree costs 1.5 ms. Each test is `_predict_one_from_raw_data`'s (scikit-learn's
+    `_predictor.pyx`), as one expression so that no subtree is written twice:
+
+    - a number goes left when at most the threshold; NaN goes to the node's missing side
+      (`not (v > t)` is true for NaN, `v <= t` false);
+    - a category (its `<uint8>` cast) goes left when in the node's left bitset, right when
+      seen in training, and to the missing side when NaN, below zero, or never seen.
+
+    The source holds only numbers from the fitted model (thresholds and leaf values by
+    `repr`, which reads back the same float) and indexes into sets built here.
+    """
+    known, f_idx_map = model._bin_mapper.make_known_categories_bitsets()
+    known_sets = [_bitset_members(row) for row in np.asarray(known, dtype=np.uint32)]
+    names: dict[str, Any] = {"inf": math.inf}
+    lines = ["def leaves(x):", "    out = []", "    add = out.append"]
+
+    def number(value: float) -> str:
+        return repr(float(value)) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+
+    def emit(nodes: Any, bitsets: Any, i: int, depth: int) -> None:
+        pad = "    " * depth
+        node = nodes[i]
+        if node["is_leaf"]:
+            lines.append(f"{pad}add({number(node['value'])})")
+            return
+        f = int(node["feature_idx"])
+        missing_left = bool(node["missing_go_to_left"])
+        if node["is_categorical"]:
+            left = f"L{len(names)}"
+            names[left] = _bitset_members(bitsets[int(node["bitset_idx"])])
+            seen = f"K{int(f_idx_map[f])}"
+            names[seen] = known_sets[int(f_idx_map[f])]
+            unseen = f"c not in {seen}" if missing_left else "False"
+            test = (
+                f"{missing_left} if (v := x[{f}]) != v or v < 0 "
+                f"else ((c := int(v) & 255) in {left} or {unseen})"
+            )
+        else:
+            t = number(node["num_threshold"])
+            test = f"not (x[{f}] > {t})" if missing_left else f"x[{f}] <= {t}"
+        lines.append(f"{pad}if {test}:")
+        emit(nodes, bitsets, int(node["left"]), depth + 1)
+        lines.append(f"{pad}else:")
+        emit(nodes, bitsets, int(node["right"]), depth + 1)
+
+    for (predictor,) in model._predictors:
+        bitsets = np.asarray(predictor.raw_left_cat_bitsets, dtype=np.uint32)
+        emit(predictor.nodes, bitsets, 0, 1)
+    lines.append("    return out")
+    exec(compile("\n".join(lines), "<lakehouse.ml.scoring forest>", "exec"), names)  # noqa: S102
+    compiled = names["leaves"]
+
+    def walk(data: np.ndarray) -> list[float]:
+        return compiled(data.tolist())
+
+    return walk
+
+
+def _bitset_members(words: np.ndarray) -> frozenset[int]:
+    """Return the members of one of scikit-learn's 256-bit bitsets (eight 32-bit words)."""
+    return frozenset(
+        32 * w + b for w, word in enumerate(words.tolist()) for b in range(32) if word >> b & 1
+    )
 
 
 def _input_encoder(model: Any) -> Any:
