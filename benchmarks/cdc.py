@@ -51,7 +51,7 @@ from lakehouse.source.embedded import EmbeddedPostgres  # noqa: E402
 from lakehouse.source.seed import seed  # noqa: E402
 from lakehouse.source.simulate import simulate  # noqa: E402
 from lakehouse.storage import Storage  # noqa: E402
-from stream import cdc, changes, setup  # noqa: E402
+from stream import cdc, changes, setup, speed  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -267,7 +267,7 @@ def _freshness_run(
     silver_lat: list[float] = []
     pending: list[list[float]] = []
     real_write = changes.write
-    real_promote = cdc._promote
+    real_promote = speed._promote
 
     def timed_write(
         storage_: Storage, batch: changes.ChangeBatch, previous: changes.Progress
@@ -286,7 +286,7 @@ def _freshness_run(
             silver_lat.extend(now - t for t in pending.pop())
 
     changes.write = timed_write  # type: ignore[assignment]
-    cdc._promote = timed_promote  # type: ignore[assignment]
+    speed._promote = timed_promote  # type: ignore[assignment]
     result: dict[str, float] = {}
 
     def load() -> None:
@@ -327,7 +327,7 @@ def _freshness_run(
         stop_thread.join()
     finally:
         changes.write = real_write  # type: ignore[assignment]
-        cdc._promote = real_promote  # type: ignore[assignment]
+        speed._promote = real_promote  # type: ignore[assignment]
     return bronze_lat, silver_lat, result.get("achieved", 0.0), len(bronze_lat)
 
 

@@ -27,14 +27,13 @@ from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
 from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 
 from lakehouse import log as events
-from lakehouse.errors import LakehouseError, StorageError, described
+from lakehouse.errors import LakehouseError, StorageError
 from lakehouse.failpoints import failpoint
 from lakehouse.settings import Settings
 from lakehouse.source.schema import TABLES
 from lakehouse.storage import Storage
 from lakehouse.storage import explain as explain_storage
-from lakehouse.zones.commits import ConcurrentWriteError
-from stream import changes
+from stream import changes, speed
 from stream.changes import BatchBuilder, ChangeBatch, Progress
 from stream.monitor import Monitor
 from stream.pgoutput import format_lsn
@@ -260,15 +259,13 @@ class ChangesPartition(StatefulSinkPartition[ChangeBatch, None]):
         self.table = table
         self.storage = Storage.from_settings(settings)
         self.done: Progress = changes.progress(self.storage, table)
-        self.promote = promote
-        if promote:
-            _refresher(settings, self.storage)  # warms up while the first batch gathers
+        self.speed = speed.layer(settings, self.storage, MONITOR) if promote else None
         self.failed = False
 
     def write_batch(self, values: list[ChangeBatch]) -> None:
         """Land each batch in one Delta commit, then let the source confirm it."""
         for batch in values:
-            if self.failed or (len(batch) == 0 and batch.flushed <= self.done.flushed):
+            if self._speed_failed() or (len(batch) == 0 and batch.flushed <= self.done.flushed):
                 continue
             failpoint(f"stream.{self.table}.before-commit")
             try:
@@ -293,81 +290,26 @@ class ChangesPartition(StatefulSinkPartition[ChangeBatch, None]):
                 )
                 newest = datetime.fromtimestamp(max(batch.commit_ts) / 1e6, tz=UTC)
             MONITOR.batch(self.table, len(batch), newest)
-            if self.promote:
-                try:
-                    _promote(self.storage, self.table)
-                except ConcurrentWriteError as exc:
-                    # Another writer (a batch run) kept winning: what landed in bronze is
-                    # safe, and the next micro-batch or run promotes it.
-                    MONITOR.promote_errors += 1
-                    log.warning("silver promotion deferred: %s", exc)
-                    continue
-                except LakehouseError as exc:
-                    self.failed = True
-                    fail(exc)
-                    continue
-                _refresh_online(self.settings, self.storage)
+            if self.speed is not None:
+                self.speed.nudge()  # silver and online features follow, in their thread
+
+    def _speed_failed(self) -> bool:
+        """Report the speed layer's fatal error once, as the landing's own are."""
+        if self.speed is None or self.speed.error is None or self.failed:
+            return self.failed
+        self.failed = True
+        fail(self.speed.error)
+        return True
+
+    def close(self) -> None:
+        """Promote and refresh what was landed before the flow ends."""
+        if self.speed is not None and not self.failed:
+            self.speed.drain()
+            self._speed_failed()
 
     def snapshot(self) -> None:
         """Return nothing: positions live in Delta and in the slot, not in Bytewax."""
         return None
-
-
-def _promote(storage: Storage, table: str) -> None:
-    """Merge what just landed into silver: the speed layer (the batch path reconciles).
-
-    Applicants first, then applications, whichever table landed: applications are held
-    below the applicants' position, so promoting both keeps either from waiting for the
-    other table's next commit.
-    """
-    from lakehouse.zones import silver
-
-    del table
-    for name in ("applicants", "loan_applications"):
-        silver.promote(storage, name)
-
-
-_REFRESHERS: dict[tuple[str, str, str], Any] = {}
-_REFRESHERS_LOCK = threading.Lock()
-
-
-def _refresher(settings: Settings, storage: Storage) -> Any:
-    """Return the online refresher of these settings, warming it up in the background.
-
-    One per lakehouse (home, warehouse, online store), shared by the flow's partitions: a
-    process running several flows one after another (the tests) gets the right one.
-    """
-    from lakehouse.ml.fresh import Refresher
-
-    key = (str(settings.home), storage.root, settings.feast_online_store)
-    with _REFRESHERS_LOCK:
-        if key not in _REFRESHERS:
-            refresher = Refresher(settings, storage)
-            _REFRESHERS[key] = refresher
-            threading.Thread(target=refresher.warm, name="warm-online", daemon=True).start()
-        return _REFRESHERS[key]
-
-
-def _refresh_online(settings: Settings, storage: Storage) -> None:
-    """Bring the online features of what silver just took in up to date (`ml.fresh`).
-
-    A failure is logged and counted, never fatal: silver and bronze are safe, and the
-    next refresh (which diffs from the last state it wrote) or batch run catches up.
-    """
-    try:
-        done = _refresher(settings, storage).refresh()
-    except Exception as exc:  # the online store down, a Feast error: keep streaming
-        MONITOR.online_errors += 1
-        log.warning("online features not refreshed: %s", described(exc))
-        return
-    if done is not None:
-        MONITOR.online_refreshes += 1
-        log.info(
-            "online features of %d applicants and %d applications refreshed in %.2fs",
-            done.applicants,
-            done.applications,
-            done.seconds,
-        )
 
 
 class ChangesSink(FixedPartitionedSink[ChangeBatch, None]):

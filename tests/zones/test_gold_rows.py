@@ -12,9 +12,13 @@ CI runs two change scripts; `HYPOTHESIS_PROFILE=long` (or GOLD_ROWS_SEEDS=N) run
 from __future__ import annotations
 
 import os
+from datetime import datetime, timedelta
 
 import polars as pl
 import pytest
+from hypothesis import given
+from hypothesis import settings as run
+from hypothesis import strategies as st
 from polars.testing import assert_frame_equal
 
 from lakehouse.settings import Settings
@@ -95,3 +99,43 @@ def test_recomputed_rows_equal_the_full_build(settings: Settings, seed: int) -> 
     )
     # Widening stays local: far fewer entities than the table.
     assert len(rows.applications) < apps["application_id"].n_unique() / 2
+
+
+_INTENTS = st.sampled_from(["EDUCATION", "MEDICAL", "VENTURE", None])
+_DAYS = st.one_of(st.none(), st.integers(0, 120))  # days after an origin, or missing
+
+
+@run(max_examples=1000 if LONG else 150, deadline=None)
+@given(
+    st.lists(st.tuples(_INTENTS, _DAYS, st.integers(0, 86_399)), max_size=40),
+    st.sets(st.integers(0, 39), max_size=8),
+)
+def test_market_windows_by_as_of_join_equal_a_scan_per_submission(
+    rows: list[tuple[str | None, int | None, int]], chosen: set[int]
+) -> None:
+    """The applications whose 30-day market rate counts a new submission, found by one
+    as-of join, are those a scan per new submission finds (ties, the window's edges,
+    missing intents and times, several new submissions of one intent)."""
+    origin = datetime(2026, 1, 1)
+    submitted = pl.DataFrame(
+        {
+            "application_id": list(range(len(rows))),
+            "loan_intent": [intent for intent, _, _ in rows],
+            # Whole days (windows end exactly on one) and seconds (ties and near misses).
+            "applied_at": [
+                None if day is None else origin + timedelta(days=day, seconds=sec % 2 * sec)
+                for _, day, sec in rows
+            ],
+        },
+        schema={"application_id": pl.Int64, "loan_intent": pl.Utf8, "applied_at": pl.Datetime},
+    )
+    new = submitted.filter(pl.col("application_id").is_in(sorted(chosen)))
+    scanned: set[int] = set()
+    for intent, at in new.select("loan_intent", "applied_at").drop_nulls().iter_rows():
+        window = submitted.filter(
+            (pl.col("loan_intent") == intent)
+            & (pl.col("applied_at") > at)
+            & (pl.col("applied_at") <= at + timedelta(days=30))
+        )
+        scanned |= set(window["application_id"].to_list())
+    assert gold_rows._in_market_windows(submitted, new) == scanned
