@@ -280,10 +280,13 @@ def _freshness_run(
         return done
 
     def timed_promote(storage_: Storage, table: str) -> None:
+        # Only batches landed before this promotion started are promoted by it (it runs
+        # in the stream's speed-layer thread while the sinks go on landing).
+        ready = len(pending)
         real_promote(storage_, table)
         now = time.time()
-        while pending:
-            silver_lat.extend(now - t for t in pending.pop())
+        for _ in range(ready):
+            silver_lat.extend(now - t for t in pending.pop(0))
 
     changes.write = timed_write  # type: ignore[assignment]
     speed._promote = timed_promote  # type: ignore[assignment]

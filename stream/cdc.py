@@ -38,6 +38,7 @@ from stream.changes import BatchBuilder, ChangeBatch, Progress
 from stream.monitor import Monitor
 from stream.pgoutput import format_lsn
 from stream.replication import ReplicationStream
+from stream.speed import SpeedLayer
 
 log = logging.getLogger("lakehouse.stream")
 
@@ -254,12 +255,12 @@ class SlotSource(FixedPartitionedSource[tuple[str, ChangeBatch], None]):
 class ChangesPartition(StatefulSinkPartition[ChangeBatch, None]):
     """Appends each micro-batch to `bronze.<table>_changes` in one commit with its position."""
 
-    def __init__(self, settings: Settings, table: str, *, promote: bool) -> None:
+    def __init__(self, settings: Settings, table: str, *, layer: SpeedLayer | None) -> None:
         self.settings = settings
         self.table = table
         self.storage = Storage.from_settings(settings)
         self.done: Progress = changes.progress(self.storage, table)
-        self.speed = speed.layer(settings, self.storage, MONITOR) if promote else None
+        self.speed = layer
         self.failed = False
 
     def write_batch(self, values: list[ChangeBatch]) -> None:
@@ -294,18 +295,36 @@ class ChangesPartition(StatefulSinkPartition[ChangeBatch, None]):
                 self.speed.nudge()  # silver and online features follow, in their thread
 
     def _speed_failed(self) -> bool:
-        """Report the speed layer's fatal error once, as the landing's own are."""
-        if self.speed is None or self.speed.error is None or self.failed:
+        """Tell whether to stop landing: this sink or the speed layer failed.
+
+        The speed layer's error is reported once, by whichever sink sees it first.
+        """
+        if self.failed or self.speed is None or self.speed.error is None:
             return self.failed
         self.failed = True
-        fail(self.speed.error)
+        error = self.speed.take_error()
+        if error is not None:
+            fail(error)
         return True
 
     def close(self) -> None:
-        """Promote and refresh what was landed before the flow ends."""
-        if self.speed is not None and not self.failed:
-            self.speed.drain()
-            self._speed_failed()
+        """Promote and refresh what was landed before the flow ends.
+
+        Never raises: Bytewax calls this from a destructor, also while unwinding from
+        another partition's error, and an exception there aborts the process. Under
+        `python -m bytewax.run` (errors not captured) the error is logged instead.
+        """
+        if self.speed is None or self.failed:
+            return
+        self.speed.drain()
+        error = self.speed.take_error()
+        if error is None:
+            return
+        self.failed = True
+        if CAPTURE.is_set():
+            fail(error)
+        else:
+            log.error("silver promotion failed: %s", error)
 
     def snapshot(self) -> None:
         """Return nothing: positions live in Delta and in the slot, not in Bytewax."""
@@ -318,7 +337,10 @@ class ChangesSink(FixedPartitionedSink[ChangeBatch, None]):
     def __init__(self, settings: Settings, tables: list[str], *, promote: bool) -> None:
         self.settings = settings
         self.tables = sorted(tables)
-        self.promote = promote
+        # One speed layer for the flow, shared by its partitions (Bytewax may build one
+        # partition after the other has met an error: it must see that layer's error).
+        storage = Storage.from_settings(settings)
+        self.layer = speed.layer(settings, storage, MONITOR) if promote else None
 
     def list_parts(self) -> list[str]:
         """List the partitions: one per source table."""
@@ -330,7 +352,7 @@ class ChangesSink(FixedPartitionedSink[ChangeBatch, None]):
 
     def build_part(self, step_id: str, for_part: str, resume_state: None) -> ChangesPartition:
         """Build the partition of one table."""
-        return ChangesPartition(self.settings, for_part, promote=self.promote)
+        return ChangesPartition(self.settings, for_part, layer=self.layer)
 
 
 def build_flow(

@@ -10,8 +10,8 @@ during a cycle are served by one more cycle, which takes in everything landed by
 
 Errors keep their meaning: a promotion that keeps losing to another writer is deferred
 (the next cycle or batch run takes it in), a refresh failure is logged and counted, and
-any other promotion error is fatal. The sink reports that one (`error`) on its next
-write, as the landing's own errors are. When the flow ends, the sinks' `close` drains
+any other promotion error is fatal. A sink reports that one (`take_error`, once) on its
+next write, as the landing's own errors are. When the flow ends, the sinks' `close` drains
 the thread: what was landed is promoted and refreshed before `lakehouse stream` exits.
 """
 
@@ -21,9 +21,10 @@ import logging
 import threading
 from typing import Any
 
-from lakehouse.errors import LakehouseError, described
+from lakehouse.errors import LakehouseError, StorageError, described
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
+from lakehouse.storage import explain as explain_storage
 from lakehouse.zones.commits import ConcurrentWriteError
 from stream.monitor import Monitor
 
@@ -52,7 +53,8 @@ class SpeedLayer:
         self.storage = storage
         self.monitor = monitor
         self.error: LakehouseError | None = None
-        """A fatal promotion error, for the sink to report; the thread stops at it."""
+        """A fatal promotion error; the thread stops at it (`take_error` reports it)."""
+        self._reported = False
         self._cond = threading.Condition()
         self._asked = 0  # nudges so far
         self._served = 0  # nudges that a finished cycle started after
@@ -68,7 +70,7 @@ class SpeedLayer:
         """Ask for a cycle: everything landed before this call will be taken in."""
         with self._cond:
             self._asked += 1
-            if self._thread is None:
+            if self._thread is None and self.error is None:
                 self._closing = False  # a later flow of this process, after a drain
                 self._thread = threading.Thread(target=self._run, name="speed-layer", daemon=True)
                 self._thread.start()
@@ -83,18 +85,30 @@ class SpeedLayer:
         if thread is not None:
             thread.join()
 
+    def take_error(self) -> LakehouseError | None:
+        """Return the fatal error to the first caller only: it is reported once."""
+        with self._cond:
+            if self.error is None or self._reported:
+                return None
+            self._reported = True
+            return self.error
+
     def _run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            with self._cond:
+                self._thread = None  # a thread that ended for any reason is gone
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while self._served == self._asked and not self._closing:
                     self._cond.wait()
                 if self._served == self._asked:
-                    self._thread = None  # closing with nothing to do; a nudge restarts
-                    return
+                    return  # closing with nothing to do; a nudge restarts the thread
                 asked = self._asked
             if not self._cycle():
-                with self._cond:
-                    self._thread = None
                 return
             with self._cond:
                 self._served = asked
@@ -111,6 +125,9 @@ class SpeedLayer:
             return True
         except LakehouseError as exc:
             self.error = exc
+            return False
+        except Exception as exc:  # delta-rs / object store errors, explained as the sink does
+            self.error = StorageError(explain_storage(exc, self.storage.root))
             return False
         self._refresh()
         return True
@@ -144,8 +161,9 @@ _LAYERS_LOCK = threading.Lock()
 def layer(settings: Settings, storage: Storage, monitor: Any) -> SpeedLayer:
     """Return the speed layer of these settings, one per lakehouse in this process.
 
-    Keyed by home, warehouse and online store, and shared by the flow's partitions: a
-    process running several flows one after another (the tests) gets the right one.
+    Called once per flow. Keyed by home, warehouse and online store: a process running
+    several flows one after another (the tests) gets the right one, with its online
+    refresher warm; one that failed is replaced.
     """
     key = (str(settings.home), storage.root, settings.feast_online_store)
     with _LAYERS_LOCK:
