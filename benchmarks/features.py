@@ -471,24 +471,22 @@ def _serve_and_measure(
     requests: int,
     workers: int,
     client_counts: tuple[int, ...],
+    floor: bool = False,
 ) -> list[Latency]:
-    """Start `lakehouse serve --workers N` and time `/predict` for each client count."""
+    """Start `lakehouse serve --workers N` (or, `floor`, a bare FastAPI app) and time
+    `/predict` for each client count."""
     import httpx
 
     from lakehouse.source.embedded import free_port
 
     port = free_port()
+    if floor:
+        command = [sys.executable, "-c", HTTP_FLOOR_APP, f"{port}"]
+    else:
+        command = [sys.executable, "-m", "lakehouse.cli", "serve", "--port", f"{port}"]
+        command += ["--workers", f"{workers}"]
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "lakehouse.cli",
-            "serve",
-            "--port",
-            f"{port}",
-            "--workers",
-            f"{workers}",
-        ],
+        command,
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -550,7 +548,9 @@ def _serve_and_measure(
             per_client = max(1, requests // clients) if clients > 1 else requests
             clients_run(clients, per_client, samples, timeout=30)
             name = f"`POST /predict`, {clients} client{'s' if clients > 1 else ''}, HTTP"
-            if workers > 1:
+            if floor:
+                name = "bare FastAPI: the same request and answer, no work, 1 client, HTTP"
+            elif workers > 1:
                 name += f", `serve --workers {workers}`"
             results.append(Latency(name, samples))
     finally:
@@ -615,6 +615,42 @@ def measure_sqlite_read(settings: Any, ids: list[int], rng: random.Random, n: in
     return floor
 
 
+HTTP_FLOOR_APP = """
+import sys
+from typing import Any, Literal
+
+import uvicorn
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+class Request(BaseModel):
+    application_id: int
+
+class Answer(BaseModel):
+    probability: float
+    decision: Literal["approve", "reject"]
+    threshold: float
+    model_version: str
+    features: dict[str, Any]
+
+FEATURES = {f"feature_{i}": 1.5 * i for i in range(21)}
+app = FastAPI()
+
+@app.get("/health")
+async def health() -> dict[str, str]:
+    return {"status": "ok"}
+
+@app.post("/predict", response_model=Answer)
+async def predict(request: Request) -> Answer:
+    return Answer(probability=0.5, decision="approve", threshold=0.5,
+                  model_version="20261130T000000Z", features=FEATURES)
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+"""The floor of a `/predict` over HTTP: uvicorn and FastAPI with the API's request and
+answer shapes (21 features) and no work, timed by the same client."""
+
+
 def measure_latency(
     settings: Any, storage: Any, env: dict[str, str], requests: int
 ) -> tuple[list[Latency], dict[str, float]]:
@@ -625,6 +661,7 @@ def measure_latency(
     # One server process with 1 and 32 clients, then `--workers 2` with 32 clients.
     for workers, client_counts in ((1, CLIENTS), (2, (max(CLIENTS),))):
         http += _serve_and_measure(env, ids, rng, requests, workers, client_counts)
+    (http_floor,) = _serve_and_measure(env, ids, rng, requests, 1, (1,), floor=True)
     feast, model = measure_in_process(settings, storage, ids, rng, requests)
     sqlite_read = measure_sqlite_read(settings, ids, rng, requests)
     one_client = http[0]
@@ -633,9 +670,10 @@ def measure_latency(
         "feast_p50": feast.ms(50),
         "model_p50": model.ms(50),
         "rest_p50": one_client.ms(50) - feast.ms(50) - model.ms(50),
+        "floor_p50": http_floor.ms(50),
         "ratio_p99": one_client.ms(99) / feast.ms(99),
     }
-    return [*http, feast, model, sqlite_read], breakdown
+    return [*http, http_floor, feast, model, sqlite_read], breakdown
 
 
 # ---------------------------------------------------------------- freshness
@@ -1067,8 +1105,9 @@ def latency_table(r: SizeResult, requests: int) -> list[str]:
         "One request at the median (1 client): "
         f"HTTP {b['http_p50']:.2f} ms = Feast read {b['feast_p50']:.2f} ms "
         f"+ model {b['model_p50']:.2f} ms + the rest (HTTP, FastAPI, pydantic, JSON) "
-        f"{b['rest_p50']:.2f} ms. Medians of separate samples, measured in this process, "
-        "so the parts are estimates.",
+        f"{b['rest_p50']:.2f} ms, of which {b['floor_p50']:.2f} ms is the bare FastAPI "
+        "floor (HTTP, routing, the request and answer models, JSON, the client). Medians "
+        "of separate samples, so the parts are estimates.",
     ]
     return [*lines, ""]
 

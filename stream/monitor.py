@@ -29,6 +29,10 @@ class Monitor:
     promote_errors: int = 0
     online_refreshes: int = 0
     online_errors: int = 0
+    cycles: int = 0
+    """Speed-layer cycles (silver promotion, then the online refresh) since the start."""
+    promote_seconds: float = 0.0
+    refresh_seconds: float = 0.0
     _last: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -40,6 +44,13 @@ class Monitor:
             if newest is not None and (self.newest_commit is None or newest > self.newest_commit):
                 self.newest_commit = newest
         self.tick()
+
+    def cycle(self, promote_seconds: float, refresh_seconds: float) -> None:
+        """Count one speed-layer cycle and the time its two parts took."""
+        with self._lock:
+            self.cycles += 1
+            self.promote_seconds += promote_seconds
+            self.refresh_seconds += refresh_seconds
 
     def held(self, table: str, changes: int) -> None:
         """Note the `changes` changes a source holds, received but not landed yet."""
@@ -74,6 +85,12 @@ class Monitor:
             line += f"; {self.promote_errors} silver promotions deferred (see the log)"
         if self.online_refreshes:
             line += f"; online features refreshed {self.online_refreshes} times"
+        if self.cycles:
+            line += (
+                f"; speed layer {self.cycles} cycles, on average promotion "
+                f"{self.promote_seconds / self.cycles:.2f}s and refresh "
+                f"{self.refresh_seconds / self.cycles:.2f}s"
+            )
         if self.online_errors:
             line += f"; {self.online_errors} online refreshes failed (see the log)"
         self.report(

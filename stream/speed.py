@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from lakehouse.errors import LakehouseError, StorageError, described
@@ -115,6 +116,7 @@ class SpeedLayer:
 
     def _cycle(self) -> bool:
         """Promote both tables, then refresh; False after a fatal error."""
+        started = time.perf_counter()
         try:
             _promote(self.storage, "")
         except ConcurrentWriteError as exc:
@@ -129,7 +131,9 @@ class SpeedLayer:
         except Exception as exc:  # delta-rs / object store errors, explained as the sink does
             self.error = StorageError(explain_storage(exc, self.storage.root))
             return False
+        promoted = time.perf_counter()
         self._refresh()
+        self.monitor.cycle(promoted - started, time.perf_counter() - promoted)
         return True
 
     def _refresh(self) -> None:
