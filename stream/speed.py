@@ -98,8 +98,9 @@ class SpeedLayer:
         try:
             self._loop()
         finally:
-            with self._cond:
-                self._thread = None  # a thread that ended for any reason is gone
+            with self._cond:  # ended by an error: gone (a failed layer is not restarted)
+                if self._thread is threading.current_thread():
+                    self._thread = None
 
     def _loop(self) -> None:
         while True:
@@ -107,7 +108,10 @@ class SpeedLayer:
                 while self._served == self._asked and not self._closing:
                     self._cond.wait()
                 if self._served == self._asked:
-                    return  # closing with nothing to do; a nudge restarts the thread
+                    # Closing with nothing to do. Gone under the same lock as the check,
+                    # so that a nudge after it starts a new thread rather than being lost.
+                    self._thread = None
+                    return
                 asked = self._asked
             if not self._cycle():
                 return
