@@ -279,11 +279,11 @@ def _freshness_run(
         pending.append([t / 1e6 for t in batch.commit_ts])
         return done
 
-    def timed_promote(storage_: Storage, table: str) -> None:
+    def timed_promote(storage_: Storage) -> None:
         # Only batches landed before this promotion started are promoted by it (it runs
         # in the stream's speed-layer thread while the sinks go on landing).
         ready = len(pending)
-        real_promote(storage_, table)
+        real_promote(storage_)
         now = time.time()
         for _ in range(ready):
             silver_lat.extend(now - t for t in pending.pop(0))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
 
 from lakehouse.errors import LakehouseError, StorageError, described
 from lakehouse.settings import Settings
@@ -32,16 +31,15 @@ from stream.monitor import Monitor
 log = logging.getLogger("lakehouse.stream")
 
 
-def _promote(storage: Storage, table: str) -> None:
+def _promote(storage: Storage) -> None:
     """Merge what landed into silver (the batch path reconciles).
 
-    Applicants first, then applications, whichever table landed: applications are held
-    below the applicants' position, so promoting both keeps either from waiting for the
-    other table's next commit.
+    Applicants first, then applications, whatever landed: applications are held below
+    the applicants' position, so promoting both keeps either from waiting for the other
+    table's next commit.
     """
     from lakehouse.zones import silver
 
-    del table
     for name in ("applicants", "loan_applications"):
         silver.promote(storage, name)
 
@@ -122,7 +120,7 @@ class SpeedLayer:
         """Promote both tables, then refresh; False after a fatal error."""
         started = time.perf_counter()
         try:
-            _promote(self.storage, "")
+            _promote(self.storage)
         except ConcurrentWriteError as exc:
             # Another writer (a batch run) kept winning: what landed in bronze is safe,
             # and the next cycle or run promotes it.
@@ -166,7 +164,7 @@ _LAYERS: dict[tuple[str, str, str], SpeedLayer] = {}
 _LAYERS_LOCK = threading.Lock()
 
 
-def layer(settings: Settings, storage: Storage, monitor: Any) -> SpeedLayer:
+def layer(settings: Settings, storage: Storage, monitor: Monitor) -> SpeedLayer:
     """Return the speed layer of these settings, one per lakehouse in this process.
 
     Called once per flow. Keyed by home, warehouse and online store: a process running

@@ -28,8 +28,8 @@ def test_a_promotion_failing_with_a_foreign_error_stops_the_stream_with_it_once(
     setup.setup(settings, storage)
     calls: list[str] = []
 
-    def broken(storage_: Storage, table: str) -> None:
-        calls.append(table)
+    def broken(storage_: Storage) -> None:
+        calls.append(storage_.root)
         raise OSError("No space left on device")
 
     monkeypatch.setattr(speed, "_promote", broken)
@@ -65,7 +65,7 @@ def test_every_nudge_is_served_also_across_drains(
 
     storage = Storage.from_settings(base_settings)
     cycles: list[int] = []
-    monkeypatch.setattr(speed, "_promote", lambda storage_, table: cycles.append(1))
+    monkeypatch.setattr(speed, "_promote", lambda storage_: cycles.append(1))
 
     class SlowToEnd(speed.SpeedLayer):
         """A thread that lingers after deciding to end: nudges fall into that window."""
