@@ -18,6 +18,7 @@ import pyarrow as pa
 from deltalake import write_deltalake
 
 from lakehouse.storage import Storage
+from lakehouse.zones.commits import TABLE_CONFIGURATION
 
 ZONE, TABLE = "_meta", "pipeline_runs"
 SCHEMA = pa.schema(
@@ -70,7 +71,13 @@ def record(storage: Storage, run: RunRecord) -> None:
         ],
         schema=SCHEMA,
     )
-    write_deltalake(storage.uri(ZONE, TABLE), row, mode="append", storage_options=storage.options)
+    write_deltalake(
+        storage.uri(ZONE, TABLE),
+        row,
+        mode="append",
+        storage_options=storage.options,
+        configuration=TABLE_CONFIGURATION,
+    )
 
 
 def recent(storage: Storage, limit: int = 5) -> list[RunRecord]:

@@ -39,6 +39,7 @@ from lakehouse.source.schema import TABLES, SourceTable, connect, ident
 from lakehouse.storage import Storage
 from lakehouse.transforms import checksums, quality
 from lakehouse.zones import bronze
+from lakehouse.zones.commits import TABLE_CONFIGURATION
 
 BUCKETS = 256
 ZONE, TABLE = "_meta", "verifications"
@@ -450,7 +451,13 @@ def record(storage: Storage, result: Verification) -> None:
         ],
         schema=SCHEMA,
     )
-    write_deltalake(storage.uri(ZONE, TABLE), row, mode="append", storage_options=storage.options)
+    write_deltalake(
+        storage.uri(ZONE, TABLE),
+        row,
+        mode="append",
+        storage_options=storage.options,
+        configuration=TABLE_CONFIGURATION,
+    )
 
 
 def last(storage: Storage) -> list[dict[str, object]]:

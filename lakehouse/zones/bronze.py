@@ -20,6 +20,7 @@ from lakehouse.source import extract
 from lakehouse.source.schema import TABLES, SourceTable, connect, schema_exists
 from lakehouse.storage import Storage
 from lakehouse.zones.commits import (
+    TABLE_CONFIGURATION,
     ConcurrentWriteError,
     app_id,
     commit_properties,
@@ -135,6 +136,7 @@ def forget_stream_snapshot(storage: Storage, table: str) -> None:
         bronze_schema(TABLES[table]).empty_table(),
         mode="append",
         storage_options=storage.options,
+        configuration=TABLE_CONFIGURATION,
         commit_properties=commit_properties(
             {app_id("bronze", table, "stream"): 0}, operation="stream-teardown"
         ),
@@ -309,6 +311,7 @@ def _append(
             reader,
             mode="append",
             storage_options=None if dt is not None else storage.options,
+            configuration=TABLE_CONFIGURATION,
             commit_properties=commit_properties(
                 progress, operation="ingest", metadata={"lakehouse.mode": mode}
             ),

@@ -30,7 +30,7 @@ from deltalake.transaction import AddAction, create_table_with_add_actions
 from lakehouse.errors import StorageError
 from lakehouse.failpoints import failpoint
 from lakehouse.storage import Storage, _split_s3, minio_client
-from lakehouse.zones.commits import ConcurrentWriteError
+from lakehouse.zones.commits import TABLE_CONFIGURATION, ConcurrentWriteError
 
 # Longer strings are left out of min/max stats, as delta-rs does past 32 characters.
 _MAX_STAT_STRING = 32
@@ -118,6 +118,7 @@ class TableFiles:
                 Schema.from_arrow(empty.schema),
                 [],
                 mode="ignore",
+                configuration=TABLE_CONFIGURATION,
                 storage_options=options,
             )
         except Exception:  # another writer created it this instant: it exists, go on
