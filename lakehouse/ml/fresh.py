@@ -28,7 +28,7 @@ from typing import Any
 import polars as pl
 
 from lakehouse.settings import Settings
-from lakehouse.storage import Storage
+from lakehouse.storage import KeptTables, Storage, opened_once
 from lakehouse.zones import gold_rows
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class Refresher:
         self.seen: dict[str, int] | None = None
         """Silver versions (readable ones) the online store reflects."""
         self._lock = threading.Lock()
+        self._kept = KeptTables(storage)  # used under the lock only
         self._store: Any = None
         self._con: Any = None  # one DuckDB connection, its extensions loaded once
 
@@ -126,7 +127,7 @@ class Refresher:
         """
         from lakehouse.ml import tasks as ml_tasks
 
-        with self._lock:
+        with self._lock, opened_once(self._kept):  # the tables opened here are the ones read
             if ml_tasks.materialized_state(self.settings) is None:
                 return None
             tables = {n: self.storage.table("silver", n) for n in gold_rows.SOURCES}
@@ -153,7 +154,7 @@ class Refresher:
 
             self._con = duck.connect(self.settings, self.storage)
         try:
-            changed = gold_rows.affected(self.settings, self.storage, before, now, self._con)
+            changed = gold_rows.affected(self.storage, before, now)
         except LookupError as exc:  # the version last reflected was vacuumed
             log.warning("online refresh skipped (%s); the next batch run catches up", exc)
             changed = gold_rows.Affected(frozenset(), frozenset(), frozenset())

@@ -24,8 +24,9 @@ import polars as pl
 from deltalake import DeltaTable
 
 from lakehouse.errors import StorageError
+from lakehouse.failpoints import failpoint
 from lakehouse.source.schema import TABLES
-from lakehouse.storage import Storage
+from lakehouse.storage import Storage, opened_once
 from lakehouse.transforms import changes as changes_t
 from lakehouse.transforms import quality
 from lakehouse.transforms import silver as transform
@@ -134,10 +135,11 @@ def promote(storage: Storage, table: str) -> PromoteResult:
     result = PromoteResult(table, None)
     for attempt in range(ATTEMPTS):
         try:
-            plan = _plan(storage, table)
-            if plan is None:
-                return result
-            _run(storage, table, plan, result)
+            with opened_once():  # one snapshot of each table per attempt
+                plan = _plan(storage, table)
+                if plan is None:
+                    return result
+                _run(storage, table, plan, result)
             if len(plan.pending) == len(TARGETS):
                 return result
             # That finished an interrupted promotion; plan again for what is new.
@@ -411,6 +413,15 @@ def _commit(
         return
     dt = plan.tables[target]
     assert dt is not None
+    shape = spool.shape(target)
+    if shape is not None and shape[0] == 0:  # nothing to write: the marks alone
+        failpoint(failpoint_name)
+        writes.mark(dt, props)
+        return
+    if target != "current" and shape is not None and shape[1] == 0:  # nothing to close
+        rows = spool.reader(target, failpoint_name=failpoint_name, drop=("_close_key", "_close_at"))
+        writes.append_rows(dt, rows, props)
+        return
     source = spool.reader(target, failpoint_name=failpoint_name)
     key = TABLES[table].key
     if target == "current":

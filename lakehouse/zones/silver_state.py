@@ -108,7 +108,7 @@ class Targets:
     def moved(self, storage: Storage) -> bool:
         """Tell whether a writer committed to a target since this view was read."""
         for target in TARGETS:
-            dt = storage.table_or_none("silver", target_name(self.table, target))
+            dt = storage.table_or_none("silver", target_name(self.table, target), fresh=True)
             was = self.tables[target]
             if (dt is None) != (was is None) or (
                 dt is not None and was is not None and dt.version() != was.version()

@@ -72,7 +72,7 @@ def test_recomputed_rows_equal_the_full_build(settings: Settings, seed: int) -> 
     run_all(settings, storage)
     now = _silver_versions(settings)
 
-    changed = gold_rows.affected(settings, storage, before, now)
+    changed = gold_rows.affected(storage, before, now)
     assert late in changed.applications and late in changed.submitted
     rows = gold_rows.rows_for(settings, storage, changed, now)
 
