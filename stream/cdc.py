@@ -31,7 +31,7 @@ from lakehouse.errors import LakehouseError, StorageError
 from lakehouse.failpoints import failpoint
 from lakehouse.settings import Settings
 from lakehouse.source.schema import TABLES
-from lakehouse.storage import Storage
+from lakehouse.storage import KeptTables, Storage
 from lakehouse.storage import explain as explain_storage
 from stream import changes, speed
 from stream.changes import BatchBuilder, ChangeBatch, Progress
@@ -89,12 +89,19 @@ def _set_landed(table: str, lsn: int) -> None:
 
 
 class SlotPartition(StatefulSourcePartition[tuple[str, ChangeBatch], None]):
-    """Reads one slot; emits change batches closed by size, time, or a heartbeat."""
+    """Reads one slot; emits change batches closed by size, time, or a heartbeat.
 
-    def __init__(self, settings: Settings, storage: Storage, table: str) -> None:
+    With a speed layer (`--promote`), a batch also closes as soon as the layer is free
+    to promote it (`SpeedLayer.wants_landing`).
+    """
+
+    def __init__(
+        self, settings: Settings, storage: Storage, table: str, *, layer: SpeedLayer | None
+    ) -> None:
         self.settings = settings
         self.storage = storage
         self.table = table
+        self.layer = layer
         self.key = landed_key(storage, settings, table)
         start = changes.progress(storage, table)
         self.builder = BatchBuilder(table, skip=start)
@@ -141,10 +148,16 @@ class SlotPartition(StatefulSourcePartition[tuple[str, ChangeBatch], None]):
             self.ended = True
             fail(exc)
             return out
-        if self.builder.ready(
-            max_rows=settings.stream_batch_rows, max_seconds=settings.stream_batch_seconds
-        ):
+        # Free to promote: land what is held now, and check in for the next promotion.
+        round_ = self.layer.round if self.layer is not None else None
+        eager = self.layer is not None and self.layer.wants_landing()
+        window = 0.0 if eager else settings.stream_batch_seconds
+        if self.builder.ready(max_rows=settings.stream_batch_rows, max_seconds=window):
             out.append(self._take())
+            if eager:
+                out[-1][1].round = round_  # checked in by the sink once landed
+        elif eager and self.layer is not None and round_ is not None:
+            self.layer.check_in(self.table, round_)  # nothing to land (or mid-transaction)
         if STOP.is_set():
             if len(self.builder.batch):
                 out.append(self._take(complete=True))
@@ -233,9 +246,12 @@ class _FailedPartition(StatefulSourcePartition[tuple[str, ChangeBatch], None]):
 class SlotSource(FixedPartitionedSource[tuple[str, ChangeBatch], None]):
     """One partition per source table (each has its own slot and publication)."""
 
-    def __init__(self, settings: Settings, tables: list[str]) -> None:
+    def __init__(
+        self, settings: Settings, tables: list[str], *, layer: SpeedLayer | None = None
+    ) -> None:
         self.settings = settings
         self.tables = tables
+        self.layer = layer
 
     def list_parts(self) -> list[str]:
         """List the partitions: one per source table."""
@@ -246,7 +262,8 @@ class SlotSource(FixedPartitionedSource[tuple[str, ChangeBatch], None]):
     ) -> StatefulSourcePartition[tuple[str, ChangeBatch], None]:
         """Build the partition of one table."""
         try:
-            return SlotPartition(self.settings, Storage.from_settings(self.settings), for_part)
+            storage = Storage.from_settings(self.settings)
+            return SlotPartition(self.settings, storage, for_part, layer=self.layer)
         except LakehouseError as exc:
             fail(exc)
             return _FailedPartition()
@@ -262,6 +279,7 @@ class ChangesPartition(StatefulSinkPartition[ChangeBatch, None]):
         self.done: Progress = changes.progress(self.storage, table)
         self.speed = layer
         self.failed = False
+        self.kept = KeptTables(self.storage)
 
     def write_batch(self, values: list[ChangeBatch]) -> None:
         """Land each batch in one Delta commit, then let the source confirm it."""
@@ -270,7 +288,7 @@ class ChangesPartition(StatefulSinkPartition[ChangeBatch, None]):
                 continue
             failpoint(f"stream.{self.table}.before-commit")
             try:
-                self.done = changes.write(self.storage, batch, self.done)
+                self.done = changes.write(self.storage, batch, self.done, self.kept)
             except LakehouseError as exc:
                 self.failed = True
                 fail(exc)
@@ -293,6 +311,8 @@ class ChangesPartition(StatefulSinkPartition[ChangeBatch, None]):
             MONITOR.batch(self.table, len(batch), newest)
             if self.speed is not None:
                 self.speed.nudge()  # silver and online features follow, in their thread
+                if batch.round is not None:
+                    self.speed.check_in(self.table, batch.round)
 
     def _speed_failed(self) -> bool:
         """Tell whether to stop landing: this sink or the speed layer failed.
@@ -334,13 +354,14 @@ class ChangesPartition(StatefulSinkPartition[ChangeBatch, None]):
 class ChangesSink(FixedPartitionedSink[ChangeBatch, None]):
     """One partition per table; keys are table names."""
 
-    def __init__(self, settings: Settings, tables: list[str], *, promote: bool) -> None:
+    def __init__(
+        self, settings: Settings, tables: list[str], *, layer: SpeedLayer | None = None
+    ) -> None:
         self.settings = settings
         self.tables = sorted(tables)
         # One speed layer for the flow, shared by its partitions (Bytewax may build one
         # partition after the other has met an error: it must see that layer's error).
-        storage = Storage.from_settings(settings)
-        self.layer = speed.layer(settings, storage, MONITOR) if promote else None
+        self.layer = layer
 
     def list_parts(self) -> list[str]:
         """List the partitions: one per source table."""
@@ -360,9 +381,12 @@ def build_flow(
 ) -> Dataflow:
     """Build the dataflow: slots -> change batches -> Delta."""
     chosen = tables or list(TABLES)
+    layer = speed.layer(settings, Storage.from_settings(settings), MONITOR) if promote else None
+    if layer is not None:
+        layer.expect(chosen)
     flow = Dataflow("lakehouse_cdc")
-    batches = op.input("slots", flow, SlotSource(settings, chosen))
-    op.output("bronze", batches, ChangesSink(settings, chosen, promote=promote))
+    batches = op.input("slots", flow, SlotSource(settings, chosen, layer=layer))
+    op.output("bronze", batches, ChangesSink(settings, chosen, layer=layer))
     return flow
 
 

@@ -11,6 +11,7 @@ transactions), so a replay after a crash is recognised and skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -19,14 +20,14 @@ from datetime import UTC, datetime
 import numpy as np
 import polars as pl
 import pyarrow as pa
-from deltalake import write_deltalake
+from deltalake import DeltaTable, write_deltalake
 
-from lakehouse.errors import SourceError
+from lakehouse.errors import SourceError, TableNotFoundError
 from lakehouse.source.extract import PG_TO_POLARS
 from lakehouse.source.schema import TABLES, SourceTable
-from lakehouse.storage import Storage
+from lakehouse.storage import KeptTables, Storage
 from lakehouse.zones.bronze import changes_table, stream_slot
-from lakehouse.zones.commits import app_id, commit_properties, recorded
+from lakehouse.zones.commits import TABLE_CONFIGURATION, app_id, commit_properties, recorded
 from stream import columnar, pgoutput
 from stream.pgoutput import MessageType
 
@@ -167,6 +168,8 @@ class ChangeBatch:
     flushed: int = 0
     """After this batch lands, every transaction ending at or before this LSN is in Delta."""
     first_at: float = 0.0
+    round: int | None = None
+    """The speed-layer round it was closed for (the sink checks it in once landed)."""
 
     def __len__(self) -> int:
         return len(self.op)
@@ -446,8 +449,13 @@ class BatchBuilder:
         return not self.in_txn and len(self.batch) == 0
 
 
-def write(storage: Storage, batch: ChangeBatch, previous: Progress) -> Progress:
-    """Append a batch to `bronze.<table>_changes` with its progress, atomically."""
+def write(
+    storage: Storage, batch: ChangeBatch, previous: Progress, kept: KeptTables | None = None
+) -> Progress:
+    """Append a batch to `bronze.<table>_changes` with its progress, atomically.
+
+    With `kept` (the sink's), the table is brought up to date rather than opened again.
+    """
     frame = batch.to_frame()
     base = app_id("bronze", changes_table(batch.table))
     done = Progress(
@@ -460,12 +468,18 @@ def write(storage: Storage, batch: ChangeBatch, previous: Progress) -> Progress:
         # A heartbeat: the stream held nothing when the server's WAL reached `flushed`,
         # so every change published before it has landed (`lakehouse stream status`).
         marks[f"{base}#idle"] = done.flushed
+    name = changes_table(batch.table)
+    target: DeltaTable | str = storage.uri("bronze", name)
+    if kept is not None:
+        with contextlib.suppress(TableNotFoundError):  # else the first write creates it
+            target = kept.latest("bronze", name)
     write_deltalake(
-        storage.uri("bronze", changes_table(batch.table)),
+        target,
         frame.to_arrow(),
         mode="append",
         schema_mode="merge",
-        storage_options=storage.options,
+        storage_options=None if isinstance(target, DeltaTable) else storage.options,
+        configuration=TABLE_CONFIGURATION,
         commit_properties=commit_properties(
             marks, operation="stream", metadata={"lakehouse.rows": str(len(batch))}
         ),

@@ -29,9 +29,11 @@ class Monitor:
     promote_errors: int = 0
     online_refreshes: int = 0
     online_errors: int = 0
-    cycles: int = 0
-    """Speed-layer cycles (silver promotion, then the online refresh) since the start."""
+    promotions: int = 0
+    """Speed-layer promotions into silver since the start."""
     promote_seconds: float = 0.0
+    refreshes: int = 0
+    """Speed-layer refreshes of online features (with or without a change) since the start."""
     refresh_seconds: float = 0.0
     _last: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -45,12 +47,17 @@ class Monitor:
                 self.newest_commit = newest
         self.tick()
 
-    def cycle(self, promote_seconds: float, refresh_seconds: float) -> None:
-        """Count one speed-layer cycle and the time its two parts took."""
+    def promoted(self, seconds: float) -> None:
+        """Count one speed-layer promotion (both tables) and its time."""
         with self._lock:
-            self.cycles += 1
-            self.promote_seconds += promote_seconds
-            self.refresh_seconds += refresh_seconds
+            self.promotions += 1
+            self.promote_seconds += seconds
+
+    def refreshed(self, seconds: float) -> None:
+        """Count one speed-layer refresh of online features and its time."""
+        with self._lock:
+            self.refreshes += 1
+            self.refresh_seconds += seconds
 
     def held(self, table: str, changes: int) -> None:
         """Note the `changes` changes a source holds, received but not landed yet."""
@@ -85,12 +92,14 @@ class Monitor:
             line += f"; {self.promote_errors} silver promotions deferred (see the log)"
         if self.online_refreshes:
             line += f"; online features refreshed {self.online_refreshes} times"
-        if self.cycles:
+        if self.promotions:
             line += (
-                f"; speed layer {self.cycles} cycles, on average promotion "
-                f"{self.promote_seconds / self.cycles:.2f}s and refresh "
-                f"{self.refresh_seconds / self.cycles:.2f}s"
+                f"; speed layer {self.promotions} promotions of "
+                f"{self.promote_seconds / self.promotions:.2f}s on average"
             )
+        if self.refreshes:
+            average = self.refresh_seconds / self.refreshes
+            line += f" and {self.refreshes} refreshes of {average:.2f}s"
         if self.online_errors:
             line += f"; {self.online_errors} online refreshes failed (see the log)"
         self.report(

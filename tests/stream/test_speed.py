@@ -52,45 +52,89 @@ def test_a_promotion_failing_with_a_foreign_error_stops_the_stream_with_it_once(
     assert "No space left on device" in str(failures[0])
 
 
-def test_every_nudge_is_served_also_across_drains(
-    base_settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_every_nudge_is_served_also_across_drains() -> None:
     """Landings nudge from the sinks' thread while a flow's end drains: after the last
-    drain, every nudge has been served by a cycle that started after it, and a nudge
+    drain, every nudge has been served by a run that started after it, and a nudge
     after a drain starts the thread again (a later flow in the same process)."""
     import threading
     import time
 
-    from stream.monitor import Monitor
+    runs: list[int] = []
 
-    storage = Storage.from_settings(base_settings)
-    cycles: list[int] = []
-    monkeypatch.setattr(speed, "_promote", lambda storage_: cycles.append(1))
-
-    class SlowToEnd(speed.SpeedLayer):
+    class SlowToEnd(speed.Worker):
         """A thread that lingers after deciding to end: nudges fall into that window."""
 
         def _loop(self) -> None:
             super()._loop()
             time.sleep(0.005)
 
-    layer = SlowToEnd(base_settings, storage, Monitor())
+    worker = SlowToEnd("test", lambda: runs.append(1) is None)
 
     def nudges() -> None:
         for _ in range(300):
-            layer.nudge()
+            worker.nudge()
 
     for _ in range(20):
         threads = [threading.Thread(target=nudges) for _ in range(3)]
         for t in threads:
             t.start()
-        layer.drain()  # while they nudge: some nudges land during the drain
+        worker.drain()  # while they nudge: some nudges land during the drain
         for t in threads:
             t.join()
-        layer.drain()
-        assert layer._served == layer._asked  # nothing asked for is left undone
-    before = len(cycles)
+        worker.drain()
+        assert worker._served == worker._asked  # nothing asked for is left undone
+    before = len(runs)
+    worker.nudge()
+    worker.drain()
+    assert len(runs) == before + 1
+    assert not worker.stopped
+
+
+def test_landing_waits_while_a_promotion_runs_and_each_promotion_is_refreshed(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sources are told to hold changes exactly while a promotion runs (they would
+    wait for the next one anyway); the next promotion starts once every table of the
+    flow has checked in what it held after the last one; every promotion is followed by
+    a refresh, in the refresh thread, which a drain also finishes."""
+    import threading
+
+    from stream.monitor import Monitor
+
+    storage = Storage.from_settings(base_settings)
+    inside = threading.Event()
+    release = threading.Event()
+    refreshed: list[str] = []
+
+    def promote(storage_: Storage) -> None:
+        inside.set()
+        assert release.wait(10)
+
+    monkeypatch.setattr(speed, "_promote", promote)
+    layer = speed.SpeedLayer(base_settings, storage, Monitor())
+    monkeypatch.setattr(
+        layer.refresher, "refresh", lambda: refreshed.append(threading.current_thread().name)
+    )
+    layer.expect(["applicants", "loan_applications"])
+    layer.check_in("applicants", 0)
+    layer.check_in("loan_applications", 0)
+    assert layer.wants_landing()  # nothing running: land at once
     layer.nudge()
+    assert inside.wait(10)
+    assert not layer.wants_landing()  # promoting: hold what arrives
+    release.set()
     layer.drain()
-    assert len(cycles) == before + 1
-    assert layer.error is None
+    assert layer.wants_landing()
+    assert layer.round == 1
+    assert refreshed == ["online-refresh"]  # after the promotion, in its own thread
+
+    # The second promotion waits for the table that has not checked in since the first.
+    inside.clear()
+    layer.check_in("applicants", 1)
+    layer.nudge()
+    assert not inside.wait(0.2)
+    layer.check_in("loan_applications", 1)
+    assert inside.wait(5)
+    layer.drain()
+    assert layer.monitor.promotions == 2
+    assert layer.monitor.refreshes == 2
