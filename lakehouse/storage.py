@@ -33,32 +33,32 @@ class KeptTables:
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
-        self._tables: dict[str, DeltaTable] = {}
+        self._tables: dict[str, tuple[DeltaTable, bytes | None]] = {}
 
     def latest(self, zone: str, table: str) -> DeltaTable:
-        """Return `zone.table` at its newest version (`TableNotFoundError` if none)."""
+        """Return `zone.table` at its newest version (`TableNotFoundError` if none).
+
+        A kept table is used only if the log entry of the version it holds is still the
+        one it read: a table deleted and created again (its log restarted) is opened
+        anew, where `update_incremental` alone would mix the two tables' states.
+        """
         uri = self.storage.uri(zone, table)
-        dt = self._tables.get(uri)
-        if dt is not None and _current(dt):
-            return dt
+        kept = self._tables.get(uri)
+        if kept is not None:
+            dt, entry = kept
+            try:
+                if entry is not None and self._entry(zone, table, dt) == entry:
+                    dt.update_incremental()
+                    self._tables[uri] = (dt, self._entry(zone, table, dt))
+                    return dt
+            except Exception:  # noqa: S110 (gone or unreadable: open it again below)
+                pass
         dt = self.storage.table(zone, table, fresh=True)
-        self._tables[uri] = dt
+        self._tables[uri] = (dt, self._entry(zone, table, dt))
         return dt
 
-
-def _current(dt: DeltaTable) -> bool:
-    """Bring a kept table up to date; False if it must be opened anew.
-
-    A log whose newest version is older than the one held means the table was deleted
-    and created again (`update_incremental` alone would keep the stale state).
-    """
-    try:
-        if dt._table.get_latest_version() < dt.version():
-            return False
-        dt.update_incremental()
-    except Exception:  # gone, or an API this deltalake lacks: open it again
-        return False
-    return True
+    def _entry(self, zone: str, table: str, dt: DeltaTable) -> bytes | None:
+        return self.storage.commit_log(zone, table, dt.version())
 
 
 _OPENED: ContextVar[tuple[dict[tuple[str, int | None], DeltaTable], KeptTables | None] | None] = (
@@ -74,7 +74,8 @@ def opened_once(kept: KeptTables | None = None) -> Iterator[None]:
     count, the read), a dozen opens per speed-layer cycle. Inside the block,
     `Storage.table` returns the object opened first, so every read of the block also
     sees one snapshot of each table. A write through such an object moves it to the
-    version it committed, which is then what the block reads; `fresh=True` opens anew
+    version it committed, which is then what the block reads (also a lazy scan made
+    before the write and collected after it: collect first); `fresh=True` opens anew
     (to see other writers' commits). With `kept` (or an enclosing block's), a table's
     first use in the block takes it from there, brought up to date, instead of opening it.
     """

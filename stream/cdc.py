@@ -154,10 +154,11 @@ class SlotPartition(StatefulSourcePartition[tuple[str, ChangeBatch], None]):
         window = 0.0 if eager else settings.stream_batch_seconds
         if self.builder.ready(max_rows=settings.stream_batch_rows, max_seconds=window):
             out.append(self._take())
-            if eager:
-                out[-1][1].round = round_  # checked in by the sink once landed
-        elif eager and self.layer is not None and round_ is not None:
-            self.layer.check_in(self.table, round_)  # nothing to land (or mid-transaction)
+        if eager and self.layer is not None and round_ is not None:
+            if out:  # the sink checks in once the last of them has landed
+                out[-1][1].round = round_
+            else:  # nothing to land (or mid-transaction)
+                self.layer.check_in(self.table, round_)
         if STOP.is_set():
             if len(self.builder.batch):
                 out.append(self._take(complete=True))

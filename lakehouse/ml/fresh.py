@@ -27,9 +27,11 @@ from typing import Any
 
 import polars as pl
 
+from lakehouse.errors import TableNotFoundError
 from lakehouse.settings import Settings
 from lakehouse.storage import KeptTables, Storage, opened_once
 from lakehouse.zones import gold_rows
+from lakehouse.zones.silver_state import as_one_promotion_left
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +132,12 @@ class Refresher:
         with self._lock, opened_once(self._kept):  # the tables opened here are the ones read
             if ml_tasks.materialized_state(self.settings) is None:
                 return None
-            tables = {n: self.storage.table("silver", n) for n in gold_rows.SOURCES}
+            # Never half a promotion: the speed layer's next one may be committing now.
+            tables = as_one_promotion_left(self.storage, list(gold_rows.SOURCES))
+            for name in gold_rows.SOURCES:
+                if name not in tables:
+                    msg = f"table `silver.{name}` does not exist yet; run `lakehouse run`"
+                    raise TableNotFoundError(msg)
             now = {n: dt.version() for n, dt in tables.items()}
             if self.seen is None:
                 self.seen = self._start(now)

@@ -24,6 +24,7 @@ from lakehouse.zones.commits import (
     recorded,
 )
 from lakehouse.zones.datafiles import TableFiles
+from lakehouse.zones.silver_state import as_one_promotion_left
 
 _BATCH = 200_000
 # Rows per data file written from a DuckDB query (a Polars-built partition is one file).
@@ -66,9 +67,13 @@ def _pins(storage: Storage, name: str) -> tuple[dict[str, int], dict[str, int]]:
     """
     recorded_: dict[str, int] = {}
     read: dict[str, int] = {}
-    for source in GOLD[name].sources:
+    sources = GOLD[name].sources
+    silver = [t for z, t in map(_located, sources) if z == "silver"]
+    # Never half a promotion (the stream's may be committing): a table's targets agree.
+    consistent = as_one_promotion_left(storage, silver)
+    for source in sources:
         zone, table = _located(source)
-        dt = storage.table_or_none(zone, table)
+        dt = consistent.get(table) if zone == "silver" else storage.table_or_none(zone, table)
         if dt is None:
             msg = f"gold.{name} needs `{zone}.{table}`, which does not exist; run the pipeline"
             raise TableNotFoundError(msg)

@@ -192,3 +192,40 @@ def at_marks(storage: Storage, table: str, target: str, dt: DeltaTable, marks: M
         f"rebuild silver `{table}`: delete its three tables and `lakehouse run`"
     )
     raise StorageError(msg)
+
+
+def as_one_promotion_left(storage: Storage, names: list[str]) -> dict[str, DeltaTable]:
+    """Open silver tables as a promotion leaves them: a table's targets at the same marks.
+
+    A promotion commits rejected, history, then current, so a reader that opens them while
+    one commits can find history moved and current not yet (features joining the two
+    would then miss a new application, and nothing would show it again). Current is
+    opened first; a history or rejects table read after it is never behind, and when
+    ahead it is read at the version with current's marks (`at_marks`). Tables whose
+    current is not among `names` are opened as they are; tables that do not exist are
+    left out.
+    """
+    tables = {name: _split(name) for name in names}
+    opened: dict[str, DeltaTable | None] = {}
+    marks: dict[str, Marks | None] = {}
+    for name, (table, target) in tables.items():
+        if target == "current":
+            opened[name] = dt = storage.table_or_none("silver", name)
+            marks[table] = read_marks(dt, table, target)
+    for name, (table, target) in tables.items():
+        if target == "current":
+            continue
+        dt = storage.table_or_none("silver", name)
+        want = marks.get(table)
+        if dt is not None and want is not None and read_marks(dt, table, target) != want:
+            dt = at_marks(storage, table, target, dt, want)
+        opened[name] = dt
+    return {name: dt for name in names if (dt := opened[name]) is not None}
+
+
+def _split(name: str) -> tuple[str, str]:
+    """Return (source table, target) of a silver table name."""
+    for target in ("history", "rejected"):
+        if name.endswith(f"_{target}"):
+            return name[: -len(target) - 1], target
+    return name, "current"
