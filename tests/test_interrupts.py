@@ -8,16 +8,10 @@ Ctrl-C at 0.3 s of `lakehouse sql`, is in `test_sql_stop`).
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
-
-import pytest
-
-from lakehouse import interrupts
 
 
 def _run(tmp_path: Path, body: str, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -29,23 +23,27 @@ def _run(tmp_path: Path, body: str, **extra: str) -> subprocess.CompletedProcess
     )
 
 
-def test_a_ctrl_c_held_arrives_when_the_block_ends() -> None:
-    # Without the garbage collector: in this long-lived test process, a finalizer run by
-    # it at the moment the signal is handled would swallow the KeyboardInterrupt (the
-    # case `received()` exists for, tested below), and this test is about `held`.
-    import gc
-
-    gc.collect()
-    gc.disable()
-    finished = False
-    try:
-        with pytest.raises(KeyboardInterrupt), interrupts.held():
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
-            finished = True
-    finally:
-        gc.enable()
-    assert finished
+def test_a_ctrl_c_held_arrives_when_the_block_ends(tmp_path: Path) -> None:
+    """In a fresh interpreter, as the console script holds its imports. (In pytest's own
+    long-lived process it failed twice in CI, DID NOT RAISE, after the earlier test
+    modules, and passed after `tests/stream` alone: some earlier in-process test leaves
+    signal delivery changed, which a command's process never inherits.)"""
+    done = _run(
+        tmp_path,
+        """
+        import os, signal, time
+        finished = False
+        try:
+            with interrupts.held():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)
+                finished = True
+        except KeyboardInterrupt:
+            print("raised after the block", finished)
+        """,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "raised after the block True\n"
 
 
 def test_a_native_library_imports_whole_and_then_the_ctrl_c_arrives(tmp_path: Path) -> None:
