@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -23,9 +23,13 @@ from lakehouse import log
 from lakehouse.errors import described
 from lakehouse.ml import features, models
 from lakehouse.ml import online as online_store
+from lakehouse.ml.fastpath import PredictFastPath
 from lakehouse.settings import Settings
 from lakehouse.source.schema import APPLICANTS
 from lakehouse.storage import Storage
+
+if TYPE_CHECKING:
+    from lakehouse.ml.online.reader import ServiceReader
 
 ONLINE_STORE_MISSING = "online store empty or missing: run `lakehouse run`"
 INTENTS = ("PERSONAL", "EDUCATION", "MEDICAL", "VENTURE", "HOMEIMPROVEMENT", "DEBTCONSOLIDATION")
@@ -85,13 +89,16 @@ REFRESH_SECONDS = 10.0
 """How often the API looks for a newer model version and re-reads the feature service."""
 
 
-def app_from_env() -> FastAPI:
+def app_from_env() -> PredictFastPath:
     """Build the app from the `LAKEHOUSE_*` environment (uvicorn's factory, one per worker)."""
     return create_app(Settings.from_env())
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings) -> PredictFastPath:
     """Build the app; the store, the service and the model are opened lazily and cached.
+
+    The FastAPI app is wrapped in `PredictFastPath`, which answers the common `/predict`
+    without FastAPI's per-request machinery and hands everything else to it.
 
     Every `REFRESH_SECONDS` a request checks the registry for a newer model version (a
     newly trained model is picked up without a restart) and re-reads the feature service.
@@ -153,10 +160,10 @@ def create_app(settings: Settings) -> FastAPI:
                 raise HTTPException(503, ONLINE_STORE_MISSING) from None
             raise exc from None
 
-    def model() -> tuple[str, models.Trained, Any]:
+    def model() -> tuple[str, models.Trained, Any, ServiceReader | None]:
         current = state.get("current")
         if current is not None and time.monotonic() - current[3] <= REFRESH_SECONDS:
-            return current[0], current[1], current[2]
+            return current[0], current[1], current[2], current[4]
         fs = store()
         with lock:
             current = state.get("current")
@@ -176,9 +183,11 @@ def create_app(settings: Settings) -> FastAPI:
                 if trained is None:
                     latest, trained = models.load(storage, latest)
                 service = fs.get_feature_service(features.SERVICE)
-                current = (latest, trained, service, now)
+                from lakehouse.ml.online.reader import ServiceReader  # after Feast's
+
+                current = (latest, trained, service, now, ServiceReader.of(fs, service))
                 state["current"] = current
-        return current[0], current[1], current[2]
+        return current[0], current[1], current[2], current[4]
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -197,11 +206,11 @@ def create_app(settings: Settings) -> FastAPI:
         ]
 
     def answer(request: PredictRequest) -> Prediction:
-        version, trained, service = model()
+        version, trained, service, reader = model()
         fs = store()
         if request.application_id is not None:
             # Everything as of the application's applied_at, as in training.
-            row = lookup(_online, fs, service, request.application_id)
+            row = lookup(_online, fs, service, reader, request.application_id)
         else:
             assert request.applicant_id is not None and request.loan is not None
             row = lookup(_new_loan, fs, request.applicant_id, request.loan)
@@ -220,20 +229,23 @@ def create_app(settings: Settings) -> FastAPI:
 
     local_reads = settings.feast_online_store == "sqlite"
 
-    @app.post("/predict", response_model=Prediction)
-    async def predict(request: PredictRequest) -> Prediction:
-        # With the model in memory and a local SQLite store, a request is about 0.7 ms of
+    def on_loop() -> bool:
+        # With the model in memory and a local SQLite store, a request is about 0.4 ms of
         # CPU and no waiting: answered on the event loop. A thread pool's hand-off costs
         # 0.4 ms at the median and milliseconds in the tail on two cores (a bare FastAPI
         # endpoint: p99 2.2 ms in a thread, 0.8 ms on the loop). A Postgres read waits on
         # the network, and a model check reads the registry: those go to the pool.
         current = state.get("current")
         fresh = current is not None and time.monotonic() - current[3] <= REFRESH_SECONDS
-        if local_reads and fresh:
+        return local_reads and fresh
+
+    @app.post("/predict", response_model=Prediction)
+    async def predict(request: PredictRequest) -> Prediction:
+        if on_loop():
             return answer(request)
         return await run_in_threadpool(answer, request)
 
-    return app
+    return PredictFastPath(app, PredictRequest, on_loop, answer)
 
 
 def score_band(score: Any) -> str | None:
@@ -246,12 +258,20 @@ def score_band(score: Any) -> str | None:
     return "exceptional"
 
 
-def _online(fs: Any, service: Any, application_id: int) -> dict[str, Any]:
-    """Return the feature service's values of one application from the online store."""
-    result = fs.get_online_features(
-        features=service, entity_rows=[{"application_id": application_id}]
-    ).to_dict()
-    row = {k: v[0] for k, v in result.items() if k != "application_id"}
+def _online(
+    fs: Any, service: Any, reader: ServiceReader | None, application_id: int
+) -> dict[str, Any]:
+    """Return the feature service's values of one application from the online store.
+
+    Through the lakehouse store's reader (the same values, a tenth of the time), or
+    through Feast when the store or the service is not one it reads.
+    """
+    entity = {"application_id": application_id}
+    if reader is not None:
+        row = reader.read(entity)
+    else:
+        result = fs.get_online_features(features=service, entity_rows=[entity]).to_dict()
+        row = {k: v[0] for k, v in result.items() if k != "application_id"}
     if row.get("loan_amnt") is None:
         raise HTTPException(404, f"application {application_id} has no features online")
     return row

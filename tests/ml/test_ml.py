@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import polars as pl
@@ -377,6 +378,7 @@ def test_postgres_online_store_serves_the_latest_gold_values(lake: Lake) -> None
         for name in FEATURES + APPLICANT:
             for a, b in zip(online[name], sample[name].to_list(), strict=True):
                 assert _same(a, b), (name, a, b)
+        assert_api_reads_as_feast(serving, [*sample["application_id"].to_list(), 10**12])
         with (
             psycopg.connect(make_conninfo(admin, user=reader, password="r-pass")) as conn,
             pytest.raises(psycopg.errors.InsufficientPrivilege),
@@ -702,6 +704,107 @@ def test_prediction_api_contract(lake: Lake, tmp_path: Path) -> None:
         assert answer.json()["detail"].startswith("internal error: "), answer.text
     finally:
         _remove_version(lake.storage, broken)
+
+
+def assert_api_reads_as_feast(store: Any, application_ids: list[int]) -> None:
+    """The API's reader of the feature service gives, for each application, exactly what
+    Feast's `get_online_features(...).to_dict()` gives: same names, types and values."""
+    from lakehouse.ml.online.reader import ServiceReader
+
+    service = store.get_feature_service(features.SERVICE)
+    reader = ServiceReader.of(store, service)
+    assert reader is not None, "the lakehouse store and service are read directly"
+    for application_id in application_ids:
+        entity = {"application_id": int(application_id)}
+        expected = store.get_online_features(features=service, entity_rows=[entity]).to_dict()
+        want = {k: v[0] for k, v in expected.items() if k != "application_id"}
+        got = reader.read(entity)
+        assert sorted(got) == sorted(want), application_id
+        for name, value in want.items():
+            assert (type(got[name]), repr(got[name])) == (type(value), repr(value)), name
+
+
+# Local disk only (CI time): the reads are the store's, tested on both databases above.
+@pytest.mark.parametrize("lake", ["local"], indirect=True)
+def test_the_api_reads_what_feast_reads_and_answers_as_fastapi_does(
+    lake: Lake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`/predict`'s two shortcuts change no answer.
+
+    The reader: every application in the online store, and one that is not, read as Feast
+    reads it. The fast path (`lakehouse.ml.fastpath`): each request is sent as
+    `application/json` (the fast path) and as another JSON type (FastAPI's route); status,
+    body and content type are identical, and the fast path served the valid ones.
+    """
+    from fastapi.testclient import TestClient
+
+    from lakehouse.ml import serve
+
+    # No model check in the middle of the requests (it sends one to the thread pool).
+    monkeypatch.setattr(serve, "REFRESH_SECONDS", 3600.0)
+    served_model(lake)
+    ml_tasks.materialize(lake.settings, lake.storage)
+    store = features.feature_store(lake.settings, lake.storage)
+    ids = read(lake.storage, "gold", "application_features")["application_id"].unique()
+    assert len(ids) > 500
+    assert_api_reads_as_feast(store, [*sorted(ids.to_list()), 10**12])
+
+    app = serve.create_app(lake.settings)
+    routed: list[str] = []
+    fastapi_app = app.app
+
+    async def counting(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            routed.append(scope["path"])
+        await fastapi_app(scope, receive, send)
+
+    app.app = counting
+    client = TestClient(app, raise_server_exceptions=False)
+    first = int(ids.min())
+    assert client.post("/predict", json={"application_id": first}).status_code == 200
+    applicant = int(read(lake.storage, "silver", "applicants")["applicant_id"].min())
+    loan = {"loan_amnt": 5000, "loan_intent": "EDUCATION", "loan_int_rate": 11.5}
+    valid = [
+        json.dumps({"application_id": int(i)}) for i in sorted(ids.to_list())[:: len(ids) // 40]
+    ] + [json.dumps({"applicant_id": applicant, "loan": loan})]
+    invalid = [
+        json.dumps({"application_id": 10**12}),  # 404
+        "{}",
+        '{"application_id": "7"}',
+        '{"application_id": true}',
+        '{"application_id": 7.0}',
+        f'{{"application_id": {2**63}}}',
+        '{"applicant_id": 1, "loan": {"loan_amnt": NaN, "loan_intent": "EDUCATION", '
+        '"loan_int_rate": 11.5}}',
+        "[1, 2]",
+        "not json",
+        "",
+    ]
+    for body in valid + invalid:
+        routed.clear()
+        fast = client.post("/predict", content=body, headers={"content-type": "application/json"})
+        fast_routed = list(routed)
+        # A `+json` type: FastAPI parses it as JSON, the fast path leaves it to FastAPI.
+        plain = client.post(
+            "/predict", content=body, headers={"content-type": "application/x-test+json"}
+        )
+        if "loan" in body and fast.status_code == 200:
+            # A new loan's history is moved to now: the two answers differ by that moment.
+            a, b = fast.json(), plain.json()
+            days = "days_since_last_application"
+            moved = a["features"].pop(days), b["features"].pop(days)
+            assert moved == (None, None) or abs(moved[0] - moved[1]) < 0.01, moved
+            assert a == b
+        else:
+            assert (fast.status_code, fast.content) == (plain.status_code, plain.content), body
+        assert fast.headers["content-type"] == plain.headers["content-type"], body
+        if body in valid:
+            assert fast.status_code == 200, fast.text
+            assert fast_routed == [], "answered by the fast path"
+        else:
+            assert fast.status_code in (404, 422), (body, fast.text)
+            assert fast_routed == ["/predict"], "answered by FastAPI"
+    assert client.get("/openapi.json").status_code == 200
 
 
 def _remove_version(storage: Storage, version: str) -> None:

@@ -32,12 +32,13 @@ from feast.infra.online_stores.sqlite import SqliteOnlineStore
 from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
 from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 from feast.repo_config import RepoConfig
-from feast.type_map import python_values_to_proto_values
+from feast.type_map import feast_value_type_to_python_type, python_values_to_proto_values
 from feast.types import Bool, Float32, Float64, Int32, Int64, String
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lakehouse.ml import materialize
+from lakehouse.ml.online import encoding
 from lakehouse.ml.online.store import (
     LakehousePostgresOnlineStore,
     LakehouseSqliteOnlineStore,
@@ -178,6 +179,53 @@ def read_all(
     return out
 
 
+def _exactly(value: Any) -> Any:
+    """A value with its type and bits (-0.0 is not 0.0; a float32 is compared as read)."""
+    return (type(value).__name__, repr(value))
+
+
+def feasts_python_values(
+    store: Any, cfg: RepoConfig, view: FeatureView, keys: list[Any], wanted: list[str]
+) -> list[dict[str, Any]]:
+    """Each key's values as Feast's `OnlineResponse.to_dict` converts its protos."""
+    kind = "int64_val" if isinstance(keys[0], int) else "string_val"
+    protos = [
+        EntityKeyProto(join_keys=[KEY], entity_values=[ValueProto(**{kind: k})]) for k in keys
+    ]
+    out = []
+    for _, values in store.online_read(cfg, view, protos, wanted):
+        found = values or {}
+        out.append(
+            {
+                n: _exactly(feast_value_type_to_python_type(found[n]) if n in found else None)
+                for n in wanted
+            }
+        )
+    return out
+
+
+def python_values(
+    store: _LakehouseOnlineStore,
+    cfg: RepoConfig,
+    view: FeatureView,
+    keys: list[Any],
+    wanted: list[str],
+) -> list[dict[str, Any]]:
+    """Each key's values as the prediction API's reader decodes our rows."""
+    tables = store.tables(cfg)
+    fields = tables.fields(view.name)
+    assert fields is not None
+    found = tables.read(view.name, keys)
+    out = []
+    for key in keys:
+        row = found.get(key)
+        values = (
+            dict.fromkeys(wanted) if row is None else encoding.decode_python(row[1], fields, wanted)
+        )
+        out.append({n: _exactly(values[n]) for n in wanted})
+    return out
+
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def ours(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
     """Our store's config for each database (Postgres: a schema of its own)."""
@@ -247,6 +295,11 @@ def test_reads_equal_feasts_sqlite_store(
     bulk.tables(cfg).upsert(view.name, materialize.encoded(described, frame))
     try:
         assert read_all(bulk, cfg, view, keys, wanted) == exact
+        # The prediction API's read (`ServiceReader`): Python values as Feast's `to_dict`
+        # makes them from its own store's protos.
+        assert python_values(bulk, cfg, view, keys, wanted) == feasts_python_values(
+            stock, stock_cfg, view, keys, wanted
+        )
 
         # Ours again, through Feast's write path (`feast materialize`, a push).
         bulk.teardown(cfg, [view], [])

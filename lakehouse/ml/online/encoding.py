@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -123,6 +124,31 @@ def decode(text: str, fields: FieldList, requested: Sequence[str] | None) -> dic
                 value = float(value)
             setattr(proto, kind, value)
         out[name] = proto
+    return out
+
+
+def _as_float32(value: float) -> float:
+    return float(struct.unpack("f", struct.pack("f", value))[0])
+
+
+def decode_python(text: str, fields: FieldList, requested: Sequence[str]) -> dict[str, Any]:
+    """Return the requested features of one row as Python values, as Feast's `to_dict` has them.
+
+    Floats (a FLOAT through 32 bits, as its `float_val`), ints, strings, bools, and None
+    for a null or a feature the row was not written with.
+    """
+    values = dict(zip((name for name, _ in fields), json.loads(text), strict=True))
+    kinds = dict(fields)
+    out: dict[str, Any] = {}
+    for name in requested:
+        value = values.get(name)
+        if value is not None:
+            kind = kinds[name]
+            if kind == ValueType.DOUBLE:
+                value = float(value)
+            elif kind == ValueType.FLOAT:
+                value = _as_float32(float(value))
+        out[name] = value
     return out
 
 

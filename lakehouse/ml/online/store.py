@@ -136,6 +136,9 @@ class _LakehouseOnlineStore(OnlineStore):
         if fields is None:
             return [(None, None)] * len(keys)
         found = tables.read(table.name, keys)
+        # Again after the read: a replaced SQLite file is noticed there, and its rows are
+        # decoded with its own field list.
+        fields = tables.fields(table.name) or []
         out: list[tuple[datetime | None, dict[str, ValueProto] | None]] = []
         for key in keys:
             row = found.get(key)
