@@ -13,7 +13,7 @@ Everything else goes to the FastAPI app, untouched: other paths, other content t
 request that does not validate, and any error the answer raises (404, 503, 500). Those
 are replayed to FastAPI with the body already read, so their responses (status, detail,
 exception handlers) are FastAPI's own, byte for byte; reading twice is harmless, as an
-answer only reads. `tests/ml/test_fastpath.py` compares both paths on the same requests.
+answer only reads. `tests/ml/test_ml.py` compares both paths on the same requests.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ protobuf response, then Python values again in `to_dict`. The lakehouse store's 
 (one SQLite or Postgres row, one `json.loads`) is a tenth of it. `ServiceReader` reads
 the same rows through the same tables and returns what `to_dict` returns for them, so
 `/predict` pays for the read and not for the conversions
-(`tests/ml/test_online_reader.py` compares the two on every entity of a store).
+(`tests/ml/test_ml.py` compares the two on every entity of a store, on SQLite and
+Postgres; `tests/ml/test_online_store.py` on values at the edges of their types).
 
 It covers what the lakehouse's services use: views of one join key, no join key map, no
 max age (`ttl` 0), no on-demand views, features by their own names. Anything else, and a
