@@ -145,10 +145,7 @@ class Trained:
             baseline = float(np.asarray(model._baseline_prediction).ravel()[0])
 
             def score(x: np.ndarray) -> float:
-                total = baseline
-                for leaf in walk(prepare(x)[0]):  # one tree after another, as sklearn adds
-                    total += leaf
-                return float(expit(total))
+                return float(expit(walk(prepare(x)[0], baseline)))
 
             rng = np.random.default_rng(0)
             width = len(self.columns)
@@ -178,7 +175,10 @@ class Trained:
 
 
 def _forest_walker(model: Any) -> Any:
-    """Return a function from one encoded row to each tree's leaf value, in tree order.
+    """Return a function of one encoded row and the baseline: their raw score.
+
+    Each tree's leaf value is added onto the baseline in tree order, as scikit-learn adds
+    them, so the sum is the same float.
 
     The trees are compiled to one Python function of nested `if`s: a row takes one
     comparison per level, about 0.1 ms for 300 trees, where calling the compiled routine
@@ -196,7 +196,7 @@ def _forest_walker(model: Any) -> Any:
     known, f_idx_map = model._bin_mapper.make_known_categories_bitsets()
     known_sets = [_bitset_members(row) for row in np.asarray(known, dtype=np.uint32)]
     names: dict[str, Any] = {"inf": math.inf}
-    lines = ["def leaves(x):", "    out = []", "    add = out.append"]
+    lines = ["def leaves(x, total):"]
 
     def number(value: float) -> str:
         return repr(float(value)) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
@@ -205,7 +205,7 @@ def _forest_walker(model: Any) -> Any:
         pad = "    " * depth
         node = nodes[i]
         if node["is_leaf"]:
-            lines.append(f"{pad}add({number(node['value'])})")
+            lines.append(f"{pad}total += {number(node['value'])}")
             return
         f = int(node["feature_idx"])
         missing_left = bool(node["missing_go_to_left"])
@@ -230,12 +230,12 @@ def _forest_walker(model: Any) -> Any:
     for (predictor,) in model._predictors:
         bitsets = np.asarray(predictor.raw_left_cat_bitsets, dtype=np.uint32)
         emit(predictor.nodes, bitsets, 0, 1)
-    lines.append("    return out")
+    lines.append("    return total")
     exec(compile("\n".join(lines), "<lakehouse.ml.scoring forest>", "exec"), names)  # noqa: S102
     compiled = names["leaves"]
 
-    def walk(data: np.ndarray) -> list[float]:
-        return compiled(data.tolist())
+    def walk(data: np.ndarray, baseline: float) -> float:
+        return float(compiled(data.tolist(), baseline))
 
     return walk
 
