@@ -25,9 +25,11 @@ For each source size N, under a temporary home with an embedded Postgres (fsync 
    `POST /predict {"application_id": ...}` for random decided applications over
    keep-alive HTTP (the standard library's client), 1 then 32 client threads, then 32
    against `serve --workers 2`.
-   Floors: Feast `get_online_features` in process, and a bare SQLite `SELECT "values"`
-   of the entity's row. One request is broken down into the Feast read, the model
-   (`predict_one`, what `/predict` calls) and the rest (HTTP, FastAPI, JSON).
+   Baseline: Feast `get_online_features` in process (the target is a ratio to its p99).
+   Floors: a plain ASGI app and a bare FastAPI app in uvicorn giving the same answer with
+   no work, timed by the same client; a bare SQLite `SELECT "values"` of the entity's row.
+   One request is broken down into the API's read (`ServiceReader`), the model
+   (`predict_one`, what `/predict` calls) and the rest (HTTP, parsing, JSON).
 4. **Freshness** (smallest size): `lakehouse stream --promote` and `lakehouse simulate
    --rate 200` in child processes; this process inserts one new application every 0.5 s
    and polls Feast every 20 ms until it serves the application's amount. Floor: the time
@@ -470,9 +472,9 @@ def _serve_and_measure(
     requests: int,
     workers: int,
     client_counts: tuple[int, ...],
-    floor: bool = False,
+    floor: str | None = None,
 ) -> list[Latency]:
-    """Start `lakehouse serve --workers N` (or, `floor`, a bare FastAPI app) and time
+    """Start `lakehouse serve --workers N` (or a `floor` app: "fastapi", "asgi") and time
     `/predict` for each client count."""
     import httpx
 
@@ -480,7 +482,7 @@ def _serve_and_measure(
 
     port = free_port()
     if floor:
-        command = [sys.executable, "-c", HTTP_FLOOR_APP, f"{port}"]
+        command = [sys.executable, "-c", HTTP_FLOOR_APPS[floor], f"{port}"]
     else:
         command = [sys.executable, "-m", "lakehouse.cli", "serve", "--port", f"{port}"]
         command += ["--workers", f"{workers}"]
@@ -548,7 +550,7 @@ def _serve_and_measure(
             clients_run(clients, per_client, samples, timeout=30)
             name = f"`POST /predict`, {clients} client{'s' if clients > 1 else ''}, HTTP"
             if floor:
-                name = "bare FastAPI: the same request and answer, no work, 1 client, HTTP"
+                name = FLOOR_NAMES[floor]
             elif workers > 1:
                 name += f", `serve --workers {workers}`"
             results.append(Latency(name, samples))
@@ -560,24 +562,33 @@ def _serve_and_measure(
 
 def measure_in_process(
     settings: Any, storage: Any, ids: list[int], rng: random.Random, requests: int
-) -> tuple[Latency, Latency]:
-    """The two parts of one `/predict` in this process: the Feast read and the model.
+) -> tuple[Latency, Latency, Latency]:
+    """The parts of one `/predict` in this process: the read and the model.
 
     The same calls the API makes for the same request (`lakehouse.ml.serve`): the
-    service's features of one application, then `predict_one` on them, one thread.
+    service's features of one application (the API's `ServiceReader`, and Feast's
+    `get_online_features` for the ratio), then `predict_one` on them, one thread.
     """
     from threadpoolctl import threadpool_limits
 
     from lakehouse.ml import features, models
+    from lakehouse.ml.online.reader import ServiceReader
 
     threadpool_limits(limits=1)  # as the API does
     store = reading_store(settings, storage)
     service = store.get_feature_service(features.SERVICE)
     _, trained = models.load(storage)
+    reader = ServiceReader.of(store, service)
+    assert reader is not None
     feast = Latency("Feast `get_online_features`, in process, same service")
+    ours = Latency("the API's read of the same service (`ServiceReader`), in process")
     model = Latency("model `predict_one` on that row, in process")
     for _ in range(requests):
         entity = {"application_id": rng.choice(ids)}
+        start = time.perf_counter()
+        reader.read(entity)
+        direct = time.perf_counter()
+        ours.samples.append(direct - start)
         start = time.perf_counter()
         answer = store.get_online_features(features=service, entity_rows=[entity]).to_dict()
         read = time.perf_counter()
@@ -590,7 +601,7 @@ def measure_in_process(
         scored = time.perf_counter()
         feast.samples.append(read - start)
         model.samples.append(scored - read)
-    return feast, model
+    return feast, ours, model
 
 
 def measure_sqlite_read(settings: Any, ids: list[int], rng: random.Random, n: int) -> Latency:
@@ -646,8 +657,43 @@ async def predict(request: Request) -> Answer:
 
 uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
 """
-"""The floor of a `/predict` over HTTP: uvicorn and FastAPI with the API's request and
+"""A floor of a `/predict` over HTTP: uvicorn and FastAPI with the API's request and
 answer shapes (21 features) and no work, timed by the same client."""
+
+HTTP_ASGI_FLOOR_APP = """
+import json, sys
+import uvicorn
+
+FEATURES = {f"feature_{i}": 1.5 * i for i in range(21)}
+ANSWER = {"probability": 0.5, "decision": "approve", "threshold": 0.5,
+          "model_version": "20261130T000000Z", "features": FEATURES}
+
+async def app(scope, receive, send):
+    if scope["type"] != "http":
+        return
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            break
+    if scope["path"] == "/predict":
+        json.loads(body)["application_id"]
+    out = json.dumps(ANSWER if scope["path"] == "/predict" else {"status": "ok"}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(out))]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": out})
+
+uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), log_level="warning")
+"""
+"""The floor under the API's fast path: a plain ASGI function in uvicorn that parses the
+request and writes the same answer, timed by the same client."""
+
+HTTP_FLOOR_APPS = {"fastapi": HTTP_FLOOR_APP, "asgi": HTTP_ASGI_FLOOR_APP}
+FLOOR_NAMES = {
+    "fastapi": "bare FastAPI: the same request and answer, no work, 1 client, HTTP",
+    "asgi": "plain ASGI in uvicorn: the same request and answer, no work, 1 client, HTTP",
+}
 
 
 def measure_latency(
@@ -660,19 +706,24 @@ def measure_latency(
     # One server process with 1 and 32 clients, then `--workers 2` with 32 clients.
     for workers, client_counts in ((1, CLIENTS), (2, (max(CLIENTS),))):
         http += _serve_and_measure(env, ids, rng, requests, workers, client_counts)
-    (http_floor,) = _serve_and_measure(env, ids, rng, requests, 1, (1,), floor=True)
-    feast, model = measure_in_process(settings, storage, ids, rng, requests)
+    floors = [
+        _serve_and_measure(env, ids, rng, requests, 1, (1,), floor=kind)[0]
+        for kind in ("asgi", "fastapi")
+    ]
+    feast, reader, model = measure_in_process(settings, storage, ids, rng, requests)
     sqlite_read = measure_sqlite_read(settings, ids, rng, requests)
     one_client = http[0]
     breakdown = {
         "http_p50": one_client.ms(50),
-        "feast_p50": feast.ms(50),
+        "reader_p50": reader.ms(50),
         "model_p50": model.ms(50),
-        "rest_p50": one_client.ms(50) - feast.ms(50) - model.ms(50),
-        "floor_p50": http_floor.ms(50),
+        "rest_p50": one_client.ms(50) - reader.ms(50) - model.ms(50),
+        "floor_p50": floors[0].ms(50),
+        "floor_p99": floors[0].ms(99),
         "ratio_p99": one_client.ms(99) / feast.ms(99),
+        "floor_ratio_p99": floors[0].ms(99) / feast.ms(99),
     }
-    return [*http, http_floor, feast, model, sqlite_read], breakdown
+    return [*http, *floors, feast, reader, model, sqlite_read], breakdown
 
 
 # ---------------------------------------------------------------- freshness
@@ -1102,14 +1153,14 @@ def latency_table(r: SizeResult, requests: int) -> list[str]:
         *(f"| {lat.name} | {lat.cells(50, 99)} |" for lat in r.latency),
         "",
         f"`/predict` 1 client p99 / Feast in-process p99: **{b['ratio_p99']:.1f}x** "
-        "(target: within 3x).",
+        f"(target: within 3x); the plain ASGI floor's p99 alone is {b['floor_ratio_p99']:.1f}x.",
         "",
         "One request at the median (1 client): "
-        f"HTTP {b['http_p50']:.2f} ms = Feast read {b['feast_p50']:.2f} ms "
-        f"+ model {b['model_p50']:.2f} ms + the rest (HTTP, FastAPI, pydantic, JSON) "
-        f"{b['rest_p50']:.2f} ms, of which {b['floor_p50']:.2f} ms is the bare FastAPI "
-        "floor (HTTP, routing, the request and answer models, JSON, the client). Medians "
-        "of separate samples, so the parts are estimates.",
+        f"HTTP {b['http_p50']:.2f} ms = the API's read {b['reader_p50']:.2f} ms "
+        f"+ model {b['model_p50']:.2f} ms + the rest (HTTP, parsing, validation, JSON) "
+        f"{b['rest_p50']:.2f} ms, of which {b['floor_p50']:.2f} ms is the plain ASGI "
+        "floor (uvicorn, HTTP, JSON, the client). Medians of separate samples, so the "
+        "parts are estimates.",
     ]
     return [*lines, ""]
 
