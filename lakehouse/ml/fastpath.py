@@ -12,8 +12,9 @@ model), answered by the same function, and written with the same serializer.
 Everything else goes to the FastAPI app, untouched: other paths, other content types, a
 request that does not validate, and any error the answer raises (404, 503, 500). Those
 are replayed to FastAPI with the body already read, so their responses (status, detail,
-exception handlers) are FastAPI's own, byte for byte; reading twice is harmless, as an
-answer only reads. `tests/ml/test_ml.py` compares both paths on the same requests.
+exception handlers) are FastAPI's own, byte for byte; an error is answered twice, which
+is harmless, as an answer only reads. Middleware added to the FastAPI app does not see
+the requests answered here. `tests/ml/test_ml.py` compares both paths on the same requests.
 """
 
 from __future__ import annotations
@@ -57,8 +58,13 @@ class PredictFastPath:
         self._answer = answer
 
     def __getattr__(self, name: str) -> Any:
-        # The wrapped FastAPI app's attributes (`routes`, `openapi`, `state`) stay reachable.
-        return getattr(self.app, name)
+        # The wrapped FastAPI app's attributes (`routes`, `openapi`, `state`) stay readable.
+        # Middleware added to it does not see the requests answered here: add behaviour
+        # every prediction needs to the answer function instead.
+        app = self.__dict__.get("app")
+        if app is None:  # a copy being built, before `__init__`
+            raise AttributeError(name)
+        return getattr(app, name)
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         """Answer a ready `POST /predict` here; give anything else to the app."""
@@ -86,7 +92,9 @@ class PredictFastPath:
                 break
         done = read[-1]["type"] == "http.request" and not read[-1].get("more_body", False)
         payload = None
-        if done and size <= MAX_BODY:
+        # Ready again: the body may have taken long enough for the model check to be due,
+        # and that check reads the registry, which is the thread pool's work (FastAPI's).
+        if done and size <= MAX_BODY and self._ready():
             try:
                 request = self._request_model.model_validate(json.loads(b"".join(chunks)))
                 payload = self._answer(request).model_dump_json().encode()

@@ -86,14 +86,15 @@ def _latest(view: View, relation: str, end: datetime, keys: str | None) -> str:
     """
     key, ts = duck.quote(view.key), duck.quote(view.timestamp)
     features = ", ".join(duck.quote(name) for name, _ in view.fields)
-    restrict = f" AND {key} IN (SELECT k FROM {keys})" if keys else ""
+    only = f"{key} IN (SELECT k FROM {keys})" if keys else "true"
     return (
         f"WITH latest AS (SELECT {key} AS k, max({ts}) AS t FROM {relation} "
         f"WHERE {ts} <= {duck.literal(end.isoformat())}::TIMESTAMPTZ"
-        f" AND {key} IS NOT NULL{restrict} GROUP BY {key}) "
+        f" AND {key} IS NOT NULL AND {only} GROUP BY {key}) "
         f"SELECT {key} AS entity_key, epoch_us({ts}) AS event_ts"
         f"{', ' + features if features else ''} "
-        f"FROM {relation} AS r SEMI JOIN latest ON r.{key} = latest.k AND r.{ts} = latest.t"
+        f"FROM {relation} AS r SEMI JOIN latest ON r.{key} = latest.k AND r.{ts} = latest.t "
+        f"WHERE {only}"
     )
 
 

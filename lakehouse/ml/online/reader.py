@@ -9,9 +9,10 @@ the same rows through the same tables and returns what `to_dict` returns for the
 (`tests/ml/test_ml.py` compares the two on every entity of a store, on SQLite and
 Postgres; `tests/ml/test_online_store.py` on values at the edges of their types).
 
-It covers what the lakehouse's services use: views of one join key, no join key map, no
-max age (`ttl` 0), no on-demand views, features by their own names. Anything else, and a
-store that is not the lakehouse's, is read through Feast (`ServiceReader.of` is None).
+It covers what the lakehouse's services use: views of one integer join key, no join key
+map, no version, no max age (`ttl` 0), no on-demand views, features by their own names.
+Anything else, and a store that is not the lakehouse's, is read through Feast
+(`ServiceReader.of` is None).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lakehouse.ml.online import encoding
-from lakehouse.ml.online.store import _LakehouseOnlineStore
+from lakehouse.ml.online.store import _LakehouseOnlineStore, key_type
 from lakehouse.ml.online.tables import Tables
 
 
@@ -52,11 +53,18 @@ class ServiceReader:
                 view = store.get_feature_view(projection.name)
             except Exception:  # an on-demand view, or one not applied: Feast's business
                 return None
+            try:
+                kind = key_type(view)
+            except encoding.UnsupportedFeature:
+                return None
             simple = (
                 not projection.join_key_map
                 and projection.name_alias in (None, "")
+                and getattr(projection, "version_tag", None) is None
                 and not view.ttl
-                and len(view.join_keys) == 1
+                # An integer key: Feast converts a request's value to the key's type, the
+                # reader looks it up as given (the API's ids are JSON integers).
+                and kind == "int"
             )
             if not simple:
                 return None
