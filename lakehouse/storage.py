@@ -67,7 +67,7 @@ _OPENED: ContextVar[tuple[dict[tuple[str, int | None], DeltaTable], KeptTables |
 
 
 @contextmanager
-def opened_once(kept: KeptTables | None = None, *, join: bool = False) -> Iterator[None]:
+def opened_once(kept: KeptTables | None = None) -> Iterator[None]:
     """Open each table once in this block (this thread only), and reuse it after.
 
     One silver promotion opened the same bronze tables three times (its end marks, the
@@ -78,12 +78,8 @@ def opened_once(kept: KeptTables | None = None, *, join: bool = False) -> Iterat
     before the write and collected after it: collect first); `fresh=True` opens anew
     (to see other writers' commits). With `kept` (or an enclosing block's), a table's
     first use in the block takes it from there, brought up to date, instead of opening it.
-    With `join`, a block inside another uses the enclosing block's tables.
     """
     outer = _OPENED.get()
-    if join and outer is not None:
-        yield
-        return
     if kept is None and outer is not None:
         kept = outer[1]
     token = _OPENED.set(({}, kept))

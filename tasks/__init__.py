@@ -11,6 +11,7 @@ makes the same call itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -57,7 +58,9 @@ def _recorded(complete: Callable[[T], bool]) -> Callable[[T], bool]:
             checked = {}
             token = _CHECKED.set(checked)
         try:
-            with opened_once(join=True):
+            # The outermost check opens its own tables (never a caller's, which a writer
+            # may have moved); the checks of its inputs run inside it.
+            with opened_once() if token is not None else contextlib.nullcontext():
                 checked[self.task_id] = done = complete(self)
             return done
         except Exception as exc:
