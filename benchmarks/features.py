@@ -58,6 +58,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
@@ -70,6 +71,10 @@ RESULTS = HERE.parent / "results"
 DEFAULT_ROWS = (45_000, 1_000_000)
 FAST_PG = {"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
 CLIENTS = (1, 32)
+ROUNDS = 10
+"""The one-client `/predict` and Feast's in-process read are timed in this many turns."""
+TURN_WARM_UP = 5
+"""Untimed requests at the start of each turn: the caches the other side's turn took."""
 PARTS = ("historical", "materialize", "feast", "latency", "freshness")
 SMALLEST_ONLY = ("feast", "latency", "freshness")
 """Parts measured at the smallest size only (Feast's own writer takes many minutes at 1M)."""
@@ -473,9 +478,15 @@ def _serve_and_measure(
     workers: int,
     client_counts: tuple[int, ...],
     floor: str | None = None,
+    between: Callable[[int], None] | None = None,
 ) -> list[Latency]:
     """Start `lakehouse serve --workers N` (or a `floor` app: "fastapi", "asgi") and time
-    `/predict` for each client count."""
+    `/predict` for each client count.
+
+    With `between`, the one-client requests go in `ROUNDS` rounds, and `between(n)` runs
+    after each round with the round's count: a baseline measured in turns with ours, so
+    that a burst of load elsewhere on the machine falls on both alike, not on one.
+    """
     import httpx
 
     from lakehouse.source.embedded import free_port
@@ -547,7 +558,13 @@ def _serve_and_measure(
         for clients in client_counts:
             samples: list[float] = []
             per_client = max(1, requests // clients) if clients > 1 else requests
-            clients_run(clients, per_client, samples, timeout=30)
+            if clients == 1 and between is not None:
+                for _ in range(ROUNDS):
+                    clients_run(1, TURN_WARM_UP, [], timeout=30)  # back from the other side
+                    clients_run(1, per_client // ROUNDS, samples, timeout=30)
+                    between(per_client // ROUNDS)
+            else:
+                clients_run(clients, per_client, samples, timeout=30)
             name = f"`POST /predict`, {clients} client{'s' if clients > 1 else ''}, HTTP"
             if floor:
                 name = FLOOR_NAMES[floor]
@@ -560,48 +577,56 @@ def _serve_and_measure(
     return results
 
 
-def measure_in_process(
-    settings: Any, storage: Any, ids: list[int], rng: random.Random, requests: int
-) -> tuple[Latency, Latency, Latency]:
+class InProcess:
     """The parts of one `/predict` in this process: the read and the model.
 
     The same calls the API makes for the same request (`lakehouse.ml.serve`): the
     service's features of one application (the API's `ServiceReader`, and Feast's
     `get_online_features` for the ratio), then `predict_one` on them, one thread.
     """
-    from threadpoolctl import threadpool_limits
 
-    from lakehouse.ml import features, models
-    from lakehouse.ml.online.reader import ServiceReader
+    def __init__(self, settings: Any, storage: Any, ids: list[int], rng: random.Random):
+        from threadpoolctl import threadpool_limits
 
-    threadpool_limits(limits=1)  # as the API does
-    store = reading_store(settings, storage)
-    service = store.get_feature_service(features.SERVICE)
-    _, trained = models.load(storage)
-    reader = ServiceReader.of(store, service)
-    assert reader is not None
-    feast = Latency("Feast `get_online_features`, in process, same service")
-    ours = Latency("the API's read of the same service (`ServiceReader`), in process")
-    model = Latency("model `predict_one` on that row, in process")
-    for _ in range(requests):
-        entity = {"application_id": rng.choice(ids)}
-        start = time.perf_counter()
-        reader.read(entity)
-        direct = time.perf_counter()
-        ours.samples.append(direct - start)
-        start = time.perf_counter()
-        answer = store.get_online_features(features=service, entity_rows=[entity]).to_dict()
-        read = time.perf_counter()
-        row = {k: v[0] for k, v in answer.items()}
-        used = {
-            c: None if isinstance(row.get(c), float) and math.isnan(row[c]) else row.get(c)
-            for c in trained.columns
-        }
-        trained.predict_one(used)
-        scored = time.perf_counter()
-        feast.samples.append(read - start)
-        model.samples.append(scored - read)
-    return feast, ours, model
+        from lakehouse.ml import features, models
+        from lakehouse.ml.online.reader import ServiceReader
+
+        threadpool_limits(limits=1)  # as the API does
+        self.store = reading_store(settings, storage)
+        self.service = self.store.get_feature_service(features.SERVICE)
+        _, self.trained = models.load(storage)
+        reader = ServiceReader.of(self.store, self.service)
+        assert reader is not None
+        self.reader = reader
+        self.ids, self.rng = ids, rng
+        self.feast = Latency("Feast `get_online_features`, in process, same service")
+        self.ours = Latency("the API's read of the same service (`ServiceReader`), in process")
+        self.model = Latency("model `predict_one` on that row, in process")
+
+    def run(self, requests: int) -> None:
+        """Time `requests` more reads and scorings, after `TURN_WARM_UP` untimed ones."""
+        store, service, trained = self.store, self.service, self.trained
+        first = len(self.feast.samples)
+        for _ in range(TURN_WARM_UP + requests):
+            entity = {"application_id": self.rng.choice(self.ids)}
+            start = time.perf_counter()
+            self.reader.read(entity)
+            direct = time.perf_counter()
+            self.ours.samples.append(direct - start)
+            start = time.perf_counter()
+            answer = store.get_online_features(features=service, entity_rows=[entity]).to_dict()
+            read = time.perf_counter()
+            row = {k: v[0] for k, v in answer.items()}
+            used = {
+                c: None if isinstance(row.get(c), float) and math.isnan(row[c]) else row.get(c)
+                for c in trained.columns
+            }
+            trained.predict_one(used)
+            scored = time.perf_counter()
+            self.feast.samples.append(read - start)
+            self.model.samples.append(scored - read)
+        for latency in (self.feast, self.ours, self.model):  # drop the warm-up's
+            del latency.samples[first : first + TURN_WARM_UP]
 
 
 def measure_sqlite_read(settings: Any, ids: list[int], rng: random.Random, n: int) -> Latency:
@@ -702,15 +727,20 @@ def measure_latency(
     """`/predict` over HTTP with 1 and 32 clients; the Feast read, model and SQLite floors."""
     ids = decided_application_ids(storage)
     rng = random.Random(7)
-    http = []
-    # One server process with 1 and 32 clients, then `--workers 2` with 32 clients.
-    for workers, client_counts in ((1, CLIENTS), (2, (max(CLIENTS),))):
-        http += _serve_and_measure(env, ids, rng, requests, workers, client_counts)
+    in_process = InProcess(settings, storage, ids, random.Random(11))
+    in_process.run(100)  # warm: the first reads open the store
+    in_process.feast.samples.clear()
+    in_process.ours.samples.clear()
+    in_process.model.samples.clear()
+    # One server process with 1 client (in turns with the in-process reads: the ratio's
+    # two sides under the same load) and 32 clients, then `--workers 2` with 32 clients.
+    http = _serve_and_measure(env, ids, rng, requests, 1, CLIENTS, between=in_process.run)
+    http += _serve_and_measure(env, ids, rng, requests, 2, (max(CLIENTS),))
     floors = [
         _serve_and_measure(env, ids, rng, requests, 1, (1,), floor=kind)[0]
         for kind in ("asgi", "fastapi")
     ]
-    feast, reader, model = measure_in_process(settings, storage, ids, rng, requests)
+    feast, reader, model = in_process.feast, in_process.ours, in_process.model
     sqlite_read = measure_sqlite_read(settings, ids, rng, requests)
     one_client = http[0]
     breakdown = {
@@ -1153,7 +1183,9 @@ def latency_table(r: SizeResult, requests: int) -> list[str]:
         *(f"| {lat.name} | {lat.cells(50, 99)} |" for lat in r.latency),
         "",
         f"`/predict` 1 client p99 / Feast in-process p99: **{b['ratio_p99']:.1f}x** "
-        f"(target: within 3x); the plain ASGI floor's p99 alone is {b['floor_ratio_p99']:.1f}x.",
+        f"(target: within 3x); the plain ASGI floor's p99 alone is {b['floor_ratio_p99']:.1f}x. "
+        f"The two were timed in {ROUNDS} turns of {requests // ROUNDS:,} requests each (after "
+        f"{TURN_WARM_UP} untimed ones), so that load elsewhere on the machine falls on both.",
         "",
         "One request at the median (1 client): "
         f"HTTP {b['http_p50']:.2f} ms = the API's read {b['reader_p50']:.2f} ms "
