@@ -487,8 +487,6 @@ def _serve_and_measure(
     after each round with the round's count: a baseline measured in turns with ours, so
     that a burst of load elsewhere on the machine falls on both alike, not on one.
     """
-    import httpx
-
     from lakehouse.source.embedded import free_port
 
     port = free_port()
@@ -497,47 +495,16 @@ def _serve_and_measure(
     else:
         command = [sys.executable, "-m", "lakehouse.cli", "serve", "--port", f"{port}"]
         command += ["--workers", f"{workers}"]
-    server = subprocess.Popen(
-        command,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
+    server = _started(command, env, port)
     results = []
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("the API did not start")
-            time.sleep(0.2)
-
         errors: list[BaseException] = []
 
         def client_run(n: int, out: list[float], timeout: float = 30) -> None:
-            # The standard library's client on one keep-alive connection: httpx's own
-            # work is about 2 ms a request on this machine, as much as the server's.
-            client = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-            headers = {"Content-Type": "application/json"}
             try:
-                for _ in range(n):
-                    body = json.dumps({"application_id": rng.choice(ids)})
-                    start = time.perf_counter()
-                    client.request("POST", "/predict", body, headers)
-                    answer = client.getresponse()
-                    answer.read()
-                    out.append(time.perf_counter() - start)
-                    if answer.status != 200:
-                        raise RuntimeError(f"/predict answered {answer.status}")
+                _time_requests(port, ids, rng, n, out, timeout)
             except BaseException as exc:  # a thread's exception is otherwise lost
                 errors.append(exc)
-            finally:
-                client.close()
 
         def clients_run(clients: int, per_client: int, out: list[float], timeout: float) -> None:
             threads = [
@@ -721,6 +688,94 @@ FLOOR_NAMES = {
 }
 
 
+def _started(command: list[str], env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
+    """Start a server and wait until its `/health` answers."""
+    import httpx
+
+    quiet = subprocess.DEVNULL
+    server = subprocess.Popen(command, env=env, stdout=quiet, stderr=quiet)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline or server.poll() is not None:
+            server.kill()
+            raise RuntimeError("the API did not start")
+        time.sleep(0.2)
+
+
+def _time_requests(
+    port: int, ids: list[int], rng: random.Random, n: int, out: list[float], timeout: float = 30
+) -> None:
+    """Time `n` `/predict` of random applications, one after another, into `out`."""
+    # The standard library's client on one keep-alive connection: httpx's own work is
+    # about 2 ms a request on this machine, as much as the server's.
+    client = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    headers = {"Content-Type": "application/json"}
+    try:
+        for _ in range(n):
+            body = json.dumps({"application_id": rng.choice(ids)})
+            start = time.perf_counter()
+            client.request("POST", "/predict", body, headers)
+            answer = client.getresponse()
+            answer.read()
+            out.append(time.perf_counter() - start)
+            if answer.status != 200:
+                raise RuntimeError(f"/predict answered {answer.status}")
+    finally:
+        client.close()
+
+
+def measure_logging(
+    env: dict[str, str], storage: Any, ids: list[int], rng: random.Random, requests: int
+) -> tuple[Latency, Latency, int]:
+    """`/predict` with the inference log on and off: two servers, timed in turns.
+
+    Returns both latencies and the rows the logging server landed in `bronze.predictions`
+    (it is stopped with SIGTERM first, so it lands everything it answered).
+    """
+    from lakehouse.source.embedded import free_port
+
+    on = Latency("`POST /predict`, 1 client, HTTP, prediction log on (the default)")
+    off = Latency("`POST /predict`, 1 client, HTTP, `LAKEHOUSE_PREDICTION_LOG=off`")
+    before = _logged_rows(storage)
+    servers = []
+    try:
+        for setting in ("on", "off"):
+            port = free_port()
+            command = [sys.executable, "-m", "lakehouse.cli", "serve", "--port", f"{port}"]
+            servers.append(
+                (_started(command, {**env, "LAKEHOUSE_PREDICTION_LOG": setting}, port), port)
+            )
+        for _, port in servers:
+            _time_requests(port, ids, rng, 200, [])  # warm: models loaded, caches
+        sent = 0
+        for turn in range(ROUNDS):
+            order = [(servers[0][1], on), (servers[1][1], off)]
+            for port, latency in order if turn % 2 == 0 else order[::-1]:
+                _time_requests(port, ids, rng, TURN_WARM_UP, [])
+                _time_requests(port, ids, rng, requests // ROUNDS, latency.samples)
+                sent += TURN_WARM_UP + requests // ROUNDS if latency is on else 0
+    finally:
+        for server, _ in servers:
+            server.send_signal(signal.SIGTERM)
+        for server, _ in servers:
+            server.wait(timeout=60)
+    landed = _logged_rows(storage) - before
+    if landed != 200 + sent:
+        raise RuntimeError(f"the logging server answered {200 + sent:,} but landed {landed:,}")
+    return on, off, landed
+
+
+def _logged_rows(storage: Any) -> int:
+    if not storage.exists("bronze", "predictions"):
+        return 0
+    return int(storage.table("bronze", "predictions").count())
+
+
 def measure_latency(
     settings: Any, storage: Any, env: dict[str, str], requests: int
 ) -> tuple[list[Latency], dict[str, float]]:
@@ -741,6 +796,7 @@ def measure_latency(
         for kind in ("asgi", "fastapi")
     ]
     feast, reader, model = in_process.feast, in_process.ours, in_process.model
+    log_on, log_off, landed = measure_logging(env, storage, ids, rng, requests)
     sqlite_read = measure_sqlite_read(settings, ids, rng, requests)
     one_client = http[0]
     breakdown = {
@@ -752,8 +808,11 @@ def measure_latency(
         "floor_p99": floors[0].ms(99),
         "ratio_p99": one_client.ms(99) / feast.ms(99),
         "floor_ratio_p99": floors[0].ms(99) / feast.ms(99),
+        "log_p50": log_on.ms(50) / log_off.ms(50) - 1,
+        "log_p99": log_on.ms(99) / log_off.ms(99) - 1,
+        "log_landed": landed,
     }
-    return [*http, *floors, feast, reader, model, sqlite_read], breakdown
+    return [*http, log_on, log_off, *floors, feast, reader, model, sqlite_read], breakdown
 
 
 # ---------------------------------------------------------------- freshness
@@ -1186,6 +1245,11 @@ def latency_table(r: SizeResult, requests: int) -> list[str]:
         f"(target: within 3x); the plain ASGI floor's p99 alone is {b['floor_ratio_p99']:.1f}x. "
         f"The two were timed in {ROUNDS} turns of {requests // ROUNDS:,} requests each (after "
         f"{TURN_WARM_UP} untimed ones), so that load elsewhere on the machine falls on both.",
+        "",
+        f"Inference log (issue 17, target at most +10%): `/predict` with the log on against "
+        f"off, two servers timed in turns: p50 **{b['log_p50']:+.1%}**, p99 "
+        f"**{b['log_p99']:+.1%}**; the logging server landed all {b['log_landed']:,} "
+        "predictions it answered in `bronze.predictions` (counted after its SIGTERM).",
         "",
         "One request at the median (1 client): "
         f"HTTP {b['http_p50']:.2f} ms = the API's read {b['reader_p50']:.2f} ms "

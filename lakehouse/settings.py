@@ -175,6 +175,15 @@ class Settings:
     """With `postgres`: the online store's server and role; empty means LAKEHOUSE_PG_DSN."""
     model_threshold: float = field(default=0.5, metadata=_by(_probability))
     """Probability above which `lakehouse serve` answers `approve`."""
+    prediction_log: str = field(default="on", metadata=_by(_choice("on", "off")))
+    """`on`: `lakehouse serve` lands every prediction in `bronze.predictions`; `off`: none."""
+    prediction_log_seconds: float = field(default=2.0, metadata=_by(_seconds))
+    """The API lands its buffered predictions this often."""
+    prediction_log_records: int = field(default=1000, metadata=_by(_whole(1)))
+    """... and as soon as this many are waiting (also the most one commit holds)."""
+    prediction_log_capacity: int = field(default=100_000, metadata=_by(_whole(1)))
+    """Predictions the API holds while the table cannot be written; past it, they are
+    counted as dropped (serving never waits for the log)."""
     stream_batch_rows: int = field(default=100_000, metadata=_by(_whole(1)))
     """CDC: a micro-batch closes at this many changes (also splits huge transactions)."""
     stream_batch_seconds: float = field(default=1.0, metadata=_by(_seconds))

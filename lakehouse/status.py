@@ -372,4 +372,30 @@ def render(status: Status) -> str:
             )
         else:
             parts.append("  no model yet; run `lakehouse train` or `lakehouse run`\n")
+        parts.append(_prediction_log(f.get("prediction_log") or {}))
     return "".join(parts)
+
+
+def _prediction_log(state: dict[str, Any]) -> str:
+    """Render the inference log: running writers, and crashed ones with what they lost."""
+    if not state.get("enabled", True):
+        return "  prediction log: off (LAKEHOUSE_PREDICTION_LOG=off)\n"
+    running, crashed = state.get("running", []), state.get("crashed", [])
+    if not running and not crashed:
+        return "  prediction log (bronze.predictions): no API running here\n"
+    lines = []
+    for w in running:
+        lines.append(
+            f"  prediction log: API process {w['pid']} landed {w['landed']:,} of "
+            f"{w['received']:,}, {w['buffered']:,} buffered, {w['dropped']:,} dropped"
+            + (f"; last error: {w['last_error']}" if w.get("last_error") else "")
+            + "\n"
+        )
+    for w in crashed:
+        lines.append(
+            f"  prediction log: API process {w['pid']} on {w['host']} ended without closing "
+            f"(a crash): {w['buffered']:,} predictions buffered at its last report "
+            f"({w['reported_at']}) and any answered after it were not logged; "
+            f"{w['dropped']:,} dropped before\n"
+        )
+    return "".join(lines)

@@ -27,7 +27,7 @@ from lakehouse.errors import LakehouseError, described, first_line
 from lakehouse.settings import Settings
 from lakehouse.source.schema import TABLES
 from lakehouse.storage import Storage, opened_once
-from lakehouse.transforms.gold import GOLD
+from lakehouse.transforms.gold import ALL_GOLD, GOLD, MONITORING
 from lakehouse.zones import bronze, gold, silver
 from tasks.config import configure
 
@@ -172,15 +172,13 @@ class PromoteSilver(_Task):
 class BuildGold(_Task):
     """Rebuild `gold.<name>` from the current silver versions (and the gold it reads)."""
 
-    name = luigi.ChoiceParameter(choices=sorted(GOLD))
+    name = luigi.ChoiceParameter(choices=sorted(ALL_GOLD))
 
     def requires(self) -> list[luigi.Task]:
-        gold_inputs = [
-            BuildGold(name=s.split(".", 1)[1])
-            for s in GOLD[self.name].sources
-            if s.startswith("gold.")
-        ]
-        return [*(PromoteSilver(table=t) for t in sorted(TABLES)), *gold_inputs]
+        sources = ALL_GOLD[self.name].sources
+        gold_inputs = [BuildGold(name=s.split(".", 1)[1]) for s in sources if s.startswith("gold.")]
+        log_input = [PredictionLog()] if "bronze.predictions" in sources else []
+        return [*(PromoteSilver(table=t) for t in sorted(TABLES)), *gold_inputs, *log_input]
 
     def output_current(self) -> bool:
         _, storage = _context()
@@ -189,6 +187,22 @@ class BuildGold(_Task):
     def run(self) -> None:
         settings, storage = _context()
         gold.build(settings, storage, self.name)
+
+
+class PredictionLog(_Task):
+    """The API's inference log `bronze.predictions` exists (the monitoring marts read it).
+
+    Created empty when no API has landed a prediction yet.
+    """
+
+    def output_current(self) -> bool:
+        _, storage = _context()
+        return storage.exists("bronze", "predictions")
+
+    def run(self) -> None:
+        from lakehouse.ml.monitor import inference_log
+
+        inference_log.ensure_table(_context()[1])
 
 
 class ApplyFeatures(_Task):
@@ -289,7 +303,12 @@ class Pipeline(luigi.WrapperTask):
 
     def requires(self) -> list[luigi.Task]:
         data: list[luigi.Task] = [BuildGold(name=n) for n in sorted(GOLD)]
-        return [*data, Materialize(), Evaluate()] if self.ml else data
+        if not self.ml:
+            return data
+        # The marts over the inference log: predictions joined to their outcomes, and
+        # each model version's daily quality.
+        monitoring = [BuildGold(name=n) for n in sorted(MONITORING)]
+        return [*data, Materialize(), Evaluate(), *monitoring]
 
     @_recorded
     def complete(self) -> bool:

@@ -212,6 +212,9 @@ def env_for(settings: Settings) -> dict[str, str]:
         "LAKEHOUSE_STREAM_BATCH_ROWS": str(settings.stream_batch_rows),
         "LAKEHOUSE_STREAM_BATCH_SECONDS": str(settings.stream_batch_seconds),
         "LAKEHOUSE_STREAM_HEARTBEAT_SECONDS": str(settings.stream_heartbeat_seconds),
+        "LAKEHOUSE_PREDICTION_LOG": settings.prediction_log,
+        "LAKEHOUSE_PREDICTION_LOG_SECONDS": str(settings.prediction_log_seconds),
+        "LAKEHOUSE_PREDICTION_LOG_RECORDS": str(settings.prediction_log_records),
     }
     if settings.is_s3:
         env |= {

@@ -8,6 +8,8 @@ import shutil
 import subprocess
 import sys
 
+from deltalake import DeltaTable
+
 from lakehouse.settings import Settings
 from lakehouse.source.embedded import EmbeddedPostgres
 from tests.conftest import shared_tmp
@@ -36,14 +38,19 @@ def test_demo_runs_then_reports_what_was_done() -> None:
         out = first.stdout
         assert "[1/4] Postgres started" in out
         assert "[2/4] seeded 45,000 applicants and 45,000 applications" in out
-        # bronze, silver: 2 each; gold: 3; Feast apply, materialize; training set, fit, evaluate.
-        assert re.search(r"12 tasks ran in [\d.]+s", out)
+        # bronze, silver: 2 each; gold: 3; Feast apply, materialize; training set, fit,
+        # evaluate; the inference log (created empty) and its 2 marts.
+        assert re.search(r"15 tasks ran in [\d.]+s", out)
         assert re.search(r"^silver\.applicants\s+\|\s+1\s+\|\s+44993\s+\|", out, re.M)
         assert re.search(r"^applicants\s+\|\s+age_range\s+\|\s+7$", out, re.M)
         assert "approval_rate" in out
         assert re.search(r"ROC AUC 0\.\d+ \(without previous_loan_defaults_on_file: 0\.\d+", out)
         match = re.search(r"-> (approve|reject) \(probability (0\.\d+|1\.000)", out)
         assert match, out[-2000:]
+        logged = re.search(r"logged in bronze.predictions as request ([0-9a-f]{32})", out)
+        assert logged, out[-2000:]
+        table = DeltaTable(str(cwd / ".lakehouse" / "warehouse" / "bronze" / "predictions"))
+        assert table.to_pyarrow_table()["request_id"].to_pylist() == [logged.group(1)]
         # Applicants' data (warehouse, online store, models, training sets) is the owner's.
         home = cwd / ".lakehouse"
         shared = [p for p in home.rglob("*") if p.stat().st_mode & 0o077]
@@ -53,7 +60,8 @@ def test_demo_runs_then_reports_what_was_done() -> None:
         assert second.returncode == 0, second.stderr[-3000:]
         assert "[1/4] Postgres already running" in second.stdout
         assert "source already seeded: 45,000 applicants" in second.stdout
-        assert "nothing to do: bronze, silver and gold are up to date" in second.stdout
+        # The source did not change; the first demo's prediction is new to the 2 marts.
+        assert re.search(r"2 tasks ran in [\d.]+s", second.stdout), second.stdout
         assert "Prediction through the API" in second.stdout
     finally:
         EmbeddedPostgres(Settings(home=cwd / ".lakehouse")).destroy()

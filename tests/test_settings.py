@@ -165,6 +165,10 @@ def test_every_setting_arrives_as_its_declared_type() -> None:
         "feast_online_store": str,
         "feast_pg_dsn": Secret,
         "model_threshold": float,
+        "prediction_log": str,
+        "prediction_log_seconds": float,
+        "prediction_log_records": int,
+        "prediction_log_capacity": int,
         "stream_batch_rows": int,
         "stream_batch_seconds": float,
         "stream_heartbeat_seconds": float,
@@ -178,6 +182,7 @@ def test_every_setting_arrives_as_its_declared_type() -> None:
         "duckdb_memory": "1GB",
         "feast_online_store": "postgres",
         "log_format": "json",
+        "prediction_log": "off",
     }
     assert {f.name for f in fields(Settings)} == set(expected)
     for name, kind in expected.items():

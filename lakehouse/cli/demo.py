@@ -106,6 +106,8 @@ def demo(
         f"  -> {answer['decision']} (probability {answer['probability']:.3f}, "
         f"model {answer['model_version']})"
     )
+    if settings.prediction_log == "on":
+        say(f"  logged in bronze.predictions as request {answer['request_id']}")
     say("")
     say(
         f'Done in {time.monotonic() - t0:.1f}s. Try: lakehouse sql "SELECT * FROM '

@@ -20,6 +20,7 @@ the requests answered here. `tests/ml/test_ml.py` compares both paths on the sam
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -42,6 +43,14 @@ def _json_body(scope: Message) -> bool:
     return False
 
 
+def _request_id(scope: Message) -> str | None:
+    """Return the first `X-Request-ID` header, decoded as FastAPI decodes headers (Latin-1)."""
+    for name, value in scope.get("headers", ()):
+        if name == b"x-request-id":
+            return bytes(value).decode("latin-1")
+    return None
+
+
 class PredictFastPath:
     """ASGI middleware: answer the common `/predict` itself, pass everything else on."""
 
@@ -50,7 +59,7 @@ class PredictFastPath:
         app: ASGIApp,
         request_model: type[BaseModel],
         ready: Callable[[], bool],
-        answer: Callable[[Any], BaseModel],
+        answer: Callable[[Any, str | None, float], BaseModel],
     ) -> None:
         self.app = app
         self._request_model = request_model
@@ -68,6 +77,7 @@ class PredictFastPath:
 
     async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
         """Answer a ready `POST /predict` here; give anything else to the app."""
+        started = time.perf_counter()
         if (
             scope["type"] != "http"
             or scope["path"] != PATH
@@ -92,12 +102,15 @@ class PredictFastPath:
                 break
         done = read[-1]["type"] == "http.request" and not read[-1].get("more_body", False)
         payload = None
+        request_id = ""
         # Ready again: the body may have taken long enough for the model check to be due,
         # and that check reads the registry, which is the thread pool's work (FastAPI's).
         if done and size <= MAX_BODY and self._ready():
             try:
                 request = self._request_model.model_validate(json.loads(b"".join(chunks)))
-                payload = self._answer(request).model_dump_json().encode()
+                answered = self._answer(request, _request_id(scope), started)
+                request_id = str(getattr(answered, "request_id", ""))
+                payload = answered.model_dump_json().encode()
             except Exception:  # FastAPI answers it, as it always has
                 payload = None
         if payload is None:
@@ -107,6 +120,8 @@ class PredictFastPath:
             (b"content-length", str(len(payload)).encode()),
             (b"content-type", b"application/json"),
         ]
+        if request_id:
+            headers.append((b"x-request-id", request_id.encode("latin-1")))
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": payload})
 

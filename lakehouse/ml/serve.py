@@ -2,18 +2,26 @@
 
 `POST /predict` takes an `application_id` (every feature from the online store), or an
 `applicant_id` plus the loan's attributes (the applicant's features from the online
-store, the loan's from the request). `GET /health`, `GET /models`; OpenAPI at `/docs`
-and `/openapi.json`.
+store, the loan's from the request). Every answer carries a request id (the client's
+`X-Request-ID`, or one made here), returned in the body and the `X-Request-ID` header,
+and is logged with it in `bronze.predictions` (`lakehouse.ml.monitor.inference_log`).
+`GET /health`, `GET /models`; OpenAPI at `/docs` and `/openapi.json`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import re
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Literal, cast
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, cast
 
-from fastapi import FastAPI, HTTPException, Request
+import pydantic_core
+from fastapi import FastAPI, Header, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, StrictInt, model_validator
@@ -21,9 +29,11 @@ from starlette.concurrency import run_in_threadpool
 
 from lakehouse import log
 from lakehouse.errors import described
-from lakehouse.ml import features, models
+from lakehouse.ml import features, fresh, models
 from lakehouse.ml import online as online_store
+from lakehouse.ml import tasks as ml_tasks
 from lakehouse.ml.fastpath import PredictFastPath
+from lakehouse.ml.monitor.inference_log import InferenceLog
 from lakehouse.settings import Settings
 from lakehouse.source.schema import APPLICANTS
 from lakehouse.storage import Storage
@@ -72,6 +82,7 @@ class PredictRequest(BaseModel):
 class Prediction(BaseModel):
     """A decision with its probability, the model version and the features it used."""
 
+    request_id: str
     probability: float
     decision: Literal["approve", "reject"]
     threshold: float
@@ -87,6 +98,48 @@ def _clean(value: Any) -> Any:
 
 REFRESH_SECONDS = 10.0
 """How often the API looks for a newer model version and re-reads the feature service."""
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+BAD_REQUEST_ID = (
+    "X-Request-ID must be 1 to 128 letters, digits or `._:/+=@-`; "
+    "leave it out and the API makes one"
+)
+
+
+def request_id_of(given: str | None) -> str:
+    """Return the client's request id when it is a sane one, a new one when none is given."""
+    if given is None:
+        return uuid.uuid4().hex
+    if not REQUEST_ID.fullmatch(given):
+        raise HTTPException(400, BAD_REQUEST_ID)
+    return given
+
+
+class _Current(NamedTuple):
+    """What a request needs, replaced whole every `REFRESH_SECONDS`.
+
+    One tuple: an answer never names one model version while scoring with another.
+    """
+
+    version: str
+    trained: models.Trained
+    service: Any
+    checked_at: float
+    reader: ServiceReader | None
+    online_written_at: float | None
+    """When the online store was last written (materialization or stream refresh)."""
+
+
+def online_written_at(settings: Settings) -> float | None:
+    """Return when this home's online store was last written; None if it never was.
+
+    From the records both of its writers keep: a materialization and a stream refresh.
+    """
+    times = []
+    for path in (ml_tasks.state_file(settings), fresh.record_path(settings)):
+        with contextlib.suppress(OSError):
+            times.append(path.stat().st_mtime)
+    return max(times, default=None)
 
 
 def app_from_env() -> PredictFastPath:
@@ -109,7 +162,25 @@ def create_app(settings: Settings) -> PredictFastPath:
     # concurrent requests already use the cores.
     threadpool_limits(limits=1)
     storage = Storage.from_settings(settings)
-    app = FastAPI(title="lakehouse loan approval", version="1")
+    inference = InferenceLog(settings, storage) if settings.prediction_log == "on" else None
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        # uvicorn has stopped accepting and finished the requests in progress: every
+        # answered prediction is buffered. Land them all before the process ends.
+        if inference is not None:
+            await run_in_threadpool(inference.close)
+            state = inference.state()
+            log.event(
+                "serve.prediction_log",
+                f"prediction log closed: {state['landed']:,} predictions landed in "
+                f"bronze.predictions, {state['buffered']:,} not landed, "
+                f"{state['dropped']:,} dropped",
+                **{k: state[k] for k in ("landed", "buffered", "dropped")},
+            )
+
+    app = FastAPI(title="lakehouse loan approval", version="1", lifespan=lifespan)
 
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -129,8 +200,7 @@ def create_app(settings: Settings) -> PredictFastPath:
         return JSONResponse(status_code=500, content={"detail": detail})
 
     lock = threading.Lock()
-    # One tuple (version, model, service, checked), replaced whole under the lock: a
-    # response never names one model version while scoring with another.
+    # "store": Feast; "current": a `_Current`, replaced whole under the lock.
     state: dict[str, Any] = {}
 
     def store() -> Any:
@@ -147,10 +217,10 @@ def create_app(settings: Settings) -> PredictFastPath:
                 state["store"] = fs
             return state["store"]
 
-    def lookup(read: Any, *args: Any) -> dict[str, Any]:
+    def lookup(read: Any, *args: Any) -> tuple[dict[str, Any], int | None]:
         """Read from the online store; a lost or empty store is a 503 that says what to do."""
         try:
-            return cast(dict[str, Any], read(*args))
+            return cast(tuple[dict[str, Any], int | None], read(*args))
         except HTTPException as exc:
             if exc.status_code == 404 and online_store.empty_or_missing(settings):
                 raise HTTPException(503, ONLINE_STORE_MISSING) from None
@@ -160,15 +230,15 @@ def create_app(settings: Settings) -> PredictFastPath:
                 raise HTTPException(503, ONLINE_STORE_MISSING) from None
             raise exc from None
 
-    def model() -> tuple[str, models.Trained, Any, ServiceReader | None]:
-        current = state.get("current")
-        if current is not None and time.monotonic() - current[3] <= REFRESH_SECONDS:
-            return current[0], current[1], current[2], current[4]
+    def model() -> _Current:
+        current: _Current | None = state.get("current")
+        if current is not None and time.monotonic() - current.checked_at <= REFRESH_SECONDS:
+            return current
         fs = store()
         with lock:
             current = state.get("current")
             now = time.monotonic()
-            if current is None or now - current[3] > REFRESH_SECONDS:
+            if current is None or now - current.checked_at > REFRESH_SECONDS:
                 try:
                     latest = models.Registry(storage).latest()
                 except models.ModelError:
@@ -179,15 +249,23 @@ def create_app(settings: Settings) -> PredictFastPath:
                     features.require_applied(fs)
                 except features.FeatureStoreError as exc:
                     raise HTTPException(503, str(exc)) from None
-                trained = current[1] if current and current[0] == latest else None
+                trained = current.trained if current and current.version == latest else None
                 if trained is None:
                     latest, trained = models.load(storage, latest)
                 service = fs.get_feature_service(features.SERVICE)
                 from lakehouse.ml.online.reader import ServiceReader  # after Feast's
 
-                current = (latest, trained, service, now, ServiceReader.of(fs, service))
+                current = _Current(
+                    latest,
+                    trained,
+                    service,
+                    now,
+                    ServiceReader.of(fs, service),
+                    online_written_at(settings),
+                )
                 state["current"] = current
-        return current[0], current[1], current[2], current[4]
+        assert current is not None
+        return current
 
     @app.get("/health")
     def health() -> dict[str, Any]:
@@ -205,27 +283,54 @@ def create_app(settings: Settings) -> PredictFastPath:
             for m in models.describe(storage)
         ]
 
-    def answer(request: PredictRequest) -> Prediction:
-        version, trained, service, reader = model()
+    def answer(request: PredictRequest, given_id: str | None, started: float) -> Prediction:
+        """Answer one request and hand it to the inference log (before it is sent).
+
+        `given_id` is the client's `X-Request-ID`; `started` the `perf_counter` at its
+        arrival (the latency logged runs from there to here).
+        """
+        served_at = time.time()
+        request_id = request_id_of(given_id)
+        current = model()
+        trained = current.trained
         fs = store()
         if request.application_id is not None:
             # Everything as of the application's applied_at, as in training.
-            row = lookup(_online, fs, service, reader, request.application_id)
+            row, event_us = lookup(
+                _online, fs, current.service, current.reader, request.application_id
+            )
         else:
             assert request.applicant_id is not None and request.loan is not None
-            row = lookup(_new_loan, fs, request.applicant_id, request.loan)
+            row, event_us = lookup(_new_loan, fs, request.applicant_id, request.loan)
         used = {c: _clean(row.get(c)) for c in trained.columns}
         probability = trained.predict_one(used)
         decision: Literal["approve", "reject"] = (
             "approve" if probability >= trained.threshold else "reject"
         )
-        return Prediction(
+        prediction = Prediction(
+            request_id=request_id,
             probability=probability,
             decision=decision,
             threshold=trained.threshold,
-            model_version=version,
+            model_version=current.version,
             features=used,
         )
+        if inference is not None:
+            inference.record(
+                request_id=request_id,
+                served_at=served_at,
+                model_version=current.version,
+                application_id=request.application_id,
+                applicant_id=request.applicant_id,
+                features=pydantic_core.to_json(used).decode(),
+                probability=probability,
+                decision=decision,
+                threshold=trained.threshold,
+                latency_ms=(time.perf_counter() - started) * 1000,
+                features_event_ts=event_us,
+                online_refreshed_at=current.online_written_at,
+            )
+        return prediction
 
     local_reads = settings.feast_online_store == "sqlite"
 
@@ -236,14 +341,22 @@ def create_app(settings: Settings) -> PredictFastPath:
         # endpoint: p99 2.2 ms in a thread, 0.8 ms on the loop). A Postgres read waits on
         # the network, and a model check reads the registry: those go to the pool.
         current = state.get("current")
-        fresh = current is not None and time.monotonic() - current[3] <= REFRESH_SECONDS
-        return local_reads and fresh
+        checked = current is not None and time.monotonic() - current.checked_at <= REFRESH_SECONDS
+        return local_reads and checked
 
     @app.post("/predict", response_model=Prediction)
-    async def predict(request: PredictRequest) -> Prediction:
+    async def predict(
+        request: PredictRequest,
+        response: Response,
+        x_request_id: str | None = Header(default=None, description="kept as the request id"),
+    ) -> Prediction:
+        started = time.perf_counter()
         if on_loop():
-            return answer(request)
-        return await run_in_threadpool(answer, request)
+            prediction = answer(request, x_request_id, started)
+        else:
+            prediction = await run_in_threadpool(answer, request, x_request_id, started)
+        response.headers["X-Request-ID"] = prediction.request_id
+        return prediction
 
     return PredictFastPath(app, PredictRequest, on_loop, answer)
 
@@ -260,21 +373,32 @@ def score_band(score: Any) -> str | None:
 
 def _online(
     fs: Any, service: Any, reader: ServiceReader | None, application_id: int
-) -> dict[str, Any]:
-    """Return the feature service's values of one application from the online store.
+) -> tuple[dict[str, Any], int | None]:
+    """Return the service's values of one application, and its rows' newest event time.
 
-    Through the lakehouse store's reader (the same values, a tenth of the time), or
-    through Feast when the store or the service is not one it reads.
+    The time is in µs since the epoch. Through the lakehouse store's reader (the same
+    values, a tenth of the time), or through Feast when the store or the service is not
+    one it reads.
     """
     entity = {"application_id": application_id}
     if reader is not None:
-        row = reader.read(entity)
+        row, event_us = reader.read_timed(entity)
     else:
-        result = fs.get_online_features(features=service, entity_rows=[entity]).to_dict()
+        result = fs.get_online_features(features=service, entity_rows=[entity]).to_dict(
+            include_event_timestamps=True
+        )
         row = {k: v[0] for k, v in result.items() if k != "application_id"}
+        event_us = _newest_event_us(row)
+        row = {k: v for k, v in row.items() if not k.endswith("__ts")}
     if row.get("loan_amnt") is None:
         raise HTTPException(404, f"application {application_id} has no features online")
-    return row
+    return row, event_us
+
+
+def _newest_event_us(row: dict[str, Any]) -> int | None:
+    """Return the newest of Feast's `<feature>__ts` event times (whole seconds) in µs."""
+    times = [v for k, v in row.items() if k.endswith("__ts") and v]
+    return int(max(times)) * 1_000_000 if times else None
 
 
 _PROFILE = APPLICANTS.attributes  # the applicant's attributes
@@ -287,7 +411,7 @@ _HISTORY = (
 )
 
 
-def _new_loan(fs: Any, applicant_id: int, loan: Loan) -> dict[str, Any]:
+def _new_loan(fs: Any, applicant_id: int, loan: Loan) -> tuple[dict[str, Any], int | None]:
     """Features of a loan not in the source: the applicant now, plus the loan as given.
 
     The applicant's attributes and history are their latest `applicant_features` row
@@ -303,6 +427,7 @@ def _new_loan(fs: Any, applicant_id: int, loan: Loan) -> dict[str, Any]:
     if row.get("person_income") is None:
         raise HTTPException(404, f"applicant {applicant_id} has no features online")
     # Feast gives the row's event time in whole seconds: close enough for days.
+    event_us = _newest_event_us({k: v[0] for k, v in result.items()})
     at = result.get("days_since_last_application__ts", [0])[0]
     if row.get("days_since_last_application") is not None and at:
         row["days_since_last_application"] += (time.time() - at) / 86400
@@ -318,4 +443,4 @@ def _new_loan(fs: Any, applicant_id: int, loan: Loan) -> dict[str, Any]:
         "rate_spread": None,
         "credit_score_band": score_band(row.get("credit_score")),
     }
-    return row
+    return row, event_us

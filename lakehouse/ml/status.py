@@ -14,6 +14,7 @@ from typing import Any
 
 from lakehouse.ml import fresh, models
 from lakehouse.ml import tasks as ml_tasks
+from lakehouse.ml.monitor import inference_log
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 from lakehouse.zones.gold_rows import SOURCES
@@ -32,6 +33,7 @@ def features(settings: Settings, storage: Storage) -> dict[str, Any]:
         **(online_freshness(settings, storage, current) if state else {}),
         "model_version": versions[-1] if versions else None,
         "model_current": ml_tasks.trained(settings, storage) if versions else False,
+        "prediction_log": inference_log.summary(settings),
     }
     if versions:
         metrics = json.loads(registry.get(versions[-1], "metrics.json"))

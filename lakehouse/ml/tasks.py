@@ -22,7 +22,8 @@ from lakehouse.storage import Storage
 _GOLD_VIEWS = ("application_features", "applicant_features")
 
 
-def _state_file(settings: Settings) -> Any:
+def state_file(settings: Settings) -> Any:
+    """Where the last materialization into this home's online store is recorded."""
     return settings.home / "feast" / "materialized.json"
 
 
@@ -60,7 +61,7 @@ def _online_store(settings: Settings) -> str:
 
 
 def _state(settings: Settings) -> dict[str, Any] | None:
-    path = _state_file(settings)
+    path = state_file(settings)
     if not path.exists():
         return None
     state: dict[str, Any] = json.loads(path.read_text())
@@ -187,7 +188,7 @@ def _materialize(settings: Settings, storage: Storage) -> Materialized:
         con.close()
     start = datetime.fromisoformat(state["end"]) if state else load.FIRST
     load.record_in_registry(store, views, start, end)
-    path = _state_file(settings)
+    path = state_file(settings)
     tmp = path.with_suffix(".tmp")
     record = {
         "online_store": _online_store(settings),

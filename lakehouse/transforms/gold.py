@@ -279,6 +279,96 @@ ORDER BY day, loan_intent
 """
 
 
+# The production loop's marts, over the API's inference log (`bronze.predictions`,
+# `lakehouse.ml.monitor.inference_log`): each prediction made for an application, joined
+# to that application's decision once it is in silver (from the batch or the stream).
+# A prediction for a loan not in the source (by applicant and loan attributes) has no
+# application to wait for and no outcome. A withdrawn application has none either.
+PREDICTION_OUTCOMES = """
+SELECT
+    p.request_id,
+    p.served_at,
+    CAST(p.served_at AS DATE) AS day,
+    p.model_version,
+    p.application_id,
+    p.probability,
+    p.decision,
+    p.threshold,
+    a.loan_status = 1 AS approved,
+    (p.decision = 'approve') = (a.loan_status = 1) AS correct,
+    p.served_at AS event_timestamp
+FROM predictions AS p
+JOIN loan_applications AS a USING (application_id)
+WHERE a.loan_status IS NOT NULL
+ORDER BY p.served_at, p.request_id
+"""
+
+# Per model version and day of serving: the predictions made (all of them), and how those
+# with an outcome so far scored (null until the first outcome). ROC
+# AUC from ranks (the Mann-Whitney statistic, tied probabilities at their mean rank; null
+# without both outcomes), the Brier score, and calibration in ten bins of predicted
+# probability ([0, 0.1), ..., [0.9, 1]): per bin the mean prediction, the observed
+# approval rate and the count, as lists in bin order (null where a bin is empty).
+MODEL_QUALITY_DAILY = """
+WITH served AS (
+    SELECT model_version, CAST(served_at AS DATE) AS day, count(*) AS predictions
+    FROM predictions
+    GROUP BY ALL
+),
+ranked AS (
+    SELECT
+        model_version, day, probability, decision, approved::INTEGER AS y,
+        rank() OVER (PARTITION BY model_version, day ORDER BY probability)
+            + (count(*) OVER (PARTITION BY model_version, day, probability) - 1) / 2.0
+            AS r,
+        least(floor(probability * 10), 9)::INTEGER AS bin
+    FROM prediction_outcomes
+),
+quality AS (
+    SELECT
+        model_version, day,
+        count(*) AS with_outcome,
+        sum(y) AS approved,
+        CASE WHEN sum(y) > 0 AND sum(y) < count(*) THEN
+            (sum(r * y) - sum(y) * (sum(y) + 1) / 2.0) / (sum(y) * (count(*) - sum(y)))
+        END AS roc_auc,
+        avg((probability - y) * (probability - y)) AS brier,
+        avg((decision = 'approve')::INTEGER) AS approval_rate_predicted,
+        avg(y) AS approval_rate_actual
+    FROM ranked
+    GROUP BY ALL
+),
+bins AS (
+    SELECT model_version, day, bin,
+           avg(probability) AS predicted, avg(y) AS observed, count(*) AS n
+    FROM ranked
+    GROUP BY ALL
+),
+calibration AS (
+    SELECT
+        q.model_version, q.day,
+        list(b.predicted ORDER BY g.bin) AS calibration_predicted,
+        list(b.observed ORDER BY g.bin) AS calibration_observed,
+        list(coalesce(b.n, 0) ORDER BY g.bin) AS calibration_count
+    FROM quality AS q
+    CROSS JOIN range(10) AS g(bin)
+    LEFT JOIN bins AS b
+        ON b.model_version = q.model_version AND b.day = q.day AND b.bin = g.bin
+    GROUP BY ALL
+)
+SELECT
+    s.model_version, s.day, s.predictions,
+    q.with_outcome, q.approved, q.roc_auc, q.brier,
+    q.approval_rate_predicted, q.approval_rate_actual,
+    c.calibration_predicted, c.calibration_observed, c.calibration_count,
+    CAST(s.day AS TIMESTAMPTZ) AS event_timestamp
+FROM served AS s
+LEFT JOIN quality AS q USING (model_version, day)
+LEFT JOIN calibration AS c USING (model_version, day)
+ORDER BY s.model_version, s.day
+"""
+
+
 @dataclass(frozen=True)
 class Derived:
     """A relation the gold SQL reads, computed in Polars from the result of `sql`."""
@@ -440,3 +530,17 @@ GOLD = {
     ),
     "approval_rate_daily": GoldTable(APPROVAL_RATE_DAILY, ("loan_applications",)),
 }
+"""The gold tables built from silver alone."""
+
+MONITORING = {
+    "prediction_outcomes": GoldTable(
+        PREDICTION_OUTCOMES, ("bronze.predictions", "loan_applications")
+    ),
+    "model_quality_daily": GoldTable(
+        MODEL_QUALITY_DAILY, ("bronze.predictions", "gold.prediction_outcomes")
+    ),
+}
+"""Marts over the API's inference log: built with the ML side of the pipeline, as the same
+gold tables (pinned input versions recorded in the commit, one writer at a time)."""
+
+ALL_GOLD = {**GOLD, **MONITORING}

@@ -14,7 +14,7 @@ from lakehouse import duck
 from lakehouse.errors import TableNotFoundError
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
-from lakehouse.transforms.gold import GOLD
+from lakehouse.transforms.gold import ALL_GOLD
 from lakehouse.transforms.partitions import in_part
 from lakehouse.zones.commits import (
     ConcurrentWriteError,
@@ -48,7 +48,7 @@ class GoldResult:
 
 
 def _located(source: str) -> tuple[str, str]:
-    """Return (zone, table) of a gold source: `table` (silver) or `gold.table`."""
+    """Return (zone, table) of a gold source: `table` (silver), `gold.table` or `bronze.table`."""
     zone, _, table = source.rpartition(".")
     return (zone or "silver"), table
 
@@ -67,7 +67,7 @@ def _pins(storage: Storage, name: str) -> tuple[dict[str, int], dict[str, int]]:
     """
     recorded_: dict[str, int] = {}
     read: dict[str, int] = {}
-    sources = GOLD[name].sources
+    sources = ALL_GOLD[name].sources
     silver = [t for z, t in map(_located, sources) if z == "silver"]
     # Never half a promotion (the stream's may be committing): a table's targets agree.
     consistent = as_one_promotion_left(storage, silver)
@@ -90,7 +90,7 @@ def built_from(storage: Storage, name: str, dt: DeltaTable | None = None) -> dic
     """Return the data versions of the silver tables `gold.<name>` was last built from."""
     dt = dt if dt is not None else storage.table_or_none("gold", name)
     out = {}
-    for source in GOLD[name].sources:
+    for source in ALL_GOLD[name].sources:
         zone, table = _located(source)
         version = recorded(dt, _app(name, source))
         if zone == "silver" and version is not None:
@@ -146,7 +146,7 @@ def _build(
     reads: dict[str, int],
     existing: DeltaTable | None,
 ) -> None:
-    spec = GOLD[name]
+    spec = ALL_GOLD[name]
     con = duck.connect(settings, storage)
     try:
         # Row order of a Delta table means nothing; not keeping it saves memory at scale.

@@ -26,6 +26,11 @@ class Reply(BaseModel):
     twice: int
 
 
+class Identified(BaseModel):
+    request_id: str
+    started: float
+
+
 class Inner:
     """The wrapped app: records the body it reads to its end, answers 299."""
 
@@ -55,6 +60,7 @@ def call(
     content_type: bytes = b"application/json",
     disconnect: bool = False,
     path: str = "/predict",
+    headers: tuple[tuple[bytes, bytes], ...] = (),
 ) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = [
         {"type": "http.request", "body": p, "more_body": i < len(parts) - 1}
@@ -74,14 +80,14 @@ def call(
 
     scope = {
         "type": "http", "method": "POST", "path": path,
-        "headers": [(b"content-type", content_type)],
+        "headers": [(b"content-type", content_type), *headers],
     }  # fmt: skip
     asyncio.run(app(scope, receive, send))
     return sent
 
 
 def fast_path(inner: Inner, ready: Any = lambda: True) -> PredictFastPath:
-    return PredictFastPath(inner, Ask, ready, lambda ask: Reply(twice=2 * ask.n))
+    return PredictFastPath(inner, Ask, ready, lambda ask, _id, _started: Reply(twice=2 * ask.n))
 
 
 @settings(max_examples=60, deadline=None)
@@ -132,7 +138,7 @@ def test_other_requests_and_errors_go_to_the_app() -> None:
     assert call(app, [body], content_type=b"text/plain")[0]["status"] == 299
     assert call(app, [body], path="/models")[0]["status"] == 299
 
-    def failing(ask: Ask) -> Reply:
+    def failing(ask: Ask, request_id: str | None, started: float) -> Reply:
         raise RuntimeError("the store is gone")
 
     broken = PredictFastPath(inner, Ask, lambda: True, failing)
@@ -164,3 +170,26 @@ def test_the_wrapper_copies_and_reads_through() -> None:
     app = fast_path(inner)
     assert app.routes == ["r"]
     assert copy.copy(app).app is inner
+
+
+def test_the_request_id_and_arrival_reach_the_answer_and_the_id_comes_back() -> None:
+    """The first `X-Request-ID` (decoded as FastAPI decodes headers) and the arrival time
+    go to the answer; an answer with a `request_id` is sent with it as `X-Request-ID`."""
+    import time
+
+    seen: list[tuple[str | None, float]] = []
+
+    def answer(ask: Ask, request_id: str | None, started: float) -> Identified:
+        seen.append((request_id, started))
+        return Identified(request_id=request_id or "made-here", started=started)
+
+    app = PredictFastPath(Inner(), Ask, lambda: True, answer)
+    before = time.perf_counter()
+    given_id = (b"x-request-id", "r\xe9q-1".encode("latin-1"))
+    sent = call(app, [b'{"n": 1}'], headers=(given_id, (b"x-request-id", b"second")))
+    assert sent[0]["status"] == 200
+    assert seen[0][0] == "r\xe9q-1" and before <= seen[0][1] <= time.perf_counter()
+    assert (b"x-request-id", "r\xe9q-1".encode("latin-1")) in sent[0]["headers"]
+    sent = call(app, [b'{"n": 1}'])
+    assert seen[1][0] is None
+    assert (b"x-request-id", b"made-here") in sent[0]["headers"]

@@ -11,9 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -30,10 +28,10 @@ from lakehouse.ml import online as online_store
 from lakehouse.ml import tasks as ml_tasks
 from lakehouse.ml.online import VIEWS
 from lakehouse.settings import Secret, Settings
-from lakehouse.source import schema
 from lakehouse.storage import Storage, minio_client
-from tests.conftest import S3_KEY, S3_SECRET, _empty_bucket, env_for, shared_tmp
-from tests.helpers import churn, insert_late_application, read, run_all, seeded
+from tests.conftest import env_for
+from tests.helpers import churn, insert_late_application, read, run_all
+from tests.ml.conftest import Lake, served_model
 
 FEATURES = [
     "loan_amnt", "loan_intent", "loan_int_rate", "loan_percent_income", "loan_to_income",
@@ -45,49 +43,6 @@ APPLICANT = [
     "application_count", "approved_count", "rejected_count", "mean_loan_amnt",
     "days_since_last_application",
 ]  # fmt: skip
-
-
-@dataclass
-class Lake:
-    settings: Settings
-    storage: Storage
-    store: object
-
-
-@pytest.fixture(scope="module", params=["local", "s3"])
-def lake(request: pytest.FixtureRequest, pg_server: str) -> Iterator[Lake]:
-    """One lakehouse per storage for the module: seeded, changed, built to gold, applied."""
-    home = shared_tmp("lakehouse-ml-")
-    pg_schema = "t_" + uuid.uuid4().hex[:10]
-    settings = Settings(
-        home=home / "home",
-        storage_uri=str(home / "warehouse"),
-        pg_dsn=Secret(pg_server),
-        pg_schema=pg_schema,
-        batch_rows=2000,
-    )
-    if request.param == "s3":
-        endpoint = request.getfixturevalue("s3_endpoint")
-        settings = replace(
-            settings,
-            storage_uri=f"s3://lh-{uuid.uuid4().hex[:12]}/lakehouse",
-            s3_endpoint=endpoint,
-            s3_access_key_id=S3_KEY,
-            s3_secret_access_key=Secret(S3_SECRET),
-        )
-    storage = seeded(settings, rows=1500)
-    run_all(settings, storage)
-    churn(settings, changes=400, seed_value=3)
-    run_all(settings, storage)
-    store = features.feature_store(settings, storage)
-    features.apply(store)
-    try:
-        yield Lake(settings, storage, store)
-    finally:
-        with psycopg.connect(pg_server, autocommit=True) as conn:
-            schema.drop_schema(conn, pg_schema)
-        if settings.is_s3:
-            _empty_bucket(settings)
 
 
 def brute_force(lake: Lake) -> pd.DataFrame:
@@ -526,17 +481,6 @@ def test_training_writes_a_complete_registry_entry(lake: Lake) -> None:
     assert result.version in out and "ROC AUC" in out
 
 
-def served_model(lake: Lake) -> str:
-    """Make the served model one trained on the lake's data as it is now; return it.
-
-    Tests share the module's lake and change it (churn, edge rows, new versions): a test
-    that needs a model starts from this state whatever ran before it, or nothing did.
-    """
-    if not ml_tasks.trained(lake.settings, lake.storage):
-        return ml_tasks.train(lake.settings, lake.storage).version
-    return models.Registry(lake.storage).latest()
-
-
 # Local disk only (CI time): logic over frames the S3 lake's other tests already read from S3.
 @pytest.mark.parametrize("lake", ["local"], indirect=True)
 def test_training_steps_complete_a_version_only_when_evaluated(lake: Lake) -> None:
@@ -624,7 +568,7 @@ def test_feast_cli_from_the_repository_folder(lake: Lake) -> None:
 
 # Local disk only (CI time): logic over frames the S3 lake's other tests already read from S3.
 @pytest.mark.parametrize("lake", ["local"], indirect=True)
-def test_prediction_api_contract(lake: Lake, tmp_path: Path) -> None:
+def test_prediction_api_contract(lake: Lake, tmp_path: Path, clients: Any) -> None:
     from fastapi.testclient import TestClient
 
     from lakehouse.ml.serve import create_app
@@ -639,7 +583,7 @@ def test_prediction_api_contract(lake: Lake, tmp_path: Path) -> None:
 
     served = served_model(lake)
     ml_tasks.materialize(lake.settings, lake.storage)
-    client = TestClient(create_app(lake.settings))
+    client = clients(create_app(lake.settings))
     assert client.get("/health").json() == {"status": "ok", "model_version": served}
     listed = client.get("/models").json()
     assert listed and "roc_auc" in listed[-1]["test"]
@@ -727,7 +671,7 @@ def assert_api_reads_as_feast(store: Any, application_ids: list[int]) -> None:
 # Local disk only (CI time): the reads are the store's, tested on both databases above.
 @pytest.mark.parametrize("lake", ["local"], indirect=True)
 def test_the_api_reads_what_feast_reads_and_answers_as_fastapi_does(
-    lake: Lake, monkeypatch: pytest.MonkeyPatch
+    lake: Lake, monkeypatch: pytest.MonkeyPatch, clients: Any
 ) -> None:
     """`/predict`'s two shortcuts change no answer.
 
@@ -736,7 +680,6 @@ def test_the_api_reads_what_feast_reads_and_answers_as_fastapi_does(
     `application/json` (the fast path) and as another JSON type (FastAPI's route); status,
     body and content type are identical, and the fast path served the valid ones.
     """
-    from fastapi.testclient import TestClient
 
     from lakehouse.ml import serve
 
@@ -759,7 +702,7 @@ def test_the_api_reads_what_feast_reads_and_answers_as_fastapi_does(
         await fastapi_app(scope, receive, send)
 
     app.app = counting
-    client = TestClient(app, raise_server_exceptions=False)
+    client = clients(app, raise_server_exceptions=False)
     first = int(ids.min())
     assert client.post("/predict", json={"application_id": first}).status_code == 200
     applicant = int(read(lake.storage, "silver", "applicants")["applicant_id"].min())
@@ -780,13 +723,22 @@ def test_the_api_reads_what_feast_reads_and_answers_as_fastapi_does(
         "not json",
         "",
     ]
-    for body in valid + invalid:
+    # The same request id both ways (the answers carry it); one the API refuses (400).
+    cases = [(body, f"case-{i}") for i, body in enumerate(valid + invalid)]
+    cases.append((valid[0], "not a request id"))
+    for body, request_id in cases:
         routed.clear()
-        fast = client.post("/predict", content=body, headers={"content-type": "application/json"})
+        fast = client.post(
+            "/predict",
+            content=body,
+            headers={"content-type": "application/json", "x-request-id": request_id},
+        )
         fast_routed = list(routed)
         # A `+json` type: FastAPI parses it as JSON, the fast path leaves it to FastAPI.
         plain = client.post(
-            "/predict", content=body, headers={"content-type": "application/x-test+json"}
+            "/predict",
+            content=body,
+            headers={"content-type": "application/x-test+json", "x-request-id": request_id},
         )
         if "loan" in body and fast.status_code == 200:
             # A new loan's history is moved to now: the two answers differ by that moment.
@@ -798,12 +750,15 @@ def test_the_api_reads_what_feast_reads_and_answers_as_fastapi_does(
         else:
             assert (fast.status_code, fast.content) == (plain.status_code, plain.content), body
         assert fast.headers["content-type"] == plain.headers["content-type"], body
-        if body in valid:
+        assert fast.headers.get("x-request-id") == plain.headers.get("x-request-id"), body
+        if body in valid and request_id.startswith("case-"):
             assert fast.status_code == 200, fast.text
+            assert fast.json()["request_id"] == fast.headers["x-request-id"] == request_id
             assert fast_routed == [], "answered by the fast path"
         else:
-            assert fast.status_code in (404, 422), (body, fast.text)
+            assert fast.status_code in (400, 404, 422), (body, fast.text)
             assert fast_routed == ["/predict"], "answered by FastAPI"
+    assert fast.status_code == 400 and "X-Request-ID must be" in fast.json()["detail"]
     assert client.get("/openapi.json").status_code == 200
 
 
@@ -845,12 +800,13 @@ EDGE_REJECTS = {
 
 
 @pytest.mark.parametrize("lake", ["local"], indirect=True)
-def test_every_accepted_value_reaches_training_the_online_store_and_predict(lake: Lake) -> None:
+def test_every_accepted_value_reaches_training_the_online_store_and_predict(
+    lake: Lake, clients: Any
+) -> None:
     """A value that passes silver's rules goes through gold, Feast offline and online and
     `/predict` without an exception; one that a later stage could not hold (a year Feast's
     pandas timestamps cannot represent, infinity) is rejected in silver by a named rule,
     and the run around it completes."""
-    from fastapi.testclient import TestClient
 
     from lakehouse.ml.serve import create_app
 
@@ -901,7 +857,7 @@ def test_every_accepted_value_reaches_training_the_online_store_and_predict(lake
     ml_tasks.materialize(lake.settings, lake.storage)
     if not models.Registry(lake.storage).versions():
         ml_tasks.train(lake.settings, lake.storage)
-    client = TestClient(create_app(lake.settings))
+    client = clients(create_app(lake.settings))
     gold = read(lake.storage, "gold", "application_features")
     for key, (_, amount, *_rest) in EDGE_LOANS.items():
         answer = client.post("/predict", json={"application_id": key})
@@ -923,7 +879,7 @@ def test_every_accepted_value_reaches_training_the_online_store_and_predict(lake
 
 # The online store's health does not depend on the warehouse: local disk only (CI time).
 @pytest.mark.parametrize("lake", ["local"], indirect=True)
-def test_a_lost_or_emptied_online_store_is_reloaded_in_full(lake: Lake) -> None:
+def test_a_lost_or_emptied_online_store_is_reloaded_in_full(lake: Lake, clients: Any) -> None:
     """Deleting the SQLite file, emptying its tables, or dropping the Postgres tables: the
     API answers 503 naming the fix (and creates nothing), completion sees it, and the next
     materialization reloads every row, not the last window."""
@@ -936,7 +892,7 @@ def test_a_lost_or_emptied_online_store_is_reloaded_in_full(lake: Lake) -> None:
         ml_tasks.train(lake.settings, lake.storage)
     assert ml_tasks.materialized(lake.settings, lake.storage)
     app_id = int(read(lake.storage, "gold", "application_features")["application_id"].max())
-    client = TestClient(create_app(lake.settings))
+    client = clients(create_app(lake.settings))
     assert client.post("/predict", json={"application_id": app_id}).status_code == 200
 
     db = online_store.sqlite_path(lake.settings)

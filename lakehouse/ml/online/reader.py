@@ -77,7 +77,12 @@ class ServiceReader:
 
     def read(self, entity: dict[str, Any]) -> dict[str, Any]:
         """Return {feature: value} for one entity, None where Feast would give None."""
+        return self.read_timed(entity)[0]
+
+    def read_timed(self, entity: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+        """Return `read`'s values and the newest event time of the rows (µs), if any."""
         row: dict[str, Any] = {}
+        newest: int | None = None
         for part in self._parts:
             key = entity[part.join_key]
             found = None
@@ -86,7 +91,9 @@ class ServiceReader:
             if found is None:
                 row.update(dict.fromkeys(part.features))
             else:
+                if newest is None or found[0] > newest:
+                    newest = found[0]
                 # The field list after the read, as `online_read` decodes (a replaced file).
                 fields = self._tables.fields(part.view) or []
                 row.update(encoding.decode_python(found[1], fields, part.features))
-        return row
+        return row, newest

@@ -1,0 +1,386 @@
+"""The inference log: every prediction the API answers, landed in `bronze.predictions`.
+
+Databricks' inference tables and Feast's feature logging do the same job: what was asked,
+which model version answered, on exactly which feature vector, with what result. Here the
+request path only appends one tuple to a buffer in memory (a `deque` append); a writer
+thread lands what the buffer holds as one Delta append every `LAKEHOUSE_PREDICTION_LOG_SECONDS`,
+or as soon as `LAKEHOUSE_PREDICTION_LOG_RECORDS` are waiting. Serving never waits for the
+table.
+
+Several writers share the table (`serve --workers N`, replicas, the pipeline reading it):
+appends do not conflict in Delta, and every batch carries its writer's app transaction
+(`lakehouse.bronze.predictions<-writer:<id>` at the batch's number), so a batch retried
+after an ambiguous failure (the commit landed, the answer was lost) is seen as landed and
+not written twice.
+
+What can be lost, and who says so:
+- A prediction is in the buffer before its answer is sent. On SIGTERM uvicorn stops
+  accepting, finishes the requests in progress, and the app's lifespan ends with `close`,
+  which lands everything (and so does interpreter exit): nothing acknowledged is lost.
+- A crash (SIGKILL, out of memory) loses the buffer: at most `LAKEHOUSE_PREDICTION_LOG_CAPACITY`
+  records, in practice a few seconds of traffic. Each writer keeps its counts in
+  `<home>/serving/predictions-<writer>.json`, rewritten at every tick; `lakehouse status`
+  names a writer whose process is gone without a clean close, with what it held at its
+  last report (and what came after it, at most one tick's worth, is lost too).
+- A full buffer (the table unreachable for long) drops new records, counts them, and logs
+  a warning: the status shows the count.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import itertools
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from deltalake import DeltaTable, write_deltalake
+from deltalake.exceptions import TableNotFoundError
+
+from lakehouse.errors import described
+from lakehouse.settings import Settings
+from lakehouse.storage import Storage
+from lakehouse.zones.commits import TABLE_CONFIGURATION, app_id, commit_properties, is_conflict
+
+log = logging.getLogger(__name__)
+
+ZONE, TABLE = "bronze", "predictions"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("served_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("model_version", pa.string(), nullable=False),
+        pa.field("application_id", pa.int64()),
+        pa.field("applicant_id", pa.int64()),
+        pa.field("features", pa.string(), nullable=False),
+        pa.field("probability", pa.float64(), nullable=False),
+        pa.field("decision", pa.string(), nullable=False),
+        pa.field("threshold", pa.float64(), nullable=False),
+        pa.field("latency_ms", pa.float64(), nullable=False),
+        pa.field("features_event_ts", pa.timestamp("us", tz="UTC")),
+        pa.field("online_refreshed_at", pa.timestamp("us", tz="UTC")),
+        pa.field("writer", pa.string(), nullable=False),
+    ]
+)
+"""One row per answered prediction. `features` is the exact vector the model scored, as
+JSON (missing values null); `features_event_ts` the newest event time among the entity's
+online rows; `online_refreshed_at` when the online store was last written (a stream
+refresh or a materialization) as the API last checked; `latency_ms` from the request's
+arrival to its answer, before it is sent."""
+
+_FIELDS = tuple(SCHEMA.names)
+_US = 1_000_000
+
+
+def state_folder(settings: Settings) -> Path:
+    """Where writers keep their counts (read by `lakehouse status`)."""
+    return settings.home / "serving"
+
+
+class InferenceLog:
+    """A bounded buffer of predictions and the thread that lands it in Delta."""
+
+    def __init__(self, settings: Settings, storage: Storage) -> None:
+        self.settings = settings
+        self.storage = storage
+        self.capacity = settings.prediction_log_capacity
+        self.every = settings.prediction_log_seconds
+        self.records = settings.prediction_log_records
+        self.writer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._app = app_id(ZONE, TABLE, f"writer:{self.writer}")
+        self._buffer: deque[tuple[Any, ...]] = deque()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()  # one landing at a time (the thread, or `close`)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._batch = 0
+        self._pending: tuple[int, int] | None = None
+        self._retrying = False
+        """(number, size) of the batch at the buffer's head that was tried and not landed:
+        retried with the same number and the same records, as it may have landed."""
+        self.received = 0
+        self.landed = 0
+        self.dropped = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.last_landed_at: str | None = None
+        self._state_path = state_folder(settings) / f"predictions-{self.writer}.json"
+        # A landing gives up within seconds when S3 does not answer (the records stay
+        # buffered for the next tick): a drain at SIGTERM must fit the grace period.
+        self._options = dict(storage.options)
+        if storage.is_s3:
+            self._options |= {"max_retries": "2", "retry_timeout": "10s", "timeout": "10s"}
+        self._table: DeltaTable | None = None
+        """The table as of this writer's last landing: a write brings it up to date from
+        there (the commits since), where opening it would replay the log since the last
+        checkpoint, on the thread the event loop shares the interpreter with."""
+
+    # ---------------------------------------------------------------- the request path
+
+    def record(
+        self,
+        *,
+        request_id: str,
+        served_at: float,
+        model_version: str,
+        application_id: int | None,
+        applicant_id: int | None,
+        features: str,
+        probability: float,
+        decision: str,
+        threshold: float,
+        latency_ms: float,
+        features_event_ts: int | None,
+        online_refreshed_at: float | None,
+    ) -> bool:
+        """Hand one prediction to the writer; False when the buffer is full (dropped)."""
+        self.received += 1
+        if self._closed:  # after the lifespan ended: no writer will land it
+            self.dropped += 1
+            log.warning("prediction log closed: prediction %s not logged", request_id)
+            return False
+        if self._thread is None:
+            self._start()
+        if len(self._buffer) >= self.capacity:
+            self.dropped += 1
+            if self.dropped == 1 or self.dropped % 10_000 == 0:
+                log.warning(
+                    "prediction log buffer full (%d records): %d predictions not logged; "
+                    "last landing error: %s",
+                    self.capacity,
+                    self.dropped,
+                    self.last_error,
+                )
+            return False
+        self._buffer.append(
+            (
+                request_id,
+                int(served_at * _US),
+                model_version,
+                application_id,
+                applicant_id,
+                features,
+                probability,
+                decision,
+                threshold,
+                latency_ms,
+                features_event_ts,
+                None if online_refreshed_at is None else int(online_refreshed_at * _US),
+                self.writer,
+            )
+        )
+        if len(self._buffer) >= self.records:
+            self._wake.set()
+        return True
+
+    # ---------------------------------------------------------------- the writer
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
+            self._thread.start()
+            atexit.register(self.close)
+            self._report()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.every)
+            self._wake.clear()
+            if self._closed:
+                return
+            with self._lock:
+                self._land_buffer(retry_for=0)
+                self._report()  # every tick: what a crash now would lose
+
+    def _land_buffer(self, retry_for: float) -> None:
+        """Land what the buffer holds, in batches of at most `records`; keep what fails."""
+        deadline = time.monotonic() + retry_for
+        while self._buffer:
+            if self._pending is None:
+                self._batch += 1
+                self._pending = (self._batch, min(len(self._buffer), self.records))
+            number, take = self._pending
+            batch = list(itertools.islice(self._buffer, take))  # (indexing a deque is O(n))
+            try:
+                self._land(number, batch, retry=self._retrying)
+            except Exception as exc:
+                self.failures += 1
+                self._retrying = True  # the retry reopens the table and checks its log
+                self.last_error = described(exc)
+                log.warning("prediction log: landing %d records failed: %s", take, self.last_error)
+                if time.monotonic() >= deadline:
+                    return  # the next tick tries again; the records stay buffered
+                time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+                continue
+            for _ in range(take):
+                self._buffer.popleft()
+            self._pending = None
+            self._retrying = False
+            self.landed += take
+            self.last_landed_at = datetime.now(UTC).isoformat()
+
+    def _land(self, number: int, batch: list[tuple[Any, ...]], *, retry: bool = True) -> None:
+        """Append batch `number` in one commit, exactly once.
+
+        With `retry` (an attempt at this batch failed), the table is reopened and its log
+        read first: that attempt may have committed before its answer was lost.
+        """
+        columns = list(zip(*batch, strict=True))
+        arrays = [pa.array(column, type=f.type) for column, f in zip(columns, SCHEMA, strict=True)]
+        table = pa.Table.from_arrays(arrays, schema=SCHEMA)
+        uri = self.storage.uri(ZONE, TABLE)
+        for attempt in range(20):
+            if self._table is None or retry or attempt:
+                try:
+                    self._table = DeltaTable(uri, storage_options=self._options)
+                except TableNotFoundError:
+                    self._table = None
+                if self._table is not None:
+                    done = self._table.transaction_version(self._app)
+                    if done is not None and int(done) >= number:
+                        return  # an earlier attempt landed it and its answer was lost
+            try:
+                write_deltalake(
+                    self._table if self._table is not None else uri,
+                    table,
+                    mode="append",
+                    storage_options=None if self._table is not None else self._options,
+                    configuration=TABLE_CONFIGURATION,
+                    commit_properties=commit_properties(
+                        {self._app: number}, operation="predictions"
+                    ),
+                )
+                return
+            except Exception as exc:
+                if not is_conflict(exc):
+                    raise
+                # Another writer created the table or committed first: look again.
+        msg = "prediction log: 20 commits in a row lost to other writers"
+        raise RuntimeError(msg)
+
+    # ---------------------------------------------------------------- closing and state
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Land everything buffered (retrying for up to `timeout` seconds); stop the thread."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if self._thread is None and not self._buffer:
+            return  # never used: nothing to land or to report
+        with self._lock:
+            self._land_buffer(retry_for=timeout)
+        self._report(closed=True)
+        if self._buffer:
+            log.error(
+                "prediction log: %d predictions could not be landed before exit: %s",
+                len(self._buffer),
+                self.last_error,
+            )
+
+    def state(self) -> dict[str, Any]:
+        """Return this writer's counts."""
+        return {
+            "writer": self.writer,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "received": self.received,
+            "landed": self.landed,
+            "dropped": self.dropped,
+            "buffered": len(self._buffer),
+            "failures": self.failures,
+            "last_error": self.last_error,
+            "last_landed_at": self.last_landed_at,
+            "reported_at": datetime.now(UTC).isoformat(),
+        }
+
+    def _report(self, *, closed: bool = False) -> None:
+        """Write this writer's counts where `lakehouse status` reads them."""
+        state = {**self.state(), "closed": closed}
+        try:
+            self._state_path.parent.mkdir(parents=True, exist_ok=True)
+            part = self._state_path.with_suffix(".part")
+            part.write_text(json.dumps(state))
+            part.replace(self._state_path)
+        except OSError as exc:  # the log still lands; only the status lacks this writer
+            log.warning("prediction log: cannot record its state: %s", described(exc))
+
+
+def ensure_table(storage: Storage) -> None:
+    """Create `bronze.predictions` empty if no API has landed a prediction yet.
+
+    The marts over it (`gold.prediction_outcomes`, `gold.model_quality_daily`) are then
+    built, empty, like any other gold table. A writer creating it at the same moment wins;
+    that is the same table.
+    """
+    if storage.exists(ZONE, TABLE):
+        return
+    try:
+        write_deltalake(
+            storage.uri(ZONE, TABLE),
+            SCHEMA.empty_table(),
+            mode="append",
+            storage_options=storage.options,
+            configuration=TABLE_CONFIGURATION,
+            commit_properties=commit_properties({}, operation="predictions-create"),
+        )
+    except Exception as exc:
+        if not (is_conflict(exc) and storage.exists(ZONE, TABLE)):
+            raise
+
+
+def summary(settings: Settings) -> dict[str, Any]:
+    """Return the prediction log's state for `lakehouse status`.
+
+    Writers still running (their counts now), and writers whose process ended without
+    closing (a crash: what they held at their last report was lost). Writers that closed
+    cleanly lost nothing and are only counted.
+    """
+    every = writers(settings)
+    return {
+        "enabled": settings.prediction_log == "on",
+        "running": [w for w in every if w["alive"]],
+        "crashed": [w for w in every if not w["alive"] and not w.get("closed")],
+        "closed": sum(1 for w in every if not w["alive"] and w.get("closed")),
+    }
+
+
+def writers(settings: Settings) -> list[dict[str, Any]]:
+    """Return every writer's last report, each with `alive`: its process still runs here."""
+    out = []
+    folder = state_folder(settings)
+    for path in sorted(folder.glob("predictions-*.json")) if folder.is_dir() else []:
+        with contextlib.suppress(OSError, ValueError):
+            state = dict(json.loads(path.read_text()))
+            state["alive"] = state.get("host") == socket.gethostname() and _running(
+                int(state.get("pid", 0))
+            )
+            out.append(state)
+    return out
+
+
+def _running(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
