@@ -177,9 +177,10 @@ class Settings:
     """Probability above which `lakehouse serve` answers `approve`."""
     prediction_log: str = field(default="on", metadata=_by(_choice("on", "off")))
     """`on`: `lakehouse serve` lands every prediction in `bronze.predictions`; `off`: none."""
-    prediction_log_seconds: float = field(default=2.0, metadata=_by(_seconds))
-    """The API lands its buffered predictions this often."""
-    prediction_log_records: int = field(default=1000, metadata=_by(_whole(1)))
+    prediction_log_seconds: float = field(default=10.0, metadata=_by(_seconds))
+    """The API lands its buffered predictions this often (each landing costs the requests
+    served meanwhile: fewer, larger ones cost less, BENCHMARKS.md)."""
+    prediction_log_records: int = field(default=10_000, metadata=_by(_whole(1)))
     """... and as soon as this many are waiting (also the most one commit holds)."""
     prediction_log_capacity: int = field(default=100_000, metadata=_by(_whole(1)))
     """Predictions the API holds while the table cannot be written; past it, they are
