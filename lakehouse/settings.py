@@ -285,6 +285,13 @@ class Settings:
                     "`postgresql://user:password@host:port/dbname` or `host=... dbname=...`"
                 )
                 raise ConfigError(msg)
+        if self.prediction_log_records > self.prediction_log_capacity:
+            msg = (
+                f"LAKEHOUSE_PREDICTION_LOG_RECORDS ({self.prediction_log_records}) is more than "
+                f"LAKEHOUSE_PREDICTION_LOG_CAPACITY ({self.prediction_log_capacity}): a landing "
+                "would never fill; lower the first or raise the second"
+            )
+            raise ConfigError(msg)
         if self.feast_pg_dsn and self.feast_online_store != "postgres":
             msg = (
                 "LAKEHOUSE_FEAST_PG_DSN is set but LAKEHOUSE_FEAST_ONLINE_STORE is "

@@ -381,7 +381,8 @@ def _prediction_log(state: dict[str, Any]) -> str:
     if not state.get("enabled", True):
         return "  prediction log: off (LAKEHOUSE_PREDICTION_LOG=off)\n"
     running, crashed = state.get("running", []), state.get("crashed", [])
-    if not running and not crashed:
+    unlanded = state.get("unlanded", [])
+    if not running and not crashed and not unlanded:
         return "  prediction log (bronze.predictions): no API running here\n"
     lines = []
     for w in running:
@@ -397,5 +398,11 @@ def _prediction_log(state: dict[str, Any]) -> str:
             f"(a crash): {w['buffered']:,} predictions buffered at its last report "
             f"({w['reported_at']}) and any answered after it were not logged; "
             f"{w['dropped']:,} dropped before\n"
+        )
+    for w in unlanded:
+        lines.append(
+            f"  prediction log: API process {w['pid']} on {w['host']} exited with "
+            f"{w['buffered']:,} predictions not landed (its drain ran out of time; last "
+            f"error: {w.get('last_error') or 'none'})\n"
         )
     return "".join(lines)

@@ -106,6 +106,15 @@ def test_secrets_never_show() -> None:
             "LAKEHOUSE_FEAST_PG_DSN is set but LAKEHOUSE_FEAST_ONLINE_STORE is `sqlite`; set "
             "LAKEHOUSE_FEAST_ONLINE_STORE=postgres or unset the DSN",
         ),
+        (
+            {"LAKEHOUSE_PREDICTION_LOG_CAPACITY": "500"},
+            "LAKEHOUSE_PREDICTION_LOG_RECORDS (10000) is more than "
+            "LAKEHOUSE_PREDICTION_LOG_CAPACITY (500): a landing would never fill",
+        ),
+        (
+            {"LAKEHOUSE_PREDICTION_LOG": "yes"},
+            "LAKEHOUSE_PREDICTION_LOG is `yes`; use `on` or `off`",
+        ),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
@@ -183,6 +192,7 @@ def test_every_setting_arrives_as_its_declared_type() -> None:
         "feast_online_store": "postgres",
         "log_format": "json",
         "prediction_log": "off",
+        "prediction_log_capacity": "20000",
     }
     assert {f.name for f in fields(Settings)} == set(expected)
     for name, kind in expected.items():

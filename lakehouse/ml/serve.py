@@ -108,7 +108,7 @@ BAD_REQUEST_ID = (
 
 def request_id_of(given: str | None) -> str:
     """Return the client's request id when it is a sane one, a new one when none is given."""
-    if given is None:
+    if not given:  # none, or an empty header
         return uuid.uuid4().hex
     if not REQUEST_ID.fullmatch(given):
         raise HTTPException(400, BAD_REQUEST_ID)

@@ -203,31 +203,64 @@ def test_a_crash_loses_at_most_the_buffer_and_the_status_says_so(lake: Lake) -> 
     assert f"API process {child.pid}" in line and "ended without closing" in line
 
 
-def test_a_batch_retried_after_its_commit_is_not_landed_twice(lake: Lake) -> None:
-    """The landing's answer lost after the commit (a timeout, a dropped connection): the
-    retry finds its writer's transaction at that batch and lands nothing. Two writers
-    that create the table at once both land, each once."""
-    storage = Storage.from_settings(replace(lake.settings))
-    two = [InferenceLog(lake.settings, storage) for _ in range(2)]
+def test_a_batch_retried_after_its_commit_is_not_landed_twice(
+    lake: Lake, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two writers create the table at once (a fresh location): both land, each once.
+    Then a landing whose answer is lost after its commit (a timeout, a dropped
+    connection): the writer keeps the batch, retries it under the same number, finds
+    its transaction at that number in the log, and lands nothing twice."""
+    where = f"{lake.settings.warehouse}-log-{uuid.uuid4().hex[:8]}"
+    fresh = replace(lake.settings, storage_uri=where, prediction_log_seconds=3600.0)
+    storage = Storage.from_settings(fresh)
+    two = [InferenceLog(fresh, storage) for _ in range(2)]
 
-    def batch(log: InferenceLog, n: int) -> list[tuple[Any, ...]]:
-        return [
-            (f"{log.writer}-{n}-{i}", int(time.time() * 1e6), "v", i, None, "{}", 0.5, "approve",
-             0.5, 1.0, None, None, log.writer)
-            for i in range(5)
-        ]  # fmt: skip
+    def record(log: InferenceLog, i: int) -> None:
+        log.record(
+            request_id=f"{log.writer}-{i}", served_at=time.time(), model_version="v",
+            application_id=i, applicant_id=None, features="{}", probability=0.5,
+            decision="approve", threshold=0.5, latency_ms=1.0, features_event_ts=None,
+            online_refreshed_at=None,
+        )  # fmt: skip
 
-    before = logged(lake.storage).height
-    threads = [threading.Thread(target=log._land, args=(1, batch(log, 1))) for log in two]
+    for log in two:
+        for i in range(5):
+            record(log, i)
+    go = threading.Barrier(2)
+
+    def land(log: InferenceLog) -> None:
+        go.wait()
+        with log._lock:
+            log._land_buffer(deadline=time.monotonic() + 60)
+
+    threads = [threading.Thread(target=land, args=(log,)) for log in two]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    two[0]._land(1, batch(two[0], 1))  # the retry of a batch that landed
-    two[0]._land(2, batch(two[0], 2))
-    rows = logged(lake.storage)
-    assert rows.height == before + 15
-    assert rows["request_id"].n_unique() == rows.height
+    assert [log.landed for log in two] == [5, 5]
+
+    first = two[0]
+    real = inference_log.write_deltalake
+    lost = []
+
+    def commits_then_fails(*args: Any, **kwargs: Any) -> None:
+        real(*args, **kwargs)
+        if not lost:
+            lost.append(True)
+            raise TimeoutError("the answer of a commit that landed was lost")
+
+    monkeypatch.setattr(inference_log, "write_deltalake", commits_then_fails)
+    for i in range(5, 8):
+        record(first, i)
+    with first._lock:
+        first._land_buffer(deadline=time.monotonic() + 60)
+    assert lost and first.failures == 1 and first.landed == 8 and not first._buffer
+    rows = read(storage, "bronze", "predictions")
+    assert rows.height == 13
+    assert rows["request_id"].n_unique() == 13
+    for log in two:
+        log.close(timeout=5)
 
 
 @pytest.mark.parametrize("lake", ["s3"], indirect=True)

@@ -16,12 +16,15 @@ not written twice.
 What can be lost, and who says so:
 - A prediction is in the buffer before its answer is sent. On SIGTERM uvicorn stops
   accepting, finishes the requests in progress, and the app's lifespan ends with `close`,
-  which lands everything (and so does interpreter exit): nothing acknowledged is lost.
+  which lands everything (and so does interpreter exit): nothing acknowledged is lost,
+  unless the table cannot be written within the drain's 20 s; then the state file and
+  `lakehouse status` say how many were not landed.
 - A crash (SIGKILL, out of memory) loses the buffer: at most `LAKEHOUSE_PREDICTION_LOG_CAPACITY`
   records, in practice a few seconds of traffic. Each writer keeps its counts in
-  `<home>/serving/predictions-<writer>.json`, rewritten at every tick; `lakehouse status`
-  names a writer whose process is gone without a clean close, with what it held at its
-  last report (and what came after it, at most one tick's worth, is lost too).
+  `<home>/serving/predictions-<writer>.json`, rewritten at every tick, and holds a lock
+  on `predictions-<writer>.alive` while its process lives; `lakehouse status` names a
+  writer whose lock is free without a clean close, with what it held at its last report
+  (and what came after it, at most one tick's worth, is lost too).
 - A full buffer (the table unreachable for long) drops new records, counts them, and logs
   a warning: the status shows the count.
 """
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import fcntl
 import itertools
 import json
 import logging
@@ -48,6 +52,7 @@ from deltalake import DeltaTable, write_deltalake
 from deltalake.exceptions import TableNotFoundError
 
 from lakehouse.errors import described
+from lakehouse.log import redact
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 from lakehouse.zones.commits import TABLE_CONFIGURATION, app_id, commit_properties, is_conflict
@@ -76,8 +81,9 @@ SCHEMA = pa.schema(
 """One row per answered prediction. `features` is the exact vector the model scored, as
 JSON (missing values null); `features_event_ts` the newest event time among the entity's
 online rows; `online_refreshed_at` when the online store was last written (a stream
-refresh or a materialization) as the API last checked; `latency_ms` from the request's
-arrival to its answer, before it is sent."""
+refresh or a materialization) as the API last checked; `latency_ms` to the answer, before
+it is sent, from the request's arrival (the fast path) or from FastAPI's call of the
+endpoint (requests FastAPI parses)."""
 
 _FIELDS = tuple(SCHEMA.names)
 _US = 1_000_000
@@ -120,7 +126,12 @@ class InferenceLog:
         # buffered for the next tick): a drain at SIGTERM must fit the grace period.
         self._options = dict(storage.options)
         if storage.is_s3:
-            self._options |= {"max_retries": "2", "retry_timeout": "10s", "timeout": "10s"}
+            self._options |= {"max_retries": "1", "retry_timeout": "5s", "timeout": "5s"}
+        self._seen_table = False
+        """The table existed once: not finding it later is a failure, never a reason to
+        create it (a retry would then skip its check and could land a batch twice)."""
+        self._count = threading.Lock()  # `received`, `dropped` and the capacity check
+        self._alive: Any = None  # the open, locked `.alive` file while the writer runs
         self._table: DeltaTable | None = None
         """The table as of this writer's last landing: a write brings it up to date from
         there (the commits since), where opening it would replay the log since the last
@@ -145,21 +156,23 @@ class InferenceLog:
         online_refreshed_at: float | None,
     ) -> bool:
         """Hand one prediction to the writer; False when the buffer is full (dropped)."""
-        self.received += 1
-        if self._closed:  # after the lifespan ended: no writer will land it
-            self.dropped += 1
-            log.warning("prediction log closed: prediction %s not logged", request_id)
-            return False
-        if self._thread is None:
+        if self._thread is None and not self._closed:
             self._start()
-        if len(self._buffer) >= self.capacity:
-            self.dropped += 1
-            if self.dropped == 1 or self.dropped % 10_000 == 0:
+        with self._count:  # the API's thread pool records too
+            self.received += 1
+            full = self._closed or len(self._buffer) >= self.capacity
+            if full:
+                self.dropped += 1
+                dropped = self.dropped
+        if full:
+            if self._closed:  # after the lifespan ended: no writer will land it
+                log.warning("prediction log closed: prediction %s not logged", request_id)
+            elif dropped == 1 or dropped % 10_000 == 0:
                 log.warning(
                     "prediction log buffer full (%d records): %d predictions not logged; "
                     "last landing error: %s",
                     self.capacity,
-                    self.dropped,
+                    dropped,
                     self.last_error,
                 )
             return False
@@ -193,6 +206,7 @@ class InferenceLog:
             self._thread = threading.Thread(target=self._run, name="prediction-log", daemon=True)
             self._thread.start()
             atexit.register(self.close)
+            self._hold_alive()
             self._report()
 
     def _run(self) -> None:
@@ -201,13 +215,20 @@ class InferenceLog:
             self._wake.clear()
             if self._closed:
                 return
-            with self._lock:
-                self._land_buffer(retry_for=0)
-                self._report()  # every tick: what a crash now would lose
+            try:
+                with self._lock:
+                    self._land_buffer(deadline=time.monotonic())
+                    self._report()  # every tick: what a crash now would lose
+            except Exception as exc:  # never end the thread: the next tick tries again
+                self.last_error = redact(described(exc))
+                log.warning("prediction log: %s", self.last_error)
 
-    def _land_buffer(self, retry_for: float) -> None:
-        """Land what the buffer holds, in batches of at most `records`; keep what fails."""
-        deadline = time.monotonic() + retry_for
+    def _land_buffer(self, deadline: float) -> None:
+        """Land what the buffer holds, in batches of at most `records`; keep what fails.
+
+        A failed batch is tried again until `deadline` (`time.monotonic()`), then left
+        at the head of the buffer for the next tick.
+        """
         while self._buffer:
             if self._pending is None:
                 self._batch += 1
@@ -219,7 +240,7 @@ class InferenceLog:
             except Exception as exc:
                 self.failures += 1
                 self._retrying = True  # the retry reopens the table and checks its log
-                self.last_error = described(exc)
+                self.last_error = redact(described(exc))
                 log.warning("prediction log: landing %d records failed: %s", take, self.last_error)
                 if time.monotonic() >= deadline:
                     return  # the next tick tries again; the records stay buffered
@@ -247,7 +268,12 @@ class InferenceLog:
                 try:
                     self._table = DeltaTable(uri, storage_options=self._options)
                 except TableNotFoundError:
+                    if self._seen_table:
+                        msg = "bronze.predictions is not found where it was: not landing"
+                        raise RuntimeError(msg) from None
                     self._table = None
+                else:
+                    self._seen_table = True
                 if self._table is not None:
                     done = self._table.transaction_version(self._app)
                     if done is not None and int(done) >= number:
@@ -263,6 +289,7 @@ class InferenceLog:
                         {self._app: number}, operation="predictions"
                     ),
                 )
+                self._seen_table = True
                 return
             except Exception as exc:
                 if not is_conflict(exc):
@@ -273,18 +300,27 @@ class InferenceLog:
 
     # ---------------------------------------------------------------- closing and state
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Land everything buffered (retrying for up to `timeout` seconds); stop the thread."""
+    def close(self, timeout: float = 20.0) -> None:
+        """Land everything buffered, trying for about `timeout` seconds in all; stop.
+
+        One deadline for the whole drain (a landing in progress, then what is left), so
+        that it fits an orchestrator's grace period (30 s by default in Kubernetes). A
+        landing started before the deadline may end past it by one S3 timeout (5 s).
+        """
         if self._closed:
             return
+        deadline = time.monotonic() + timeout
         self._closed = True
         self._wake.set()
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
         if self._thread is None and not self._buffer:
             return  # never used: nothing to land or to report
-        with self._lock:
-            self._land_buffer(retry_for=timeout)
+        if self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            try:
+                self._land_buffer(deadline=deadline)
+            finally:
+                self._lock.release()
         self._report(closed=True)
         if self._buffer:
             log.error(
@@ -310,15 +346,39 @@ class InferenceLog:
         }
 
     def _report(self, *, closed: bool = False) -> None:
-        """Write this writer's counts where `lakehouse status` reads them."""
+        """Write this writer's counts where `lakehouse status` reads them (owner only)."""
         state = {**self.state(), "closed": closed}
         try:
-            self._state_path.parent.mkdir(parents=True, exist_ok=True)
+            self._state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             part = self._state_path.with_suffix(".part")
-            part.write_text(json.dumps(state))
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(json.dumps(state))
             part.replace(self._state_path)
+            if closed and self._alive is not None:
+                self._alive.close()  # releases the lock: this writer has ended
+                self._alive = None
+                self._state_path.with_suffix(".alive").unlink(missing_ok=True)
         except OSError as exc:  # the log still lands; only the status lacks this writer
             log.warning("prediction log: cannot record its state: %s", described(exc))
+
+    def _hold_alive(self) -> None:
+        """Lock `<writer>.alive` for this process's life.
+
+        A status that can take the lock knows the writer has ended, whatever process
+        ids are now (a restarted container has the same pid 1 and host name).
+        """
+        try:
+            self._state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self._state_path.with_suffix(".alive"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise
+            self._alive = os.fdopen(fd, "r+")
+        except OSError as exc:
+            log.warning("prediction log: cannot mark itself alive: %s", described(exc))
 
 
 def ensure_table(storage: Storage) -> None:
@@ -347,40 +407,48 @@ def ensure_table(storage: Storage) -> None:
 def summary(settings: Settings) -> dict[str, Any]:
     """Return the prediction log's state for `lakehouse status`.
 
-    Writers still running (their counts now), and writers whose process ended without
-    closing (a crash: what they held at their last report was lost). Writers that closed
-    cleanly lost nothing and are only counted.
+    Writers still running (their counts now); writers whose process ended without
+    closing (a crash: what they held at their last report was lost); writers that closed
+    with predictions not landed (the drain ran out of time). The others lost nothing and
+    are only counted.
     """
     every = writers(settings)
+    ended = [w for w in every if not w["alive"]]
     return {
         "enabled": settings.prediction_log == "on",
         "running": [w for w in every if w["alive"]],
-        "crashed": [w for w in every if not w["alive"] and not w.get("closed")],
-        "closed": sum(1 for w in every if not w["alive"] and w.get("closed")),
+        "crashed": [w for w in ended if not w.get("closed")],
+        "unlanded": [w for w in ended if w.get("closed") and w.get("buffered")],
+        "closed": sum(1 for w in ended if w.get("closed") and not w.get("buffered")),
     }
 
 
 def writers(settings: Settings) -> list[dict[str, Any]]:
-    """Return every writer's last report, each with `alive`: its process still runs here."""
+    """Return every writer's last report, each with `alive`: its process still runs.
+
+    Alive means its `.alive` file is locked (by that process, on this machine's kernel:
+    a home shared between machines sees the others' writers as ended).
+    """
     out = []
     folder = state_folder(settings)
     for path in sorted(folder.glob("predictions-*.json")) if folder.is_dir() else []:
         with contextlib.suppress(OSError, ValueError):
             state = dict(json.loads(path.read_text()))
-            state["alive"] = state.get("host") == socket.gethostname() and _running(
-                int(state.get("pid", 0))
-            )
+            state["alive"] = _locked(path.with_suffix(".alive"))
             out.append(state)
     return out
 
 
-def _running(pid: int) -> bool:
-    if pid <= 0:
+def _locked(path: Path) -> bool:
+    """Tell whether another process holds the lock on `path`."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         return True
-    return True
+    finally:
+        os.close(fd)  # (closing releases a lock this process took)
+    return False
