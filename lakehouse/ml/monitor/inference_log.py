@@ -85,7 +85,6 @@ refresh or a materialization) as the API last checked; `latency_ms` to the answe
 it is sent, from the request's arrival (the fast path) or from FastAPI's call of the
 endpoint (requests FastAPI parses)."""
 
-_FIELDS = tuple(SCHEMA.names)
 _US = 1_000_000
 
 
