@@ -255,7 +255,7 @@ def test_a_batch_retried_after_its_commit_is_not_landed_twice(
         record(first, i)
     with first._lock:
         first._land_buffer(deadline=time.monotonic() + 60)
-    assert lost and first.failures == 1 and first.landed == 8 and not first._buffer
+    assert lost and first.failures == 1 and first.landed == 8 and not first.buffered
     rows = read(storage, "bronze", "predictions")
     assert rows.height == 13
     assert rows["request_id"].n_unique() == 13

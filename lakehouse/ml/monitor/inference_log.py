@@ -2,7 +2,7 @@
 
 Databricks' inference tables and Feast's feature logging do the same job: what was asked,
 which model version answered, on exactly which feature vector, with what result. Here the
-request path only appends one tuple to a buffer in memory (a `deque` append); a writer
+request path only appends the values to a buffer in memory (a list per column); a writer
 thread lands what the buffer holds as one Delta append every `LAKEHOUSE_PREDICTION_LOG_SECONDS`,
 or as soon as `LAKEHOUSE_PREDICTION_LOG_RECORDS` are waiting. Serving never waits for the
 table.
@@ -34,7 +34,6 @@ from __future__ import annotations
 import atexit
 import contextlib
 import fcntl
-import itertools
 import json
 import logging
 import os
@@ -42,7 +41,6 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -104,7 +102,11 @@ class InferenceLog:
         self.records = settings.prediction_log_records
         self.writer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._app = app_id(ZONE, TABLE, f"writer:{self.writer}")
-        self._buffer: deque[tuple[Any, ...]] = deque()
+        self._columns: list[list[Any]] = [[] for _ in SCHEMA]
+        """The buffer, one list per column of `SCHEMA`, appended to under `_count`. A
+        record allocates no container the garbage collector tracks (a tuple per request
+        would: thousands held for seconds, each collection walking them), and a landing
+        hands each list to Arrow as it is."""
         self._wake = threading.Event()
         self._lock = threading.Lock()  # one landing at a time (the thread, or `close`)
         self._thread: threading.Thread | None = None
@@ -136,6 +138,11 @@ class InferenceLog:
         there (the commits since), where opening it would replay the log since the last
         checkpoint, on the thread the event loop shares the interpreter with."""
 
+    @property
+    def buffered(self) -> int:
+        """Return how many predictions wait to be landed."""
+        return len(self._columns[0])
+
     # ---------------------------------------------------------------- the request path
 
     def record(
@@ -159,10 +166,29 @@ class InferenceLog:
             self._start()
         with self._count:  # the API's thread pool records too
             self.received += 1
-            full = self._closed or len(self._buffer) >= self.capacity
+            full = self._closed or len(self._columns[0]) >= self.capacity
             if full:
                 self.dropped += 1
                 dropped = self.dropped
+            else:
+                values = (
+                    request_id,
+                    int(served_at * _US),
+                    model_version,
+                    application_id,
+                    applicant_id,
+                    features,
+                    probability,
+                    decision,
+                    threshold,
+                    latency_ms,
+                    features_event_ts,
+                    None if online_refreshed_at is None else int(online_refreshed_at * _US),
+                    self.writer,
+                )
+                for column, value in zip(self._columns, values, strict=True):
+                    column.append(value)
+                waiting = len(self._columns[0])
         if full:
             if self._closed:  # after the lifespan ended: no writer will land it
                 log.warning("prediction log closed: prediction %s not logged", request_id)
@@ -175,24 +201,7 @@ class InferenceLog:
                     self.last_error,
                 )
             return False
-        self._buffer.append(
-            (
-                request_id,
-                int(served_at * _US),
-                model_version,
-                application_id,
-                applicant_id,
-                features,
-                probability,
-                decision,
-                threshold,
-                latency_ms,
-                features_event_ts,
-                None if online_refreshed_at is None else int(online_refreshed_at * _US),
-                self.writer,
-            )
-        )
-        if len(self._buffer) >= self.records:
+        if waiting >= self.records:
             self._wake.set()
         return True
 
@@ -228,12 +237,13 @@ class InferenceLog:
         A failed batch is tried again until `deadline` (`time.monotonic()`), then left
         at the head of the buffer for the next tick.
         """
-        while self._buffer:
+        while self.buffered:
             if self._pending is None:
                 self._batch += 1
-                self._pending = (self._batch, min(len(self._buffer), self.records))
+                self._pending = (self._batch, min(self.buffered, self.records))
             number, take = self._pending
-            batch = list(itertools.islice(self._buffer, take))  # (indexing a deque is O(n))
+            with self._count:
+                batch = [column[:take] for column in self._columns]
             try:
                 self._land(number, batch, retry=self._retrying)
             except Exception as exc:
@@ -245,21 +255,21 @@ class InferenceLog:
                     return  # the next tick tries again; the records stay buffered
                 time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
                 continue
-            for _ in range(take):
-                self._buffer.popleft()
+            with self._count:
+                for column in self._columns:
+                    del column[:take]
             self._pending = None
             self._retrying = False
             self.landed += take
             self.last_landed_at = datetime.now(UTC).isoformat()
 
-    def _land(self, number: int, batch: list[tuple[Any, ...]], *, retry: bool = True) -> None:
+    def _land(self, number: int, batch: list[list[Any]], *, retry: bool = True) -> None:
         """Append batch `number` in one commit, exactly once.
 
         With `retry` (an attempt at this batch failed), the table is reopened and its log
         read first: that attempt may have committed before its answer was lost.
         """
-        columns = list(zip(*batch, strict=True))
-        arrays = [pa.array(column, type=f.type) for column, f in zip(columns, SCHEMA, strict=True)]
+        arrays = [pa.array(column, type=f.type) for column, f in zip(batch, SCHEMA, strict=True)]
         table = pa.Table.from_arrays(arrays, schema=SCHEMA)
         uri = self.storage.uri(ZONE, TABLE)
         for attempt in range(20):
@@ -313,7 +323,7 @@ class InferenceLog:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
-        if self._thread is None and not self._buffer:
+        if self._thread is None and not self.buffered:
             return  # never used: nothing to land or to report
         if self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             try:
@@ -321,10 +331,10 @@ class InferenceLog:
             finally:
                 self._lock.release()
         self._report(closed=True)
-        if self._buffer:
+        if self.buffered:
             log.error(
                 "prediction log: %d predictions could not be landed before exit: %s",
-                len(self._buffer),
+                self.buffered,
                 self.last_error,
             )
 
@@ -337,7 +347,7 @@ class InferenceLog:
             "received": self.received,
             "landed": self.landed,
             "dropped": self.dropped,
-            "buffered": len(self._buffer),
+            "buffered": self.buffered,
             "failures": self.failures,
             "last_error": self.last_error,
             "last_landed_at": self.last_landed_at,
