@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -83,6 +84,17 @@ def _seconds(var: str, raw: str) -> float:
         msg = f"{var} is `{raw}`; give between 0.01 and 3600 seconds"
         raise ConfigError(msg)
     return seconds
+
+
+def _positive(var: str, raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < math.inf:
+        msg = f"{var} is `{raw}`; give a positive number"
+        raise ConfigError(msg)
+    return value
 
 
 def _choice(*options: str) -> Parser:
@@ -185,6 +197,18 @@ class Settings:
     prediction_log_capacity: int = field(default=100_000, metadata=_by(_whole(1)))
     """Predictions the API holds while the table cannot be written; past it, they are
     counted as dropped (serving never waits for the log)."""
+    drift_psi: float = field(default=0.2, metadata=_by(_positive))
+    """`lakehouse status` flags a numeric feature whose day's PSI against the serving model's
+    training set is above this (0.1-0.25: a shift worth a look; above 0.25: a new population)."""
+    drift_js: float = field(default=0.1, metadata=_by(_positive))
+    """... a categorical feature whose Jensen-Shannon distance (base 2, 0 to 1) is above this."""
+    drift_missing: float = field(default=0.1, metadata=_by(_positive))
+    """... a feature whose share of missing values is this much above its training share."""
+    quality_auc_margin: float = field(default=0.05, metadata=_by(_positive))
+    """... a model whose day's ROC AUC is this much below its evaluation ROC AUC."""
+    monitor_min_count: int = field(default=100, metadata=_by(_whole(1)))
+    """Fewest predictions (for drift) or outcomes (for AUC) a day needs to be judged: fewer
+    give estimates too noisy to flag on."""
     stream_batch_rows: int = field(default=100_000, metadata=_by(_whole(1)))
     """CDC: a micro-batch closes at this many changes (also splits huge transactions)."""
     stream_batch_seconds: float = field(default=1.0, metadata=_by(_seconds))

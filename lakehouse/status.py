@@ -373,7 +373,35 @@ def render(status: Status) -> str:
         else:
             parts.append("  no model yet; run `lakehouse train` or `lakehouse run`\n")
         parts.append(_prediction_log(f.get("prediction_log") or {}))
+        parts.append(_monitoring(f.get("monitoring") or {}))
     return "".join(parts)
+
+
+def _monitoring(state: dict[str, Any]) -> str:
+    """Render the monitoring flags: drifting features and AUC below evaluation."""
+    if "error" in state:
+        return f"  monitoring: unavailable: {state['error']}\n"
+    if not state.get("built"):
+        return "  monitoring: no marts yet (`lakehouse run` builds them from bronze.predictions)\n"
+    drifting, falling = state.get("drifting", []), state.get("falling_auc", [])
+    head = (
+        f"  monitoring (gold, as of the last `lakehouse run`; newest day "
+        f"{state.get('newest_day') or 'none'}): "
+    )
+    if not drifting and not falling:
+        return head + "no drifting feature, no model below its evaluation AUC\n"
+    lines = [head + f"{len(drifting)} drifting feature(s), {len(falling)} falling AUC\n"]
+    for d in drifting:
+        lines.append(
+            f"    DRIFT {d['feature']} (model {d['model_version']}, {d['day']}, "
+            f"{d['predictions']:,} predictions): {'; '.join(d['reasons'])}\n"
+        )
+    for q in falling:
+        lines.append(
+            f"    AUC model {q['model_version']} on {q['day']}: {q['roc_auc']:.3f} against "
+            f"{q['evaluation_roc_auc']:.3f} at evaluation ({q['with_outcome']:,} outcomes)\n"
+        )
+    return "".join(lines)
 
 
 def _prediction_log(state: dict[str, Any]) -> str:

@@ -102,6 +102,44 @@ def models(settings: Settings, args: argparse.Namespace) -> int:
     return _guarded(settings, args, work)
 
 
+def predictions(settings: Settings, args: argparse.Namespace) -> int:
+    """Explain a logged prediction: its features, model lineage and a point-in-time replay."""
+    import json
+    import sys
+
+    from lakehouse.ml.monitor import explain
+
+    def work(storage: Storage) -> int:
+        explained = explain.explain(settings, storage, args.request_id)
+        if args.format == "json":
+            text = json.dumps(explained, default=_json_default, indent=2) + "\n"
+        else:
+            text = explain.render(explained)
+        sys.stdout.write(log.redact(text))
+        return 0
+
+    return _guarded(settings, args, work)
+
+
+def report(settings: Settings, args: argparse.Namespace) -> int:
+    """Write the HTML report: rows and rejects, freshness, the model, quality and drift."""
+    from pathlib import Path
+
+    from lakehouse.report import data, page
+
+    def work(storage: Storage) -> int:
+        text = page.render(data.collect(settings, storage), settings)
+        written = page.write(text, Path(args.output))
+        log.event("report.written", f"report written to {written}", path=str(written))
+        return 0
+
+    return _guarded(settings, args, work)
+
+
+def _json_default(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
 def serve(settings: Settings, args: argparse.Namespace) -> int:
     """Serve the prediction API until SIGTERM or Ctrl-C; exit 0."""
 

@@ -25,6 +25,8 @@ HANDLERS: dict[str, Handler] = {
     "train": ml.train,
     "models": ml.models,
     "serve": ml.serve,
+    "predictions": ml.predictions,
+    "report": ml.report,
     "maintain": pipeline.maintain,
 }
 """Each command's handler, by area: a handler takes the settings and the parsed options."""
@@ -201,6 +203,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("train", help="train, evaluate and register a loan-approval model")
     sub.add_parser("models", help="list registered model versions with their metrics")
+
+    p = sub.add_parser("predictions", help="the inference log: explain a logged prediction")
+    p.add_argument("action", choices=["explain"])
+    p.add_argument("request_id", help="the request id the API answered with (X-Request-ID)")
+    p.add_argument("--format", choices=["table", "json"], default="table")
+
+    p = sub.add_parser(
+        "report", help="write one self-contained HTML page of figures: rows, freshness, model"
+    )
+    p.add_argument("--output", default="report.html", help="file to write (default report.html)")
 
     p = sub.add_parser("serve", help="the prediction API (FastAPI + uvicorn)")
     p.add_argument("--host", default="127.0.0.1")

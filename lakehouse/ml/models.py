@@ -246,6 +246,66 @@ def evaluate(trained: Trained, frame: pd.DataFrame) -> dict[str, Any]:
     }
 
 
+_CURVE_POINTS = 200
+_IMPORTANCE_ROWS = 5000
+
+
+def curves(trained: Trained, frame: pd.DataFrame, seed: int) -> dict[str, Any]:
+    """Return the ROC curve (at most 200 points) and permutation importances on hold-out rows.
+
+    A histogram gradient-boosted model has no impurity importances; the permutation
+    importance of a feature is how much the hold-out ROC AUC drops when its column is
+    shuffled (3 shuffles, on at most 5,000 rows: about a second).
+    """
+    import numpy as np
+    from sklearn.inspection import permutation_importance
+    from sklearn.metrics import roc_curve
+
+    y = frame["label"].to_numpy()
+    fpr, tpr, _ = roc_curve(y, trained.predict_proba(frame))
+    keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), _CURVE_POINTS)).round())
+    found = permutation_importance(
+        trained.model,
+        trained.matrix(frame),
+        y,
+        scoring="roc_auc",
+        n_repeats=3,
+        random_state=seed,
+        max_samples=min(len(y), _IMPORTANCE_ROWS),
+    )
+    importances = [
+        {"feature": c, "mean": float(m), "std": float(s)}
+        for c, m, s in zip(
+            trained.columns, found.importances_mean, found.importances_std, strict=True
+        )
+    ]
+    return {
+        "roc": {
+            "fpr": [float(fpr[int(i)]) for i in keep],
+            "tpr": [float(tpr[int(i)]) for i in keep],
+        },
+        "permutation_importance": sorted(importances, key=lambda r: -r["mean"]),
+    }
+
+
+def version_curves(storage: Storage, version: str) -> dict[str, Any]:
+    """Return a version's curves, as evaluated or recomputed on the same hold-out.
+
+    Versions evaluated before the curves were recorded have them recomputed.
+    """
+    import joblib
+
+    registry = Registry(storage)
+    metrics = json.loads(registry.get(version, "metrics.json"))
+    if "curves" in metrics:
+        recorded: dict[str, Any] = metrics["curves"]
+        return recorded
+    record = json.loads(registry.get(version, "training_set.json"))
+    _, test_rows = _split(_stored_set(storage, record["sha256"]), record["seed"])
+    model = joblib.load(io.BytesIO(registry.get(version, "model.joblib")))
+    return curves(model, test_rows, record["seed"])
+
+
 @dataclass
 class TrainResult:
     """What `train` wrote."""
@@ -318,6 +378,12 @@ def _stored_set(storage: Storage, sha: str) -> pd.DataFrame:
     return pd.read_parquet(io.BytesIO(data))
 
 
+def stored_training_set(storage: Storage, version: str) -> pd.DataFrame:
+    """Return the training set a model version was fitted from (before its split)."""
+    record = json.loads(Registry(storage).get(version, "training_set.json"))
+    return _stored_set(storage, record["sha256"])
+
+
 def _split(frame: pd.DataFrame, seed: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     from sklearn.model_selection import train_test_split
 
@@ -381,6 +447,7 @@ def evaluate_version(storage: Storage, version: str) -> TrainResult:
         "split": {"train": len(fit_rows), "test": len(test_rows), "stratified": True},
         "test": evaluate(model, test_rows),
         f"test_without_{LEAKY}": evaluate(without, test_rows),
+        "curves": curves(model, test_rows, record["seed"]),
     }
     lineage = {
         "version": version,

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 
-def _is_boolean(series: pd.Series) -> bool:
+def is_boolean(series: pd.Series) -> bool:
     """Tell True/False columns, including objects of True/False/None.
 
     A null in Feast's frame turns a bool column into objects.
@@ -34,7 +34,7 @@ def _is_boolean(series: pd.Series) -> bool:
 
 def is_categorical(series: pd.Series) -> bool:
     """Tell columns the model treats as categories (strings), not numbers or booleans."""
-    if _is_boolean(series):
+    if is_boolean(series):
         return False
     return series.dtype == object or str(series.dtype) in ("string", "str", "category")
 
@@ -73,7 +73,7 @@ class Trained:
                 values = [None if v is None or v != v else str(v) for v in series.astype(object)]
                 codes = pd.Categorical(values, categories=self.categories[name]).codes
                 out[:, j] = np.where(codes < 0, np.nan, codes)
-            elif _is_boolean(series):
+            elif is_boolean(series):
                 out[:, j] = series.astype(object).map({True: 1.0, False: 0.0}).astype("float64")
             else:
                 out[:, j] = pd.to_numeric(series.astype(object), errors="coerce").astype("float64")

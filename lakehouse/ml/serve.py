@@ -401,8 +401,8 @@ def _newest_event_us(row: dict[str, Any]) -> int | None:
     return int(max(times)) * 1_000_000 if times else None
 
 
-_PROFILE = APPLICANTS.attributes  # the applicant's attributes
-_HISTORY = (
+PROFILE = APPLICANTS.attributes  # the applicant's attributes
+HISTORY = (
     "application_count",
     "approved_count",
     "rejected_count",
@@ -419,28 +419,43 @@ def _new_loan(fs: Any, applicant_id: int, loan: Loan) -> tuple[dict[str, Any], i
     `days_since_last_application` is moved from that row's time to now.
     """
     result = fs.get_online_features(
-        features=[f"applicant_profile:{n}" for n in _PROFILE]
-        + [f"applicant_features:{n}" for n in _HISTORY],
+        features=[f"applicant_profile:{n}" for n in PROFILE]
+        + [f"applicant_features:{n}" for n in HISTORY],
         entity_rows=[{"applicant_id": applicant_id}],
     ).to_dict(include_event_timestamps=True)
-    row = {k: v[0] for k, v in result.items() if k in _PROFILE or k in _HISTORY}
+    row = {k: v[0] for k, v in result.items() if k in PROFILE or k in HISTORY}
     if row.get("person_income") is None:
         raise HTTPException(404, f"applicant {applicant_id} has no features online")
     # Feast gives the row's event time in whole seconds: close enough for days.
     event_us = _newest_event_us({k: v[0] for k, v in result.items()})
     at = result.get("days_since_last_application__ts", [0])[0]
-    if row.get("days_since_last_application") is not None and at:
-        row["days_since_last_application"] += (time.time() - at) / 86400
+    return new_loan_row(row, loan.model_dump(), at, time.time()), event_us
+
+
+def new_loan_row(
+    applicant: dict[str, Any], loan: dict[str, Any], row_at: float | None, now: float
+) -> dict[str, Any]:
+    """Compose a new loan's features from the applicant's row (as of `row_at`) and the loan.
+
+    `days_since_last_application` moves from the row's time to `now` (seconds since the
+    epoch); the loan's own ratios are computed as gold computes them. Serving composes
+    with the online row and the clock; a replay (`lakehouse predictions explain`) with the
+    row as of the prediction's time.
+    """
+    row = dict(applicant)
+    if row.get("days_since_last_application") is not None and row_at:
+        row["days_since_last_application"] += (now - row_at) / 86400
     income = row["person_income"]
+    amount = loan["loan_amnt"]
     row |= {
-        "loan_amnt": loan.loan_amnt,
-        "loan_intent": loan.loan_intent,
-        "loan_int_rate": loan.loan_int_rate,
-        "loan_percent_income": round(loan.loan_amnt / income, 2) if income else None,
-        "loan_to_income": loan.loan_amnt / income if income else None,
+        "loan_amnt": amount,
+        "loan_intent": loan["loan_intent"],
+        "loan_int_rate": loan["loan_int_rate"],
+        "loan_percent_income": round(amount / income, 2) if income else None,
+        "loan_to_income": amount / income if income else None,
         # The market's 30-day rate of the intent is computed in gold per application;
         # a loan not in the source has none, and the model treats it as missing.
         "rate_spread": None,
         "credit_score_band": score_band(row.get("credit_score")),
     }
-    return row, event_us
+    return row

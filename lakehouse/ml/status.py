@@ -12,9 +12,10 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+from lakehouse.errors import described
 from lakehouse.ml import fresh, models
 from lakehouse.ml import tasks as ml_tasks
-from lakehouse.ml.monitor import inference_log
+from lakehouse.ml.monitor import inference_log, watch
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 from lakehouse.zones.gold_rows import SOURCES
@@ -34,11 +35,20 @@ def features(settings: Settings, storage: Storage) -> dict[str, Any]:
         "model_version": versions[-1] if versions else None,
         "model_current": ml_tasks.trained(settings, storage) if versions else False,
         "prediction_log": inference_log.summary(settings),
+        "monitoring": _monitoring(settings, storage),
     }
     if versions:
         metrics = json.loads(registry.get(versions[-1], "metrics.json"))
         out["model_summary"] = models.summary(metrics)
     return out
+
+
+def _monitoring(settings: Settings, storage: Storage) -> dict[str, Any]:
+    """Return the monitoring flags, or why they could not be read (the rest stays)."""
+    try:
+        return watch.flags(settings, storage)
+    except Exception as exc:
+        return {"error": described(exc)}
 
 
 def online_freshness(settings: Settings, storage: Storage, materialized: bool) -> dict[str, Any]:

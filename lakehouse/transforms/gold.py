@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
+from lakehouse.transforms.drift import FEATURE_DRIFT_DAILY
 from lakehouse.transforms.segments import running_sum, segmented_scan, starts
+
+if TYPE_CHECKING:
+    import duckdb
+
+    from lakehouse.storage import Storage
 
 # Per application: its loan attributes and the applicant as they were when it was made
 # (the source's foreign key keeps an applicant alive while they have applications, so the
@@ -399,6 +406,9 @@ class GoldTable:
     frame: Callable[[dict[str, pl.LazyFrame]], pl.DataFrame] | None = None
     """The same table computed with Polars from the sources (used instead of `sql` when
     set; `sql` stays as the specification the tests hold it to)."""
+    references: Callable[[Storage, duckdb.DuckDBPyConnection], None] | None = None
+    """Registers relations that are not lake tables before `sql` runs (the model
+    registry's drift references), given the storage and the connection with the views."""
 
 
 _ATTRIBUTES = [
@@ -532,12 +542,23 @@ GOLD = {
 }
 """The gold tables built from silver alone."""
 
+
+def _drift_references(storage: Storage, con: duckdb.DuckDBPyConnection) -> None:
+    # Imported here: the model registry's module brings scikit-learn's and Feast's helpers.
+    from lakehouse.ml.monitor import drift
+
+    drift.register(storage, con)
+
+
 MONITORING = {
     "prediction_outcomes": GoldTable(
         PREDICTION_OUTCOMES, ("bronze.predictions", "loan_applications")
     ),
     "model_quality_daily": GoldTable(
         MODEL_QUALITY_DAILY, ("bronze.predictions", "gold.prediction_outcomes")
+    ),
+    "feature_drift_daily": GoldTable(
+        FEATURE_DRIFT_DAILY, ("bronze.predictions",), references=_drift_references
     ),
 }
 """Marts over the API's inference log: built with the ML side of the pipeline, as the same

@@ -169,6 +169,8 @@ def _build(
         if spec.frame is None:
             # Derived relations (market-wide aggregates) see every row, once.
             views(None)
+            if spec.references is not None:
+                spec.references(storage, con)
             computed: dict[object, pl.DataFrame] = {}  # derived relations sharing an input
             for derived in spec.derived:
                 source = derived.frame or derived.sql
