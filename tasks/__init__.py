@@ -186,6 +186,9 @@ class BuildGold(_Task):
 
     def run(self) -> None:
         settings, storage = _context()
+        if ALL_GOLD[self.name].references:
+            # The ML side provides the drift references and registers them on import.
+            from lakehouse.ml.monitor import drift  # noqa: F401
         gold.build(settings, storage, self.name)
 
 

@@ -118,6 +118,7 @@ def verify(settings: Settings, args: argparse.Namespace) -> int:
 def maintain(settings: Settings, args: argparse.Namespace) -> int:
     """Compact, checkpoint and vacuum every table, once or every N seconds."""
     from lakehouse.maintain import maintain as tidy
+    from lakehouse.ml.monitor import inference_log
     from lakehouse.service import repeat
     from lakehouse.storage import Storage
 
@@ -135,6 +136,13 @@ def maintain(settings: Settings, args: argparse.Namespace) -> int:
             results = tidy(storage, retention_hours=hours)
             if not results:
                 log.event("maintain.empty", "no tables yet; run `lakehouse run`")
+            pruned = inference_log.prune(settings, hours)
+            if pruned:
+                log.event(
+                    "maintain.serving",
+                    f"removed the state of {pruned} ended prediction-log writer(s)",
+                    writers=pruned,
+                )
             for r in results:
                 log.event(
                     "maintain.table",

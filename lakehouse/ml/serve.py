@@ -301,7 +301,7 @@ def create_app(settings: Settings) -> PredictFastPath:
             )
         else:
             assert request.applicant_id is not None and request.loan is not None
-            row, event_us = lookup(_new_loan, fs, request.applicant_id, request.loan)
+            row, event_us = lookup(_new_loan, fs, request.applicant_id, request.loan, served_at)
         used = {c: _clean(row.get(c)) for c in trained.columns}
         probability = trained.predict_one(used)
         decision: Literal["approve", "reject"] = (
@@ -411,12 +411,15 @@ HISTORY = (
 )
 
 
-def _new_loan(fs: Any, applicant_id: int, loan: Loan) -> tuple[dict[str, Any], int | None]:
+def _new_loan(
+    fs: Any, applicant_id: int, loan: Loan, now: float
+) -> tuple[dict[str, Any], int | None]:
     """Features of a loan not in the source: the applicant now, plus the loan as given.
 
     The applicant's attributes and history are their latest `applicant_features` row
     (history strictly before now, like an application's history before its applied_at);
-    `days_since_last_application` is moved from that row's time to now.
+    `days_since_last_application` is moved from that row's time to `now`, the request's
+    `served_at` (so that a replay at the logged time composes exactly the same value).
     """
     result = fs.get_online_features(
         features=[f"applicant_profile:{n}" for n in PROFILE]
@@ -429,7 +432,7 @@ def _new_loan(fs: Any, applicant_id: int, loan: Loan) -> tuple[dict[str, Any], i
     # Feast gives the row's event time in whole seconds: close enough for days.
     event_us = _newest_event_us({k: v[0] for k, v in result.items()})
     at = result.get("days_since_last_application__ts", [0])[0]
-    return new_loan_row(row, loan.model_dump(), at, time.time()), event_us
+    return new_loan_row(row, loan.model_dump(), at, now), event_us
 
 
 def new_loan_row(

@@ -28,6 +28,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
+import numpy as np
+
 FLOOR = 1e-4
 """Smallest share PSI uses for a bin (served or expected)."""
 DECILES = [i / 10 for i in range(1, 10)]
@@ -51,13 +53,19 @@ version and feature)."""
 
 def level(value: Any) -> str:
     """Return a category's level as the served JSON spells it (booleans `true`/`false`)."""
-    if isinstance(value, bool):
+    if isinstance(value, bool | np.bool_):
         return "true" if value else "false"
     return str(value)
 
 
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and math.isnan(value))
+    """Tell None, NaN, NaT and pandas' NA (whose comparison has no truth value)."""
+    if value is None:
+        return True
+    try:
+        return bool(value != value)
+    except TypeError:
+        return True
 
 
 def quantile(ordered: Sequence[float], q: float) -> float:
@@ -130,7 +138,10 @@ WITH entries AS (
 served AS (
     SELECT
         model_version, day, entry.key AS feature, entry.value ->> '$' AS raw,
-        TRY_CAST(entry.value ->> '$' AS DOUBLE) AS number
+        -- Numbers only where JSON has a number: the model reads a string as missing.
+        CASE WHEN json_type(entry.value) IN ('BIGINT', 'UBIGINT', 'DOUBLE')
+            THEN TRY_CAST(entry.value ->> '$' AS DOUBLE)
+        END AS number
     FROM entries
 ),
 binned AS (
@@ -202,6 +213,7 @@ stats AS (
 SELECT
     t.model_version, t.day, t.feature, r.kind,
     t.predictions,
+    t.predictions - t.missing AS present,
     t.missing / t.predictions AS missing_share,
     r.training_missing_share,
     CASE WHEN s.bins_present > 0 THEN s.psi END AS psi,

@@ -8,18 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 import polars as pl
 
 from lakehouse.transforms.drift import FEATURE_DRIFT_DAILY
 from lakehouse.transforms.segments import running_sum, segmented_scan, starts
-
-if TYPE_CHECKING:
-    import duckdb
-
-    from lakehouse.storage import Storage
 
 # Per application: its loan attributes and the applicant as they were when it was made
 # (the source's foreign key keeps an applicant alive while they have applications, so the
@@ -406,9 +400,10 @@ class GoldTable:
     frame: Callable[[dict[str, pl.LazyFrame]], pl.DataFrame] | None = None
     """The same table computed with Polars from the sources (used instead of `sql` when
     set; `sql` stays as the specification the tests hold it to)."""
-    references: Callable[[Storage, duckdb.DuckDBPyConnection], None] | None = None
-    """Registers relations that are not lake tables before `sql` runs (the model
-    registry's drift references), given the storage and the connection with the views."""
+    references: str | None = None
+    """A relation `sql` reads that is not a lake table (the drift references, from the
+    model registry), registered by the side that provides it in
+    `lakehouse.zones.gold.REFERENCES` under this name."""
 
 
 _ATTRIBUTES = [
@@ -543,13 +538,6 @@ GOLD = {
 """The gold tables built from silver alone."""
 
 
-def _drift_references(storage: Storage, con: duckdb.DuckDBPyConnection) -> None:
-    # Imported here: the model registry's module brings scikit-learn's and Feast's helpers.
-    from lakehouse.ml.monitor import drift
-
-    drift.register(storage, con)
-
-
 MONITORING = {
     "prediction_outcomes": GoldTable(
         PREDICTION_OUTCOMES, ("bronze.predictions", "loan_applications")
@@ -558,7 +546,7 @@ MONITORING = {
         MODEL_QUALITY_DAILY, ("bronze.predictions", "gold.prediction_outcomes")
     ),
     "feature_drift_daily": GoldTable(
-        FEATURE_DRIFT_DAILY, ("bronze.predictions",), references=_drift_references
+        FEATURE_DRIFT_DAILY, ("bronze.predictions",), references="drift_reference"
     ),
 }
 """Marts over the API's inference log: built with the ML side of the pipeline, as the same

@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+import duckdb
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
 from lakehouse import duck
-from lakehouse.errors import TableNotFoundError
+from lakehouse.errors import LakehouseError, TableNotFoundError
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 from lakehouse.transforms.gold import ALL_GOLD
@@ -31,6 +32,13 @@ _BATCH = 200_000
 _FILE_ROWS = 1_000_000
 # Input rows per key partition of a partitioned gold build (see GoldTable.partition_key).
 _PARTITION_ROWS = 2_500_000
+
+
+REFERENCES: dict[str, Callable[[Storage, duckdb.DuckDBPyConnection], None]] = {}
+"""Relations a gold table's SQL reads that are not lake tables (`GoldTable.references`),
+by name: each registers them on the build's connection. The side that owns them fills
+this in when it is imported (`lakehouse.ml.monitor.drift`: `drift_reference`), so the
+core builds such a table without importing that side."""
 
 
 def _row_count(dt: DeltaTable) -> int:
@@ -170,7 +178,14 @@ def _build(
             # Derived relations (market-wide aggregates) see every row, once.
             views(None)
             if spec.references is not None:
-                spec.references(storage, con)
+                provide = REFERENCES.get(spec.references)
+                if provide is None:
+                    msg = (
+                        f"gold.{name} reads `{spec.references}`, which the ML side provides: "
+                        "build it with `lakehouse run` (with ML), not on its own"
+                    )
+                    raise LakehouseError(msg)
+                provide(storage, con)
             computed: dict[object, pl.DataFrame] = {}  # derived relations sharing an input
             for derived in spec.derived:
                 source = derived.frame or derived.sql

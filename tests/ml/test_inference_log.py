@@ -367,3 +367,71 @@ def test_a_decision_landing_in_silver_joins_the_predictions_made_for_it(lake: La
     )
     assert quality["with_outcome"][0] == outcomes.height
     assert quality["approved"][0] == outcomes["approved"].sum()
+
+
+CRASH = """
+import os, sys, time
+from lakehouse.ml.monitor.inference_log import InferenceLog
+from lakehouse.settings import Settings
+from lakehouse.storage import Storage
+
+settings = Settings.from_env()
+log = InferenceLog(settings, Storage.from_settings(settings))
+log.record(
+    request_id="crash-1", served_at=time.time(), model_version="v", application_id=1,
+    applicant_id=None, features="{}", probability=0.5, decision="approve", threshold=0.5,
+    latency_ms=1.0, features_event_ts=None, online_refreshed_at=None,
+)
+print(log.writer, flush=True)
+os._exit(0)  # ends without closing: a crash, with one prediction buffered
+"""
+
+
+@pytest.mark.parametrize("lake", ["local"], indirect=True)
+def test_maintain_removes_ended_writers_state_and_keeps_what_status_must_show(
+    lake: Lake, tmp_path: Path
+) -> None:
+    """A writer that closed with everything landed leaves nothing behind after `lakehouse
+    maintain`; a crashed one is kept (the status names it) until it is older than the
+    retention; a running one is never touched."""
+    home = tmp_path / "home"
+    settings = replace(lake.settings, home=home, storage_uri=str(tmp_path / "warehouse"))
+    storage = Storage.from_settings(settings)
+    env = {**os.environ, **env_for(settings), "PYTHONPATH": str(ROOT)}
+
+    def writer_states() -> set[str]:
+        return {w["writer"] for w in inference_log.writers(settings)}
+
+    clean = InferenceLog(settings, storage)
+    running = InferenceLog(settings, storage)
+    for log in (clean, running):
+        log.record(
+            request_id=f"{log.writer}-1", served_at=time.time(), model_version="v",
+            application_id=1, applicant_id=None, features="{}", probability=0.5,
+            decision="approve", threshold=0.5, latency_ms=1.0, features_event_ts=None,
+            online_refreshed_at=None,
+        )  # fmt: skip
+    clean.close()
+    crashed = subprocess.run(
+        [sys.executable, "-c", CRASH], env=env, cwd=ROOT, capture_output=True, text=True,
+        timeout=120, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert writer_states() == {clean.writer, running.writer, crashed}
+
+    def maintain(*args: str) -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "lakehouse.cli", "maintain", *args],
+            env=env, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    try:
+        maintain()
+        assert writer_states() == {running.writer, crashed}
+        assert [w["writer"] for w in inference_log.summary(settings)["crashed"]] == [crashed]
+        maintain("--retention-hours", "0")
+        assert writer_states() == {running.writer}
+        assert (home / "serving" / f"predictions-{running.writer}.alive").exists()
+    finally:
+        running.close()
+    assert running.landed == 1

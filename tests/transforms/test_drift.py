@@ -32,6 +32,7 @@ NUMBERS = st.one_of(
     st.sampled_from([0, 1, 2, 2.5, 100]),  # ties: coinciding deciles
     st.floats(-1e6, 1e6, allow_nan=False),
     st.integers(-(2**53), 2**53),
+    st.just("12"),  # a string: the model reads it as missing, and so does the mart
 )
 LEVELS = st.one_of(st.none(), st.sampled_from(["A", "B", "C", "unseen", "ü é"]))
 FLAGS = st.one_of(st.none(), st.booleans())
@@ -106,12 +107,14 @@ def expected_rows(
             served = [v.get(name) for v in vectors]
             present = [v for v in served if v is not None]
             if kind == "numeric":
+                present = [v for v in present if not isinstance(v, str)]
                 deciles = np.arange(1, 10) / 10
                 edges = (
                     np.unique(np.quantile(np.array(train, dtype=float), deciles)) if train else []
                 )
                 bins = len(edges) + 1
-                e_counts = np.bincount(np.searchsorted(edges, train, side="left"), minlength=bins)
+                numbers = np.array(train, dtype=float)  # a training "12" is the number 12
+                e_counts = np.bincount(np.searchsorted(edges, numbers, side="left"), minlength=bins)
                 a_counts = np.bincount(
                     np.searchsorted(edges, np.array(present, dtype=float), side="left"),
                     minlength=bins,
@@ -134,6 +137,7 @@ def expected_rows(
                 js = float(jensenshannon(a, e, base=2)) if kind == "categorical" else None
             out[(version, day, name)] = {
                 "predictions": len(served),
+                "present": len(present),
                 "missing_share": 1 - len(present) / len(served),
                 "training_missing_share": 1 - len(train) / len(training[name]),
                 "psi": psi,
@@ -161,6 +165,7 @@ def test_drift_matches_numpy_and_scipy(
     for key, expected in want.items():
         row = got[key]
         assert row["predictions"] == expected["predictions"], key
+        assert row["present"] == expected["present"], key
         for column in ("missing_share", "training_missing_share", "psi", "js_distance"):
             assert close(row[column], expected[column]), (key, column, row, expected)
 

@@ -19,6 +19,7 @@ from lakehouse.ml import models
 from lakehouse.ml.scoring import is_boolean, is_categorical
 from lakehouse.storage import Storage
 from lakehouse.transforms import drift
+from lakehouse.zones import gold
 
 if TYPE_CHECKING:
     import duckdb
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REFERENCE_FILE = "drift_reference.json"
+FORMAT = 1
+"""Version of the cached reference's layout and binning: a cache of another format (an
+older binning) is recomputed, not trusted."""
 
 SCHEMA = pa.schema(
     [
@@ -47,8 +51,10 @@ def version_reference(storage: Storage, version: str) -> list[dict[str, Any]]:
     """Return a model version's reference, one entry per feature it uses (cached)."""
     registry = models.Registry(storage)
     if registry.exists(version, REFERENCE_FILE):
-        cached: list[dict[str, Any]] = json.loads(registry.get(version, REFERENCE_FILE))
-        return cached
+        cached = json.loads(registry.get(version, REFERENCE_FILE))
+        if isinstance(cached, dict) and cached.get("format") == FORMAT:
+            features: list[dict[str, Any]] = cached["features"]
+            return features
     frame = models.stored_training_set(storage, version)
     used = json.loads(registry.get(version, "metrics.json"))["features_used"]
     out = []
@@ -58,15 +64,16 @@ def version_reference(storage: Storage, version: str) -> list[dict[str, Any]]:
             "categorical" if is_categorical(series) or is_boolean(series) else "numeric"
         )
         out.append(drift.reference(feature, kind, series.astype(object).tolist()))
-    registry.put(version, REFERENCE_FILE, json.dumps(out).encode())
+    registry.put(version, REFERENCE_FILE, json.dumps({"format": FORMAT, "features": out}).encode())
     return out
 
 
 def references(storage: Storage, versions: Iterable[str]) -> pa.Table:
     """Return the `drift_reference` relation for these model versions.
 
-    A version no longer in the registry (its folder removed by hand) has no reference:
-    its predictions get no drift rows, and a warning says why.
+    A version no longer in the registry (its folder removed by hand), or without a
+    stored training set (trained before the registry kept them), has no reference: its
+    predictions get no drift rows, and a warning says why.
     """
     known = set(models.Registry(storage).versions())
     rows: list[dict[str, Any]] = []
@@ -75,6 +82,12 @@ def references(storage: Storage, versions: Iterable[str]) -> pa.Table:
             log.warning(
                 "model version %s served predictions but is not in the registry: "
                 "no drift is measured for it",
+                version,
+            )
+            continue
+        if not models.Registry(storage).exists(version, "training_set.json"):
+            log.warning(
+                "model version %s has no stored training set: no drift is measured for it",
                 version,
             )
             continue
@@ -87,3 +100,6 @@ def register(storage: Storage, con: duckdb.DuckDBPyConnection) -> None:
     found = con.execute("SELECT DISTINCT model_version FROM predictions").fetchall()
     versions = [v for (v,) in found]
     con.register("drift_reference", references(storage, versions))
+
+
+gold.REFERENCES["drift_reference"] = register

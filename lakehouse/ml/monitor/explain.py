@@ -34,9 +34,10 @@ from lakehouse.ml import models
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 
-DAY_TOLERANCE = 1.5 / 86_400
-"""`days_since_last_application` of a new loan moves to the serving clock, read a few ms
-after `served_at`, from a row time Feast gives in whole seconds: within 1.5 s, in days."""
+DAY_TOLERANCE = 1e-6 / 86_400
+"""`days_since_last_application` of a new loan moves from the row's time (whole seconds,
+as Feast gives it) to `served_at`, in serving and in the replay alike: equal up to the
+rounding of `served_at` to the microsecond the log stores."""
 
 
 class ExplainError(LakehouseError):

@@ -106,7 +106,7 @@ class InferenceLog:
         """The buffer, one list per column of `SCHEMA`, appended to under `_count`. A
         record allocates no container the garbage collector tracks (a tuple per request
         would: thousands held for seconds, each collection walking them), and a landing
-        hands each list to Arrow as it is."""
+        gives Arrow a list per column with no transposing."""
         self._wake = threading.Event()
         self._lock = threading.Lock()  # one landing at a time (the thread, or `close`)
         self._thread: threading.Thread | None = None
@@ -242,7 +242,7 @@ class InferenceLog:
                 self._batch += 1
                 self._pending = (self._batch, min(self.buffered, self.records))
             number, take = self._pending
-            with self._count:
+            with self._count:  # copies of the head: it stays buffered until it has landed
                 batch = [column[:take] for column in self._columns]
             try:
                 self._land(number, batch, retry=self._retrying)
@@ -319,7 +319,8 @@ class InferenceLog:
         if self._closed:
             return
         deadline = time.monotonic() + timeout
-        self._closed = True
+        with self._count:  # a record in progress lands its values first, or sees closed
+            self._closed = True
         self._wake.set()
         if self._thread is not None:
             self._thread.join(max(0.0, deadline - time.monotonic()))
@@ -446,6 +447,35 @@ def writers(settings: Settings) -> list[dict[str, Any]]:
             state["alive"] = _locked(path.with_suffix(".alive"))
             out.append(state)
     return out
+
+
+def prune(settings: Settings, retention_hours: float) -> int:
+    """Remove the state files of writers that ended; return how many (`lakehouse maintain`).
+
+    A writer that closed with everything landed is removed at once (the status only
+    counts it). One that crashed, or closed with predictions not landed, stays for the
+    retention (`LAKEHOUSE_VACUUM_RETENTION_HOURS`) after its last report, so that the
+    status keeps naming what it lost for that long. A writer still running is never
+    touched.
+    """
+    folder = state_folder(settings)
+    cutoff = datetime.now(UTC).timestamp() - retention_hours * 3600
+    removed = 0
+    for path in sorted(folder.glob("predictions-*.json")) if folder.is_dir() else []:
+        alive = path.with_suffix(".alive")
+        try:
+            state = dict(json.loads(path.read_text()))
+            reported = datetime.fromisoformat(state["reported_at"]).timestamp()
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being rewritten, or not ours: left alone
+        if _locked(alive):
+            continue
+        lost_nothing = state.get("closed") and not state.get("buffered")
+        if lost_nothing or reported < cutoff:
+            path.unlink(missing_ok=True)
+            alive.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def _locked(path: Path) -> bool:

@@ -29,12 +29,15 @@ def _read(storage: Storage, name: str) -> pl.DataFrame | None:
     return frame
 
 
-def _judged_days(frame: pl.DataFrame, count: str, minimum: int) -> pl.DataFrame:
-    """Each current version's latest day with at least `minimum` in `count`."""
-    newest = frame["day"].max()
-    current = frame.filter(pl.col("day") == newest)["model_version"].unique()
+def _current(frame: pl.DataFrame) -> pl.Series:
+    """Return the versions that served on the newest day of a mart (judged or not)."""
+    return frame.filter(pl.col("day") == frame["day"].max())["model_version"].unique()
+
+
+def _judged_days(frame: pl.DataFrame, current: pl.Series, usable: pl.Expr) -> pl.DataFrame:
+    """Each current version's latest day among the `usable` rows."""
     return (
-        frame.filter(pl.col("model_version").is_in(current.implode()) & (pl.col(count) >= minimum))
+        frame.filter(pl.col("model_version").is_in(current.implode()) & usable)
         .group_by("model_version")
         .agg(pl.col("day").max())
     )
@@ -44,14 +47,19 @@ def drifting(settings: Settings, frame: pl.DataFrame) -> list[dict[str, Any]]:
     """Return the drifting features of the current model versions, with the reason."""
     if frame.is_empty():
         return []
-    days = _judged_days(frame, "predictions", settings.monitor_min_count)
+    enough = settings.monitor_min_count
+    days = _judged_days(frame, _current(frame), pl.col("predictions") >= enough)
     judged = frame.join(days, on=["model_version", "day"])
     out = []
     for row in judged.sort("model_version", "feature").iter_rows(named=True):
         reasons = []
-        if row["kind"] == "numeric" and (row["psi"] or 0) > settings.drift_psi:
+        # The statistics are over the values present: judged on enough of them (a feature
+        # missing 97% of the time gives a handful a day, and a handful looks drifted).
+        values = row["present"] >= enough
+        numeric = row["kind"] == "numeric"
+        if values and numeric and (row["psi"] or 0) > settings.drift_psi:
             reasons.append(f"PSI {row['psi']:.3f} > {settings.drift_psi:g}")
-        if row["kind"] == "categorical" and (row["js_distance"] or 0) > settings.drift_js:
+        if values and not numeric and (row["js_distance"] or 0) > settings.drift_js:
             reasons.append(
                 f"Jensen-Shannon distance {row['js_distance']:.3f} > {settings.drift_js:g}"
             )
@@ -78,10 +86,14 @@ def falling(
     settings: Settings, frame: pl.DataFrame, evaluation: dict[str, float]
 ) -> list[dict[str, Any]]:
     """Return the current model versions whose day's AUC fell below evaluation by the margin."""
-    frame = frame.filter(pl.col("roc_auc").is_not_null())
-    if frame.is_empty():
+    if frame.filter(pl.col("roc_auc").is_not_null()).is_empty():
         return []
-    days = _judged_days(frame, "with_outcome", settings.monitor_min_count)
+    # Current: serving on the newest day of the log, whether its outcomes are known yet
+    # or not (they come later); judged on its latest day with enough of them.
+    usable = pl.col("roc_auc").is_not_null() & (
+        pl.col("with_outcome") >= settings.monitor_min_count
+    )
+    days = _judged_days(frame, _current(frame), usable)
     out = []
     for row in frame.join(days, on=["model_version", "day"]).iter_rows(named=True):
         evaluated = evaluation.get(row["model_version"])
