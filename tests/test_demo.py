@@ -39,8 +39,8 @@ def test_demo_runs_then_reports_what_was_done() -> None:
         assert "[1/4] Postgres started" in out
         assert "[2/4] seeded 45,000 applicants and 45,000 applications" in out
         # bronze, silver: 2 each; gold: 3; Feast apply, materialize; training set, fit,
-        # evaluate; the inference log (created empty) and its 2 marts.
-        assert re.search(r"15 tasks ran in [\d.]+s", out)
+        # evaluate; the inference log (created empty) and its 3 marts.
+        assert re.search(r"16 tasks ran in [\d.]+s", out)
         assert re.search(r"^silver\.applicants\s+\|\s+1\s+\|\s+44993\s+\|", out, re.M)
         assert re.search(r"^applicants\s+\|\s+age_range\s+\|\s+7$", out, re.M)
         assert "approval_rate" in out
@@ -51,6 +51,11 @@ def test_demo_runs_then_reports_what_was_done() -> None:
         assert logged, out[-2000:]
         table = DeltaTable(str(cwd / ".lakehouse" / "warehouse" / "bronze" / "predictions"))
         assert table.to_pyarrow_table()["request_id"].to_pylist() == [logged.group(1)]
+        drift = DeltaTable(str(cwd / ".lakehouse" / "warehouse" / "gold" / "feature_drift_daily"))
+        assert set(drift.to_pyarrow_table()["predictions"].to_pylist()) == {1}
+        report = cwd / ".lakehouse" / "report.html"
+        assert f"Report (rows, rejects, freshness, the model, quality, drift): {report}" in out
+        assert report.read_text().count("<svg") >= 6
         # Applicants' data (warehouse, online store, models, training sets) is the owner's.
         home = cwd / ".lakehouse"
         shared = [p for p in home.rglob("*") if p.stat().st_mode & 0o077]
@@ -60,8 +65,8 @@ def test_demo_runs_then_reports_what_was_done() -> None:
         assert second.returncode == 0, second.stderr[-3000:]
         assert "[1/4] Postgres already running" in second.stdout
         assert "source already seeded: 45,000 applicants" in second.stdout
-        # The source did not change; the first demo's prediction is new to the 2 marts.
-        assert re.search(r"2 tasks ran in [\d.]+s", second.stdout), second.stdout
+        # The source did not change, and the first demo built the marts over its prediction.
+        assert "nothing to do" in second.stdout, second.stdout
         assert "Prediction through the API" in second.stdout
     finally:
         EmbeddedPostgres(Settings(home=cwd / ".lakehouse")).destroy()

@@ -108,11 +108,36 @@ def demo(
     )
     if settings.prediction_log == "on":
         say(f"  logged in bronze.predictions as request {answer['request_id']}")
+        say(f"  explain it: lakehouse predictions explain {answer['request_id']}")
+        _monitoring_marts(settings, storage)
+    say("")
+    report = _report(settings, storage)
+    say(f"Report (rows, rejects, freshness, the model, quality, drift): {report}")
     say("")
     say(
         f'Done in {time.monotonic() - t0:.1f}s. Try: lakehouse sql "SELECT * FROM '
         'gold.application_features LIMIT 5", or `lakehouse serve`'
     )
+
+
+def _monitoring_marts(settings: Settings, storage: Storage) -> None:
+    """Build the monitoring marts over the prediction just logged (as `lakehouse run` would)."""
+    from lakehouse.ml.monitor import drift  # noqa: F401 - provides the drift references
+    from lakehouse.transforms.gold import MONITORING
+    from lakehouse.zones import gold
+
+    for name in MONITORING:  # in dependency order: outcomes before quality
+        gold.build(settings, storage, name)
+
+
+def _report(settings: Settings, storage: Storage) -> str:
+    """Write `<home>/report.html`; return its path."""
+    from lakehouse.report import data, page
+
+    written = page.write(
+        page.render(data.collect(settings, storage), settings), settings.home / "report.html"
+    )
+    return str(written)
 
 
 def _predict_through_api(settings: Settings, storage: Storage) -> tuple[int, dict[str, Any]]:
