@@ -231,16 +231,23 @@ class InferenceLog:
                 self.last_error = redact(described(exc))
                 log.warning("prediction log: %s", self.last_error)
 
-    def _land_buffer(self, deadline: float) -> None:
-        """Land what the buffer holds, in batches of at most `records`; keep what fails.
+    def _land_buffer(self, deadline: float, *, drain: bool = False) -> None:
+        """Land what the buffer holds now, in batches of at most `records`; keep what fails.
 
-        A failed batch is tried again until `deadline` (`time.monotonic()`), then left
-        at the head of the buffer for the next tick.
+        Only what was buffered when the tick began: the predictions that arrive during a
+        landing wait for the next tick. (Chasing them, a busy server's writer never slept:
+        each landing's few dozen milliseconds brought a hundred more, and it committed
+        small batches back to back, a Delta commit every 90 ms at 1,700 requests/s, each
+        one slowing the requests served beside it.) With `drain` (closing), until empty.
+        A failed batch is tried again until `deadline` (`time.monotonic()`), then left at
+        the head of the buffer for the next tick.
         """
-        while self.buffered:
+        left = self.buffered
+        while self.buffered and (drain or left > 0):
             if self._pending is None:
                 self._batch += 1
-                self._pending = (self._batch, min(self.buffered, self.records))
+                size = self.buffered if drain else min(left, self.buffered)
+                self._pending = (self._batch, min(size, self.records))
             number, take = self._pending
             with self._count:  # copies of the head: it stays buffered until it has landed
                 batch = [column[:take] for column in self._columns]
@@ -260,6 +267,7 @@ class InferenceLog:
                     del column[:take]
             self._pending = None
             self._retrying = False
+            left -= take
             self.landed += take
             self.last_landed_at = datetime.now(UTC).isoformat()
 
@@ -328,7 +336,7 @@ class InferenceLog:
             return  # never used: nothing to land or to report
         if self._lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
             try:
-                self._land_buffer(deadline=deadline)
+                self._land_buffer(deadline=deadline, drain=True)
             finally:
                 self._lock.release()
         self._report(closed=True)
