@@ -20,6 +20,7 @@ from typing import Any
 import polars as pl
 
 from lakehouse.ml import tasks as ml_tasks
+from lakehouse.ml.monitor import explain
 from lakehouse.source import schema
 from tests.conftest import env_for
 from tests.helpers import read
@@ -41,10 +42,10 @@ def cli(lake: Lake, *args: str, ok: bool = True) -> subprocess.CompletedProcess[
 
 
 def explained(lake: Lake, request_id: str) -> dict[str, Any]:
-    out = json.loads(cli(lake, "predictions", "explain", request_id, "--format", "json").stdout)
+    """Explain in process (what the command prints; the command itself is run below)."""
+    out = explain.explain(lake.settings, lake.storage, request_id)
     assert len(out) == 1
-    item: dict[str, Any] = out[0]
-    return item
+    return out[0]
 
 
 def predict(lake: Lake, body: dict[str, Any]) -> dict[str, Any]:
@@ -116,6 +117,12 @@ def test_the_replay_explains_old_predictions_after_the_source_changed(lake: Lake
     assert "loan_amnt" not in differ and "credit_score" not in differ
     text = cli(lake, "predictions", "explain", stale["request_id"]).stdout
     assert "differ" in text and "person_income" in text and version in text
+    shown = json.loads(
+        cli(lake, "predictions", "explain", stale["request_id"], "--format", "json").stdout
+    )
+    assert shown[0]["replay"]["matches"] is False
+    assert shown[0]["prediction"]["served_at"] == explained(lake, stale["request_id"])[
+        "prediction"]["served_at"].isoformat()  # fmt: skip
 
     # Once materialized, serving sees the change, and its replay matches again.
     cli(lake, "run")
