@@ -184,7 +184,7 @@ def drift(frame: pl.DataFrame | None, thresholds: dict[str, float], min_count: i
     days = sorted(rows["day"].unique().to_list())
     grid = [[float("nan")] * len(days) for _ in features]
     for r in rows.iter_rows(named=True):
-        if r["ratio"] is not None and r["present"] >= min_count:
+        if r["ratio"] is not None and r.get("present", r["predictions"]) >= min_count:
             grid[features.index(r["feature"])][days.index(r["day"])] = r["ratio"]
     with _figure(height=0.25 * len(features) + 1.6) as (figure, (ax,)):
         image = ax.imshow(grid, aspect="auto", cmap="RdYlBu_r", vmin=0, vmax=2)

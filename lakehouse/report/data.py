@@ -6,7 +6,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -14,6 +14,9 @@ from lakehouse import duck
 from lakehouse.settings import Settings
 from lakehouse.status import Status
 from lakehouse.storage import Storage
+
+if TYPE_CHECKING:
+    import duckdb
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +41,8 @@ class ReportData:
     errors: dict[str, str] = field(default_factory=dict)
 
 
-def _query(settings: Settings, storage: Storage, sql: str) -> pl.DataFrame:
-    con = duck.connect(settings, storage)
-    try:
-        frame = pl.from_arrow(con.execute(sql).to_arrow_table())
-    finally:
-        con.close()
+def _query(con: duckdb.DuckDBPyConnection, sql: str) -> pl.DataFrame:
+    frame = pl.from_arrow(con.execute(sql).to_arrow_table())
     assert isinstance(frame, pl.DataFrame)
     return frame
 
@@ -71,20 +70,25 @@ def collect(settings: Settings, storage: Storage) -> ReportData:
     )
 
     def rows() -> None:
+        con = duck.connect(settings, storage)  # one connection: each loads the extensions
+        try:
+            _rows(con)
+        finally:
+            con.close()
+
+    def _rows(con: duckdb.DuckDBPyConnection) -> None:
         for table in SOURCE_TABLES:
             history = storage.uri("silver", f"{table}_history")
             rejected = storage.uri("silver", f"{table}_rejected")
             if storage.table_or_none("silver", f"{table}_history") is not None:
                 data.versions_per_day[table] = _query(
-                    settings,
-                    storage,
+                    con,
                     f"SELECT CAST(valid_from AS DATE) AS day, count(*) AS versions "
                     f"FROM {duck.scan(history)} GROUP BY ALL ORDER BY day",
                 )
             if storage.table_or_none("silver", f"{table}_rejected") is not None:
                 data.rejects_per_day[table] = _query(
-                    settings,
-                    storage,
+                    con,
                     f"SELECT CAST(valid_from AS DATE) AS day, _rule AS rule, count(*) AS rejects "
                     f"FROM {duck.scan(rejected)} GROUP BY ALL ORDER BY day, rule",
                 )

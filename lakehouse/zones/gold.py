@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -106,10 +107,29 @@ def built_from(storage: Storage, name: str, dt: DeltaTable | None = None) -> dic
     return out
 
 
+def definition(name: str) -> int:
+    """Return a fingerprint of `gold.<name>`'s definition (its SQL and what it reads).
+
+    Recorded with every build: a table built by another definition (an upgrade changed
+    its SQL, say added a column) is not current, whatever its inputs, and is rebuilt once.
+    """
+    spec = ALL_GOLD[name]
+    text = "\n".join(
+        [spec.sql, *spec.sources, *(d.sql for d in spec.derived), spec.references or ""]
+    )
+    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+
+
+def _definition_app(name: str) -> str:
+    return app_id("gold", name, "definition")
+
+
 def is_current(storage: Storage, name: str) -> bool:
-    """Tell whether `gold.<name>` was built from the current versions of its inputs (cheap)."""
+    """Tell whether `gold.<name>` is its definition over its inputs' current versions (cheap)."""
     dt = storage.table_or_none("gold", name)
     if dt is None:
+        return False
+    if recorded(dt, _definition_app(name)) != definition(name):
         return False
     try:
         wanted = input_versions(storage, name)
@@ -212,6 +232,7 @@ def _build(
             for frame in part_frames(part):
                 files.add(frame)
         progress = {_app(name, src): v for src, v in versions.items()}
+        progress[_definition_app(name)] = definition(name)
         try:
             files.commit(
                 commit_properties(progress, operation="build-gold"),

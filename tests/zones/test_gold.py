@@ -308,7 +308,9 @@ def check_an_application_never_counts_itself(built: tuple[Storage, AsOf]) -> Non
 
 # Local disk only (CI time): the recorded versions are read the same way on S3.
 @pytest.mark.parametrize("settings", ["local"], indirect=True)
-def test_gold_records_its_inputs_and_skips_when_current(settings: Settings) -> None:
+def test_gold_records_its_inputs_and_skips_when_current(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     storage = seeded(settings, rows=60)
     run_all(settings, storage)
     assert gold.is_current(storage, "application_features")
@@ -319,6 +321,15 @@ def test_gold_records_its_inputs_and_skips_when_current(settings: Settings) -> N
     churn(settings, changes=50)
     run_all(settings, storage)
     assert storage.table("gold", "application_features").version() == version + 1
+
+    # A new definition (an upgrade changed the SQL) is not current over the same inputs:
+    # rebuilt once, then current again.
+    changed = replace(GOLD["approval_rate_daily"], sql=GOLD["approval_rate_daily"].sql + "\n")
+    monkeypatch.setitem(gold.ALL_GOLD, "approval_rate_daily", changed)
+    assert not gold.is_current(storage, "approval_rate_daily")
+    assert gold.build(settings, storage, "approval_rate_daily").built
+    assert gold.is_current(storage, "approval_rate_daily")
+    assert not gold.build(settings, storage, "approval_rate_daily").built
 
 
 def test_approval_rate_daily_matches_silver(settings: Settings) -> None:

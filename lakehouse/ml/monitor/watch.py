@@ -55,7 +55,8 @@ def drifting(settings: Settings, frame: pl.DataFrame) -> list[dict[str, Any]]:
         reasons = []
         # The statistics are over the values present: judged on enough of them (a feature
         # missing 97% of the time gives a handful a day, and a handful looks drifted).
-        values = row["present"] >= enough
+        # (A table built before the column existed: until its rebuild, all of them.)
+        values = row.get("present", row["predictions"]) >= enough
         numeric = row["kind"] == "numeric"
         if values and numeric and (row["psi"] or 0) > settings.drift_psi:
             reasons.append(f"PSI {row['psi']:.3f} > {settings.drift_psi:g}")
