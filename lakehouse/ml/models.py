@@ -116,19 +116,22 @@ class Registry:
         """Return every version folder holding a model, complete or not, oldest first."""
         return self._folders_with("model.joblib")
 
-    def exists(self, version: str, name: str) -> bool:
-        """Tell whether a version (or training set) has this file."""
+    def find(self, version: str, name: str) -> bytes | None:
+        """Read one file of a version (or training set), or None when it has none."""
         from minio.error import S3Error
 
         try:
-            self.get(version, name)
+            return self.get(version, name)
         except FileNotFoundError:
-            return False
+            return None
         except S3Error as exc:
             if exc.code in ("NoSuchKey", "NoSuchBucket"):
-                return False
+                return None
             raise
-        return True
+
+    def exists(self, version: str, name: str) -> bool:
+        """Tell whether a version (or training set) has this file."""
+        return self.find(version, name) is not None
 
     def latest(self) -> str:
         """Return the newest complete version, or fail with what to run."""

@@ -47,14 +47,20 @@ SCHEMA = pa.schema(
 assert tuple(SCHEMA.names) == drift.REFERENCE_COLUMNS
 
 
-def version_reference(storage: Storage, version: str) -> list[dict[str, Any]]:
-    """Return a model version's reference, one entry per feature it uses (cached)."""
+def version_reference(storage: Storage, version: str) -> list[dict[str, Any]] | None:
+    """Return a model version's reference, one entry per feature it uses (cached).
+
+    None for a version without a stored training set (trained before the registry kept
+    them): there is nothing to compare with.
+    """
     registry = models.Registry(storage)
-    if registry.exists(version, REFERENCE_FILE):
-        cached = json.loads(registry.get(version, REFERENCE_FILE))
-        if isinstance(cached, dict) and cached.get("format") == FORMAT:
-            features: list[dict[str, Any]] = cached["features"]
-            return features
+    found = registry.find(version, REFERENCE_FILE)
+    cached = json.loads(found) if found is not None else None
+    if isinstance(cached, dict) and cached.get("format") == FORMAT:
+        features: list[dict[str, Any]] = cached["features"]
+        return features
+    if registry.find(version, "training_set.json") is None:
+        return None
     frame = models.stored_training_set(storage, version)
     used = json.loads(registry.get(version, "metrics.json"))["features_used"]
     out = []
@@ -85,13 +91,14 @@ def references(storage: Storage, versions: Iterable[str]) -> pa.Table:
                 version,
             )
             continue
-        if not models.Registry(storage).exists(version, "training_set.json"):
+        reference = version_reference(storage, version)
+        if reference is None:
             log.warning(
                 "model version %s has no stored training set: no drift is measured for it",
                 version,
             )
             continue
-        rows.extend({"model_version": version, **r} for r in version_reference(storage, version))
+        rows.extend({"model_version": version, **r} for r in reference)
     return pa.Table.from_pylist(rows, schema=SCHEMA)
 
 

@@ -49,17 +49,13 @@ def logged(settings: Settings, storage: Storage, request_id: str) -> list[dict[s
     if storage.table_or_none("bronze", "predictions") is None:
         msg = "no prediction has been logged yet (bronze.predictions does not exist)"
         raise ExplainError(msg)
-    con = duck.connect(settings, storage)
-    try:
-        table = con.execute(
-            "SELECT * FROM "
-            + duck.scan(storage.uri("bronze", "predictions"))
-            + " WHERE request_id = ? ORDER BY served_at",
-            [request_id],
-        ).to_arrow_table()
-    finally:
-        con.close()
-    rows: list[dict[str, Any]] = table.to_pylist()
+    rows = _query(
+        settings,
+        storage,
+        f"SELECT * FROM {duck.scan(storage.uri('bronze', 'predictions'))} "
+        "WHERE request_id = ? ORDER BY served_at",
+        [request_id],
+    )
     if not rows:
         msg = (
             f"no prediction with request id `{request_id}` in bronze.predictions; the API "
@@ -155,19 +151,27 @@ def _applicant_row_time(
     Serving moves `days_since_last_application` from that time (Feast gives it in whole
     seconds).
     """
+    found = _query(
+        settings,
+        storage,
+        f"SELECT max(event_timestamp) AS at FROM "
+        f"{duck.scan(storage.uri('gold', 'applicant_features'))} "
+        "WHERE applicant_id = ? AND event_timestamp <= ?",
+        [applicant_id, at],
+    )
+    if not found or found[0]["at"] is None:
+        return None
+    return float(math.floor(found[0]["at"].timestamp()))
+
+
+def _query(settings: Settings, storage: Storage, sql: str, params: list[Any]) -> list[dict]:
+    """Run one parameterized query over the lake's tables; return its rows."""
     con = duck.connect(settings, storage)
     try:
-        found = con.execute(
-            "SELECT max(event_timestamp) FROM "
-            + duck.scan(storage.uri("gold", "applicant_features"))
-            + " WHERE applicant_id = ? AND event_timestamp <= ?",
-            [applicant_id, at],
-        ).fetchone()
+        rows: list[dict[str, Any]] = con.execute(sql, params).to_arrow_table().to_pylist()
     finally:
         con.close()
-    if not found or found[0] is None:
-        return None
-    return float(math.floor(found[0].timestamp()))
+    return rows
 
 
 def explain(settings: Settings, storage: Storage, request_id: str) -> list[dict[str, Any]]:
