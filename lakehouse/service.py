@@ -8,6 +8,8 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from lakehouse import log
+
 
 class StopSignal:
     """Set by SIGTERM or SIGINT: the current step finishes, then the command exits 0.
@@ -37,6 +39,11 @@ class StopSignal:
         def handler(signum: int, frame: FrameType | None) -> None:
             if signum == signal.SIGINT and self.event.is_set():
                 raise KeyboardInterrupt  # a second Ctrl-C does not wait
+            if not self.event.is_set():
+                # Said at once: an orchestrator's log shows the signal arrived, and that
+                # the wait until the exit is the step finishing.
+                name = signal.Signals(signum).name
+                log.event("stop", f"{name} received: finishing the current step, then exiting")
             self.event.set()
 
         for signum in (signal.SIGTERM, signal.SIGINT):

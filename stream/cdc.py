@@ -177,6 +177,7 @@ class SlotPartition(StatefulSourcePartition[tuple[str, ChangeBatch], None]):
             self.ended = True
             fail(exc)
         MONITOR.held(self.table, len(self.builder.batch))
+        MONITOR.beat()
         MONITOR.tick()
         self.awake = None if received or out else datetime.now(UTC) + timedelta(milliseconds=5)
         return out
@@ -406,6 +407,9 @@ def install_signal_handlers() -> None:
         if signum == signal.SIGINT and SIGNALLED.is_set():
             events.event("interrupted", "interrupted", level="error")
             os._exit(130)
+        if not SIGNALLED.is_set():
+            name = signal.Signals(signum).name
+            events.event("stream.stop", f"{name} received: landing what is held, then stopping")
         SIGNALLED.set()
         STOP.set()
 

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from stream.liveness import Heartbeat
+
 Report = Callable[[str, dict[str, object]], None]
 
 
@@ -35,6 +37,8 @@ class Monitor:
     refreshes: int = 0
     """Speed-layer refreshes of online features (with or without a change) since the start."""
     refresh_seconds: float = 0.0
+    heartbeat: Heartbeat | None = None
+    """Touched on every turn of the dataflow (`stream.liveness`)."""
     _last: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -63,6 +67,11 @@ class Monitor:
         """Note the `changes` changes a source holds, received but not landed yet."""
         with self._lock:
             self.buffered[table] = changes
+
+    def beat(self) -> None:
+        """Note a turn of the dataflow (for the liveness probe)."""
+        if self.heartbeat is not None:
+            self.heartbeat.beat()
 
     def tick(self) -> None:
         """Print the line if it is due."""

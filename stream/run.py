@@ -12,6 +12,7 @@ from lakehouse.source.schema import TABLES, connect
 from lakehouse.storage import Storage
 from stream import cdc
 from stream.changes import slot_name
+from stream.liveness import Heartbeat, heartbeat_path
 from stream.replication import StreamError
 from stream.setup import check_wal_level, slot_info
 
@@ -69,7 +70,8 @@ def run_stream(
         + (" and silver" if promote else "")
         + f" at {storage.root}; stop with Ctrl-C or SIGTERM"
     )
-    cdc.MONITOR = cdc.Monitor(every=report_every, report=report)
+    heartbeat = Heartbeat(heartbeat_path(settings))
+    cdc.MONITOR = cdc.Monitor(every=report_every, report=report, heartbeat=heartbeat)
     flow = cdc.build_flow(settings, promote=promote)
     try:
         run_main(flow)
@@ -80,6 +82,7 @@ def run_stream(
         raise
     finally:
         cdc.CAPTURE.clear()
+        heartbeat.stop()
     if cdc.FAILURES:
         raise cdc.FAILURES[0]
     total = sum(cdc.MONITOR.total.values())

@@ -305,6 +305,7 @@ def test_redact_hides_passwords_in_any_form() -> None:
 def test_serve_answers_and_stops_with_exit_0(settings: Settings, workers: int) -> None:
     """`lakehouse serve --workers N`: N server processes built from the environment
     answer, and SIGTERM stops them all with exit 0 (one worker re-raised it: -15)."""
+    import urllib.error
     import urllib.request
 
     import psutil
@@ -322,12 +323,22 @@ def test_serve_answers_and_stops_with_exit_0(settings: Settings, workers: int) -
 
         answer = wait_until(health, 120, "the API to answer")
         assert answer == {"status": "ok", "model_version": None}
+        # For orchestrators: alive, and not ready (no model yet) with the reason.
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as r:
+            assert json.loads(r.read()) == {"status": "ok"}
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5)
+        assert refused.value.code == 503
+        assert "no trained model yet" in json.loads(refused.value.read())["detail"]
         if workers > 1:
             children = psutil.Process(server.pid).children(recursive=True)
             assert sum("multiprocessing" in " ".join(p.cmdline()) for p in children) >= workers
         code, out, err = stop(server)
     assert code == 0, err[-2000:]
     assert f"with {workers} worker(s)" in out
+    # Each worker tried to load the model before its first request, and said it stopped.
+    assert out.count("not ready yet: no trained model") == workers, out
+    assert out.count("stop signal: requests in progress answered") == workers, out
 
 
 def _wait_for_line(lines: list[str], wanted: str, child: subprocess.Popen[str]) -> None:

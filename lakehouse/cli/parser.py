@@ -176,15 +176,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["table", "json"], default="table")
 
     p = sub.add_parser(
-        "stream", help="CDC: stream source changes into bronze (setup|run|status|teardown)"
+        "stream",
+        help="CDC: stream source changes into bronze (setup|run|status|alive|teardown)",
     )
     p.add_argument(
         "action",
         nargs="?",
         default="run",
-        choices=["run", "setup", "status", "teardown"],
+        choices=["run", "setup", "status", "alive", "teardown"],
         help="run (default): stream until SIGTERM/Ctrl-C; setup: publications, slots and "
-        "the aligned snapshot; status: slot lag and freshness; teardown: drop them",
+        "the aligned snapshot; status: slot lag and freshness; alive: exit 0 if the "
+        "stream running with this home has turned within --max-age (a liveness probe); "
+        "teardown: drop them",
+    )
+    p.add_argument(
+        "--max-age",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="with alive: the oldest heartbeat that counts as alive (default 120)",
     )
     p.add_argument(
         "--promote",

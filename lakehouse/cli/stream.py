@@ -14,6 +14,11 @@ from lakehouse.settings import Settings
 def stream(settings: Settings, args: argparse.Namespace) -> int:
     """CDC: set up, run, show or tear down the stream into bronze."""
     action, promote, setup = args.action, args.promote, args.setup
+    if args.max_age is not None and action != "alive":
+        msg = "--max-age goes with `lakehouse stream alive`"
+        raise UsageError(msg)
+    if action == "alive":
+        return _alive(settings, args.max_age)
     from lakehouse.storage import Storage
 
     try:
@@ -23,6 +28,12 @@ def stream(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError(msg) from None
     storage = Storage.from_settings(settings)
     storage.check()
+    if action == "run":
+        from stream.liveness import Heartbeat, heartbeat_path
+
+        # A heartbeat left by a killed stream (SIGKILL, a lost node) must not pass this
+        # one's probe before it has turned once.
+        Heartbeat(heartbeat_path(settings)).stop()
     if action == "setup" or (action == "run" and setup):
         for r in stream_setup.setup(settings, storage):
             if r.created:
@@ -96,6 +107,31 @@ def stream(settings: Settings, args: argparse.Namespace) -> int:
             "stream.progress", line, **cast(dict[str, Any], fields)
         ),
     )
+    return 0
+
+
+def _alive(settings: Settings, max_age: float | None) -> int:
+    """Exit 0 when the stream of this home and schema has turned recently, 1 if not.
+
+    Cheap on purpose (no bytewax, no network): a probe runs it every few seconds.
+    """
+    from stream import liveness
+
+    limit = liveness.MAX_AGE_SECONDS if max_age is None else max_age
+    age = liveness.age(settings)
+    if age is None:
+        sys.stderr.write(
+            f"stream not alive: no heartbeat at {liveness.heartbeat_path(settings)} "
+            "(not started, still setting up, or stopped)\n"
+        )
+        return 1
+    if age > limit:
+        sys.stderr.write(
+            f"stream not alive: last turn {age:.0f}s ago, limit {limit:.0f}s; it is stuck "
+            "(see its log): restart it, it resumes from the last landed change\n"
+        )
+        return 1
+    sys.stdout.write(f"stream alive: last turn {age:.1f}s ago\n")
     return 0
 
 

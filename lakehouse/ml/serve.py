@@ -5,7 +5,10 @@
 store, the loan's from the request). Every answer carries a request id (the client's
 `X-Request-ID`, or one made here), returned in the body and the `X-Request-ID` header,
 and is logged with it in `bronze.predictions` (`lakehouse.ml.monitor.inference_log`).
-`GET /health`, `GET /models`; OpenAPI at `/docs` and `/openapi.json`.
+`GET /health`, `GET /models`; OpenAPI at `/docs` and `/openapi.json`. For orchestrators:
+`GET /healthz` answers while the process serves (liveness), `GET /readyz` only once a
+model, its feature service and a non-empty online store are loaded (readiness); each
+worker loads them before it accepts a request.
 """
 
 from __future__ import annotations
@@ -166,7 +169,11 @@ def create_app(settings: Settings) -> PredictFastPath:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # Before the first request: a worker that has just started answers its first
+        # requests as fast as the others, and `/readyz` is true from the start.
+        await run_in_threadpool(preload)
         yield
+        log.event("serve.stop", "stop signal: requests in progress answered, stopping")
         # uvicorn has stopped accepting and finished the requests in progress: every
         # answered prediction is buffered. Land them all before the process ends.
         if inference is not None:
@@ -266,6 +273,46 @@ def create_app(settings: Settings) -> PredictFastPath:
                 state["current"] = current
         assert current is not None
         return current
+
+    def not_ready() -> str | None:
+        """Return why this worker cannot answer `/predict` yet; None when it can."""
+        try:
+            model()
+        except HTTPException as exc:
+            return str(exc.detail)
+        except Exception as exc:
+            return log.redact(f"cannot load the model: {described(exc)}")
+        if online_store.empty_or_missing(settings):
+            return ONLINE_STORE_MISSING
+        return None
+
+    def preload() -> None:
+        reason = not_ready()
+        current = state.get("current")
+        if reason is None and current is not None:
+            log.event(
+                "serve.ready", f"model {current.version} loaded: ready", version=current.version
+            )
+        else:
+            log.event("serve.not_ready", f"not ready yet: {reason}", reason=reason)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """Liveness: the process answers.
+
+        Nothing else is checked: a failing probe means a stuck server, not a missing model
+        (which a restart would not bring).
+        """
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz() -> JSONResponse:
+        """Readiness: 200 once `/predict` can answer, 503 with the reason until then."""
+        reason = not_ready()
+        if reason is not None:
+            return JSONResponse(status_code=503, content={"status": "not ready", "detail": reason})
+        current = state["current"]
+        return JSONResponse(content={"status": "ready", "model_version": current.version})
 
     @app.get("/health")
     def health() -> dict[str, Any]:

@@ -580,11 +580,16 @@ def test_prediction_api_contract(lake: Lake, tmp_path: Path, clients: Any) -> No
     answer = no_model.post("/predict", json={"application_id": 1})
     assert answer.status_code == 503
     assert "run `lakehouse train`" in answer.json()["detail"]
+    assert no_model.get("/healthz").json() == {"status": "ok"}  # alive: no restart helps
+    not_ready = no_model.get("/readyz")
+    assert not_ready.status_code == 503
+    assert "run `lakehouse train`" in not_ready.json()["detail"]
 
     served = served_model(lake)
     ml_tasks.materialize(lake.settings, lake.storage)
     client = clients(create_app(lake.settings))
     assert client.get("/health").json() == {"status": "ok", "model_version": served}
+    assert client.get("/readyz").json() == {"status": "ready", "model_version": served}
     listed = client.get("/models").json()
     assert listed and "roc_auc" in listed[-1]["test"]
     assert "/predict" in client.get("/openapi.json").json()["paths"]

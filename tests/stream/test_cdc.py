@@ -21,7 +21,7 @@ from lakehouse.source import schema
 from lakehouse.source.simulate import simulate
 from lakehouse.storage import Storage
 from lakehouse.zones import bronze, silver
-from stream import changes, setup
+from stream import changes, liveness, setup
 from tests.conftest import env_for
 from tests.helpers import read, run_all, seeded, wait_until
 from tests.stream.helpers import (
@@ -33,6 +33,19 @@ from tests.stream.helpers import (
     wait_landed,
 )
 from tests.zones.test_silver import assert_same_rows, expected
+
+
+def alive(settings: Settings) -> tuple[int, str]:
+    """Run `lakehouse stream alive` (the liveness probe); return its code and first clause."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lakehouse.cli", "stream", "alive"],
+        env={**os.environ, **env_for(settings)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    return done.returncode, (done.stdout + done.stderr).split(";")[0].strip()
 
 
 def assert_silver_equals_source(settings: Settings, storage: Storage) -> None:
@@ -285,11 +298,18 @@ def test_sigkill_at_random_points_loses_and_duplicates_nothing(settings: Setting
             child.wait()
             assert child.returncode == -signal.SIGKILL
     wait_active(settings, active=False)
+    # A killed stream leaves its heartbeat: once old, the liveness probe fails.
+    beat = liveness.heartbeat_path(settings)
+    os.utime(beat, (time.time() - 600, time.time() - 600))
+    code, said = alive(settings)
+    assert code == 1 and said.startswith("stream not alive: last turn 60"), said
     end = current_lsn(settings)
     child = lakehouse_stream(settings)
     wait_landed(settings, storage, end, timeout=120)
+    assert alive(settings)[0] == 0  # the new one beats; the old file was no proof
     child.send_signal(signal.SIGTERM)  # graceful: lands what it holds, exits 0
     assert child.wait(timeout=60) == 0
+    assert not beat.exists()  # stopped: not alive
     for r in results:
         assert r.snapshot_lsn is not None
         assert_exactly_once(witness, storage, r.table, r.snapshot_lsn)
