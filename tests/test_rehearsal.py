@@ -1,0 +1,129 @@
+"""The compose stack rehearsed: every service started as its container would run it.
+
+No container engine here, so `python -m lakehouse.deploy.rehearse` plays each service as a
+local process (Postgres through the image's entrypoint with the system's binaries, moto
+with IAM checks for MinIO) and checks that the system converges, then stops it. The run
+is CI-sized: the seed is 3,000 rows instead of 45,000 (`--override`), everything else is
+the compose file's own.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lakehouse.deploy.compose import ComposeError, Project, read_env_file
+from lakehouse.deploy.supervisor import Supervisor
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPOSE_FILE = ROOT / "compose" / "docker-compose.yml"
+
+
+def project() -> Project:
+    return Project(COMPOSE_FILE, read_env_file(COMPOSE_FILE.parent / ".env.example"))
+
+
+def test_the_compose_stack_converges_and_every_service_exits_0(tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lakehouse.deploy.rehearse",
+            str(COMPOSE_FILE),
+            "--override",
+            "seed=seed --rows 3000",
+            "--timeout",
+            "600",
+            "--report",
+            str(report),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        cwd=ROOT,
+    )
+    print(done.stdout)  # the run log, shown with -s or when this fails
+    assert done.returncode == 0, done.stdout + done.stderr
+    seen = json.loads(report.read_text())
+    services = set(project().services)
+    assert set(seen["services"]) == services
+    assert seen["exit_codes"] == dict.fromkeys(services, 0)
+    converged = seen["converged"]
+    assert converged["bucket_only"] == "lakehouse"
+    assert converged["stream"]["role"] == "lakehouse_cdc"
+    assert converged["stream"]["walsenders"] >= 2 and converged["stream"]["changes"] > 0
+    assert converged["predict"]["decision"] in ("approve", "reject")
+    assert len(converged["verify"]) == 2
+    assert converged["pipeline_run"]["outcome"] == "ran"
+    with_checks = {n for n, s in project().services.items() if s.get("healthcheck")}
+    assert set(seen["healthchecks"]) == with_checks
+    assert {"stream", "api"} <= with_checks
+    assert set(converged["status_sections"]) == {
+        "source",
+        "tables",
+        "stream",
+        "runs",
+        "verifications",
+        "features",
+    }
+    # Each long-running service said it received its stop signal.
+    assert "stream: SIGTERM -> exited 0" in done.stdout
+    assert "postgres: SIGINT -> exited 0" in done.stdout
+
+
+@pytest.fixture(scope="module")
+def supervisor(tmp_path_factory: pytest.TempPathFactory) -> Supervisor:
+    return Supervisor(project(), tmp_path_factory.mktemp("rehearsal"), 20000, lambda _: None)
+
+
+def test_hostnames_and_ports_are_mapped_where_a_service_reaches_them(
+    supervisor: Supervisor,
+) -> None:
+    env = supervisor.environment("pipeline")
+    assert "@127.0.0.1:25432/lakehouse" in env["LAKEHOUSE_PG_DSN"]
+    assert env["LAKEHOUSE_S3_ENDPOINT"] == "http://127.0.0.1:29000"
+    assert env["LAKEHOUSE_HOME"] == str(supervisor.workdir / "volumes" / "lakehouse-home")
+    argv = supervisor._rewrite_argv("pipeline", supervisor.project.argv("pipeline"))
+    assert argv[1:] == [
+        "run",
+        "--scheduler-host",
+        "127.0.0.1",
+        "--scheduler-port",
+        "28082",
+        "--every",
+        "300",
+    ]
+    # A service's name as a word is not a host: `lakehouse seed` stays `seed`.
+    assert supervisor._rewrite_argv("seed", ["lakehouse", "seed"]) == ["lakehouse", "seed"]
+    # Its own ports, in its command and its healthcheck; wildcard binds become loopback.
+    assert supervisor._rewrite_argv("api", ["serve", "--host", "0.0.0.0", "--port", "8000"]) == [
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "28000",
+    ]
+    probe = "urlopen('http://127.0.0.1:8082/', timeout=4)"
+    assert supervisor.rewrite(probe, "luigid") == "urlopen('http://127.0.0.1:28082/', timeout=4)"
+    assert supervisor.rewrite(":9000", "minio") == ":29000"
+    # luigid has no lakehouse-home volume: its HOME is its own container layer.
+    luigid = supervisor.environment("luigid")["LAKEHOUSE_HOME"]
+    assert luigid == str(supervisor.workdir / "containers" / "luigid" / "var" / "lib" / "lakehouse")
+
+
+def test_a_port_no_service_listens_on_is_an_error(supervisor: Supervisor) -> None:
+    with pytest.raises(ComposeError, match="does not listen on 5433"):
+        supervisor.port("postgres", 5433)
+
+
+def test_a_missing_secret_names_the_variable(tmp_path: Path) -> None:
+    env = read_env_file(COMPOSE_FILE.parent / ".env.example")
+    del env["PG_CDC_PASSWORD"]
+    with pytest.raises(ComposeError, match="PG_CDC_PASSWORD is not set"):
+        Project(COMPOSE_FILE, env)
