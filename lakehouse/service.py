@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 from collections.abc import Callable
@@ -39,12 +40,16 @@ class StopSignal:
         def handler(signum: int, frame: FrameType | None) -> None:
             if signum == signal.SIGINT and self.event.is_set():
                 raise KeyboardInterrupt  # a second Ctrl-C does not wait
-            if not self.event.is_set():
+            first = not self.event.is_set()
+            self.event.set()  # before anything that could fail: the stop is never lost
+            if first:
                 # Said at once: an orchestrator's log shows the signal arrived, and that
-                # the wait until the exit is the step finishing.
+                # the wait until the exit is the step finishing. A handler can interrupt
+                # a write to the same stream (a buffered, blocked stdout raises a
+                # reentrant-call error): the line is then lost, not the stop.
                 name = signal.Signals(signum).name
-                log.event("stop", f"{name} received: finishing the current step, then exiting")
-            self.event.set()
+                with contextlib.suppress(Exception):
+                    log.event("stop", f"{name} received: finishing the current step, then exiting")
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             self._previous[signum] = signal.signal(signum, handler)

@@ -13,6 +13,7 @@ before the recorded position.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -407,11 +408,13 @@ def install_signal_handlers() -> None:
         if signum == signal.SIGINT and SIGNALLED.is_set():
             events.event("interrupted", "interrupted", level="error")
             os._exit(130)
-        if not SIGNALLED.is_set():
-            name = signal.Signals(signum).name
-            events.event("stream.stop", f"{name} received: landing what is held, then stopping")
+        first = not SIGNALLED.is_set()
         SIGNALLED.set()
-        STOP.set()
+        STOP.set()  # before the line, which can fail (`lakehouse.service.StopSignal`)
+        if first:
+            name = signal.Signals(signum).name
+            with contextlib.suppress(Exception):
+                events.event("stream.stop", f"{name} received: landing what is held, then stopping")
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

@@ -39,6 +39,8 @@ class Monitor:
     refresh_seconds: float = 0.0
     heartbeat: Heartbeat | None = None
     """Touched on every turn of the dataflow (`stream.liveness`)."""
+    busy: Callable[[], float | None] | None = None
+    """When the speed layer's oldest work in progress started (`SpeedLayer.busy_since`)."""
     _last: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -71,7 +73,7 @@ class Monitor:
     def beat(self) -> None:
         """Note a turn of the dataflow (for the liveness probe)."""
         if self.heartbeat is not None:
-            self.heartbeat.beat()
+            self.heartbeat.beat(self.busy() if self.busy is not None else None)
 
     def tick(self) -> None:
         """Print the line if it is due."""

@@ -78,6 +78,8 @@ class Worker:
         """Called before each run (not when closing): what the run should wait for."""
         self.busy = False
         """Running `work` now (not while waiting or gathering)."""
+        self.busy_since: float | None = None
+        """When the run in progress started (seconds since the epoch), for liveness."""
         self.stopped = False
         self._cond = threading.Condition()
         self._asked = 0  # nudges so far
@@ -128,11 +130,13 @@ class Worker:
             with self._cond:
                 asked = self._asked
                 self.busy = True
+                self.busy_since = time.time()
             try:
                 ok = self.work()
             finally:
                 with self._cond:
                     self.busy = False
+                    self.busy_since = None
             if not ok:
                 with self._cond:
                     self.stopped = True
@@ -169,6 +173,15 @@ class SpeedLayer:
         self.refresher = Refresher(settings, storage)
         # Feast and DuckDB open while the first micro-batch gathers.
         threading.Thread(target=self.refresher.warm, name="warm-online", daemon=True).start()
+
+    def busy_since(self) -> float | None:
+        """Return when the oldest promotion or refresh in progress started; None if idle.
+
+        The dataflow turns on while these threads work, so a promotion stuck on a store
+        that never answers would not stop the heartbeat: the heartbeat carries this.
+        """
+        times = [w.busy_since for w in (self.promotions, self.refreshes) if w.busy_since]
+        return min(times, default=None)
 
     def nudge(self) -> None:
         """Ask for a promotion (then a refresh) of everything landed before this call."""
@@ -289,4 +302,5 @@ def layer(settings: Settings, storage: Storage, monitor: Monitor) -> SpeedLayer:
             found = SpeedLayer(settings, storage, monitor)
             _LAYERS[key] = found
         found.monitor = monitor  # `lakehouse stream` replaces the monitor at each start
+        monitor.busy = found.busy_since
         return found

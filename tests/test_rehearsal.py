@@ -10,6 +10,7 @@ the compose file's own.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,9 +73,55 @@ def test_the_compose_stack_converges_and_every_service_exits_0(tmp_path: Path) -
         "verifications",
         "features",
     }
-    # Each long-running service said it received its stop signal.
+    # Each got its image's stop signal, and each lakehouse service logged it as it came.
     assert "stream: SIGTERM -> exited 0" in done.stdout
     assert "postgres: SIGINT -> exited 0" in done.stdout
+    assert "every service exited 0 on its stop signal, and said so in its log" in done.stdout
+
+
+def test_a_stream_on_the_superuser_fails_and_nothing_is_left_running(tmp_path: Path) -> None:
+    """The rehearsal goes red on a planted violation, and stops every service it started."""
+    import psutil
+
+    folder = tmp_path / "compose"
+    shutil.copytree(COMPOSE_FILE.parent, folder)
+    planted = folder / COMPOSE_FILE.name
+    text = planted.read_text()
+    cdc = "postgresql://lakehouse_cdc:${PG_CDC_PASSWORD:?cp .env.example .env}@postgres"
+    assert text.count(cdc) == 1
+    planted.write_text(text.replace(cdc, "postgresql://postgres:${PG_SUPERUSER_PASSWORD}@postgres"))
+    workdir = tmp_path / "work"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lakehouse.deploy.rehearse",
+            str(planted),
+            "--override",
+            "seed=seed --rows 300",
+            "--timeout",
+            "300",
+            "--workdir",
+            str(workdir),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+        cwd=ROOT,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "rehearsal failed: stream: replicates as postgres, which is not least-privilege" in (
+        done.stdout
+    )
+    assert "Traceback" not in done.stdout + done.stderr
+    # Every service ran in the workdir or named it (cwd, data folder, state file).
+    left = [
+        p.info["cmdline"]
+        for p in psutil.process_iter(["cmdline", "cwd"])
+        if str(workdir) in " ".join([p.info["cwd"] or "", *(p.info["cmdline"] or [])])
+    ]
+    assert left == []
 
 
 @pytest.fixture(scope="module")

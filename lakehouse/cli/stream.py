@@ -26,14 +26,14 @@ def stream(settings: Settings, args: argparse.Namespace) -> int:
     except ImportError as exc:  # bytewax has no wheel for this Python
         msg = f"the stream needs bytewax, which cannot be imported ({exc}); use Python 3.11/3.12"
         raise UsageError(msg) from None
-    storage = Storage.from_settings(settings)
-    storage.check()
     if action == "run":
         from stream.liveness import Heartbeat, heartbeat_path
 
         # A heartbeat left by a killed stream (SIGKILL, a lost node) must not pass this
         # one's probe before it has turned once.
         Heartbeat(heartbeat_path(settings)).stop()
+    storage = Storage.from_settings(settings)
+    storage.check()
     if action == "setup" or (action == "run" and setup):
         for r in stream_setup.setup(settings, storage):
             if r.created:
@@ -118,20 +118,27 @@ def _alive(settings: Settings, max_age: float | None) -> int:
     from stream import liveness
 
     limit = liveness.MAX_AGE_SECONDS if max_age is None else max_age
-    age = liveness.age(settings)
-    if age is None:
+    pulse = liveness.pulse(settings)
+    if pulse is None:
         sys.stderr.write(
             f"stream not alive: no heartbeat at {liveness.heartbeat_path(settings)} "
             "(not started, still setting up, or stopped)\n"
         )
         return 1
-    if age > limit:
+    restart = "restart it, it resumes from the last landed change"
+    if pulse.age > limit:
         sys.stderr.write(
-            f"stream not alive: last turn {age:.0f}s ago, limit {limit:.0f}s; it is stuck "
-            "(see its log): restart it, it resumes from the last landed change\n"
+            f"stream not alive: last turn {pulse.age:.0f}s ago, limit {limit:.0f}s; it is "
+            f"stuck (see its log): {restart}\n"
         )
         return 1
-    sys.stdout.write(f"stream alive: last turn {age:.1f}s ago\n")
+    if pulse.busy_for is not None and pulse.busy_for > limit:
+        sys.stderr.write(
+            f"stream not alive: one promotion into silver or online refresh has run for "
+            f"{pulse.busy_for:.0f}s, limit {limit:.0f}s; it is stuck (see its log): {restart}\n"
+        )
+        return 1
+    sys.stdout.write(f"stream alive: last turn {pulse.age:.1f}s ago\n")
     return 0
 
 

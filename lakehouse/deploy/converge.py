@@ -8,97 +8,37 @@ HTTP, and Postgres' own views as its superuser.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
-import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
+from lakehouse.deploy.probes import (
+    http,
+    lakehouse,
+    logged,
+    message,
+    query,
+    role,
+    status,
+    superuser,
+    until,
+)
 from lakehouse.deploy.supervisor import RehearsalFailed, Supervisor
 from lakehouse.source.schema import TABLES
 
 Say = Callable[[str], None]
 
 
-def role(sup: Supervisor, command: str) -> str:
-    """Return the service that runs `lakehouse <command>`."""
-    for name in sup.project.services:
-        argv = sup.project.argv(name)
-        if sup.image(name) == "build" and argv[:2] == ["lakehouse", command]:
-            return name
-    msg = f"no service runs `lakehouse {command}`; the rehearsal checks need one"
-    raise RehearsalFailed(msg)
-
-
-def lakehouse(sup: Supervisor, service: str, *argv: str, timeout: float = 300) -> tuple[int, str]:
-    """Run `lakehouse ARGV` with the environment of `service`; return (exit code, output)."""
-    env = sup.environment(service)
-    done = subprocess.run(
-        [str(sup.bin / "lakehouse"), *argv],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=sup.workdir,
-    )
-    return done.returncode, done.stdout + done.stderr
-
-
-def http(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    """GET (or POST `body` as JSON); return the status and the JSON answer."""
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method="GET" if data is None else "POST")  # noqa: S310
-    request.add_header("content-type", "application/json")
-    try:
-        with urllib.request.urlopen(request, timeout=30) as answer:  # noqa: S310 - loopback
-            return answer.status, json.loads(answer.read() or b"{}")
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
-    except OSError as exc:
-        return 0, {"error": str(exc)}
-
-
-def superuser_dsn(sup: Supervisor) -> str:
-    """Return the DSN of the Postgres service's superuser (the image's POSTGRES_*)."""
-    ((name, pg),) = sup.postgres.items()
-    env = sup.project.environment(name)
-    user = env.get("POSTGRES_USER") or "postgres"
-    return (
-        f"host=127.0.0.1 port={pg.port} user={user} dbname={env.get('POSTGRES_DB') or user} "
-        f"password={env['POSTGRES_PASSWORD']} sslmode=disable"
-    )
-
-
-def until(what: str, deadline: float, sup: Supervisor, probe: Callable[[], Any]) -> Any:
-    """Call `probe` every 2 s until it returns something true; fail at `deadline`."""
-    last: Any = None
-    while time.monotonic() < deadline:
-        sup.check_running()
-        last = probe()
-        if last and not isinstance(last, Exception):
-            return last
-        time.sleep(2)
-    msg = f"{what}: not in time (last seen: {last})"
-    raise RehearsalFailed(msg)
-
-
-def status(sup: Supervisor, service: str) -> dict[str, Any] | None:
-    """Return `lakehouse status --format json` as the service sees it; None on failure."""
-    code, out = lakehouse(sup, service, "status", "--format", "json")
-    if code != 0:
-        return None
-    return dict(json.loads(out[out.index("{") :]))
-
-
 def unhealthy(state: dict[str, Any]) -> list[str]:
-    """Return what keeps a status from healthy: a section's error, or an empty section."""
+    """Return what keeps a status from healthy.
+
+    A section's error or an empty section, an inactive slot, a failed last run, a
+    verification with differences, no model, an online store never loaded, monitoring
+    that cannot be read.
+    """
     problems = [
         f"{key}: {value}" for key, value in state.items() if key.endswith("_error") and value
     ]
@@ -111,19 +51,18 @@ def unhealthy(state: dict[str, Any]) -> list[str]:
     latest = state.get("runs", [{}])[0] if state.get("runs") else {}
     if latest and latest.get("outcome") == "failed":
         problems.append(f"runs: the latest failed: {latest.get('error')}")
+    for check in state.get("verifications", []):
+        if check.get("differences"):
+            problems.append(f"verifications: {check.get('table')} differs from the source")
+    features = state.get("features") or {}
+    if not features.get("model_version"):
+        problems.append("features: no model")
+    if not features.get("materialized_up_to"):
+        problems.append("features: the online store was never loaded")
+    monitoring = features.get("monitoring")
+    if isinstance(monitoring, dict) and monitoring.get("error"):
+        problems.append(f"features: monitoring: {monitoring['error']}")
     return problems
-
-
-def logged(sup: Supervisor, service: str, event: str) -> list[dict[str, Any]]:
-    """Return the JSON log records of `service` with this event (cheap: no command run)."""
-    out = []
-    for line in sup.processes[service].log.read_text(errors="replace").splitlines():
-        if f'"event": "{event}"' in line:
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue
-    return out
 
 
 def converge(sup: Supervisor, deadline: float, say: Say) -> dict[str, Any]:
@@ -141,22 +80,23 @@ def converge(sup: Supervisor, deadline: float, say: Say) -> dict[str, Any]:
     until("the pipeline's first run", deadline, sup, lambda: logged(sup, pipeline, "pipeline.done"))
     seen["predict"] = _api(sup, api, pipeline, deadline, say)
 
-    code, out = lakehouse(sup, pipeline, "verify", "--timeout", "120")
-    if code != 0:
+    done = lakehouse(sup, pipeline, "verify", "--timeout", "120", deadline=deadline)
+    out = done.stdout + done.stderr
+    if done.returncode != 0:
         msg = f"silver differs from the source (`lakehouse verify`):\n{out}"
         raise RehearsalFailed(msg)
-    seen["verify"] = [_message(line) for line in out.splitlines() if "matches the source" in line]
+    seen["verify"] = [message(line) for line in out.splitlines() if "matches the source" in line]
     for line in seen["verify"]:
         say(f"verify: {line}")
 
     def healthy() -> dict[str, Any] | None:
-        state = status(sup, pipeline)
+        state = status(sup, pipeline, deadline)
         return state if state is not None and not unhealthy(state) else None
 
     try:
         state = until("`lakehouse status` healthy in every section", deadline, sup, healthy)
     except RehearsalFailed:
-        last = status(sup, pipeline)
+        last = status(sup, pipeline, time.monotonic() + 120)
         msg = f"status not healthy: {unhealthy(last) if last else 'failed'}"
         raise RehearsalFailed(msg) from None
     run = state["runs"][0]
@@ -207,11 +147,8 @@ def _stream(sup: Supervisor, stream: str, deadline: float, say: Say) -> dict[str
     """Check that the stream replicates as the CDC role alone, is alive and lands changes."""
     cdc_role = conninfo_to_dict(sup.environment(stream)["LAKEHOUSE_PG_DSN"])["user"]
 
-    def replicating() -> list[tuple[str, str]]:
-        with psycopg.connect(superuser_dsn(sup), autocommit=True) as conn:
-            rows = conn.execute(
-                "SELECT usename, application_name FROM pg_stat_replication"
-            ).fetchall()
+    def replicating() -> list[tuple[Any, ...]]:
+        rows = query(sup, "SELECT usename, application_name FROM pg_stat_replication")
         return rows if len(rows) >= len(TABLES) else []
 
     rows = until("the stream replicating every table", deadline, sup, replicating)
@@ -219,14 +156,28 @@ def _stream(sup: Supervisor, stream: str, deadline: float, say: Say) -> dict[str
     if users != [cdc_role]:
         msg = f"{stream}: replicates as {users}, not as {cdc_role} alone"
         raise RehearsalFailed(msg)
+    # Least privilege: a role that may replicate, and none of a superuser's powers.
+    ((*powers,),) = query(
+        sup,
+        "SELECT rolsuper, rolcreaterole, rolcreatedb, rolbypassrls, rolreplication "
+        "FROM pg_roles WHERE rolname = %s",
+        (cdc_role,),
+    )
+    if cdc_role == superuser(sup)[1] or powers != [False, False, False, False, True]:
+        msg = (
+            f"{stream}: replicates as {cdc_role}, which is not least-privilege (superuser, "
+            f"createrole, createdb, bypassrls, replication: {powers})"
+        )
+        raise RehearsalFailed(msg)
 
     def landed() -> int:
         return sum(int(r.get("changes") or 0) for r in logged(sup, stream, "stream.progress"))
 
     changes = until("changes landing from the stream", deadline, sup, landed)
-    code, out = lakehouse(sup, stream, "stream", "alive")
-    if code != 0:
-        msg = f"{stream}: `lakehouse stream alive` exited {code}: {out.strip()}"
+    done = lakehouse(sup, stream, "stream", "alive", deadline=deadline)
+    out = done.stdout + done.stderr
+    if done.returncode != 0:
+        msg = f"{stream}: `lakehouse stream alive` exited {done.returncode}: {out.strip()}"
         raise RehearsalFailed(msg)
     say(
         f"{stream}: {len(rows)} walsenders as {cdc_role}; {changes:,} changes landed; {out.strip()}"
@@ -242,12 +193,8 @@ def _api(sup: Supervisor, api: str, pipeline: str, deadline: float, say: Say) ->
         msg = f"{api}: /healthz answered {code}"
         raise RehearsalFailed(msg)
     until("/readyz answering 200", deadline, sup, lambda: http(base + "/readyz")[0] == 200)
-    with psycopg.connect(superuser_dsn(sup), autocommit=True) as conn:
-        schema = sup.environment(pipeline)["LAKEHOUSE_PG_SCHEMA"]
-        row = conn.execute(
-            f'SELECT min(application_id) FROM "{schema}".loan_applications'
-        ).fetchone()
-    assert row is not None
+    schema = sup.environment(pipeline)["LAKEHOUSE_PG_SCHEMA"].replace('"', '""')
+    (row,) = query(sup, f'SELECT min(application_id) FROM "{schema}".loan_applications')
     code, answer = http(base + "/predict", {"application_id": row[0]})
     if code != 200:
         msg = f"{api}: /predict answered {code}: {answer}"
@@ -257,11 +204,3 @@ def _api(sup: Supervisor, api: str, pipeline: str, deadline: float, say: Say) ->
         f"(p={answer['probability']:.3f}, model {answer['model_version']})"
     )
     return {k: answer[k] for k in ("decision", "probability", "model_version")}
-
-
-def _message(line: str) -> str:
-    """Return the message of a JSON log line, or the line."""
-    try:
-        return str(json.loads(line)["message"])
-    except (ValueError, KeyError, TypeError):
-        return line

@@ -23,6 +23,7 @@ import json
 import secrets
 import shlex
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -34,7 +35,7 @@ from typing import Any
 from lakehouse.deploy.compose import ComposeError, Project, read_env_file
 from lakehouse.deploy.converge import converge
 from lakehouse.deploy.supervisor import RehearsalFailed, Supervisor
-from lakehouse.errors import LakehouseError
+from lakehouse.errors import LakehouseError, described
 
 
 def fresh_env(example: Path) -> dict[str, str]:
@@ -96,25 +97,42 @@ def rehearse(
     report: dict[str, Any] = {"services": order, "offset": offset}
     deadline = time.monotonic() + timeout
     try:
-        for name in order:
-            for dep, condition in project.depends_on(name).items():
-                sup.wait_for(dep, condition, deadline)
-            sup.start(name)
-        report["converged"] = converge(sup, deadline, say)
-        report["healthchecks"] = healthchecks(sup, order, say)
-    except BaseException:
-        codes = sup.stop_all(order)
-        sup.kill_all()
-        report["exit_codes"] = codes
-        raise
-    codes = sup.stop_all(order)
-    report["exit_codes"] = codes
+        try:
+            for name in order:
+                for dep, condition in project.depends_on(name).items():
+                    sup.wait_for(dep, condition, deadline)
+                sup.start(name)
+            report["converged"] = converge(sup, deadline, say)
+            report["healthchecks"] = healthchecks(sup, order, say)
+        except BaseException:
+            report["exit_codes"] = sup.stop_all(order)
+            raise
+        codes = report["exit_codes"] = sup.stop_all(order)
+    finally:
+        sup.kill_all()  # what a stop left behind: a service's own children, or all on ^C
     bad = {name: code for name, code in codes.items() if code != 0}
     if bad:
         msg = f"services did not exit 0 on their stop signal: {bad}"
         raise RehearsalFailed(msg)
-    say("every service exited 0 on its stop signal")
+    silent = [name for name in order if not said_stop(sup, name)]
+    if silent:
+        msg = f"{', '.join(silent)}: exited without saying in the log that the signal came"
+        raise RehearsalFailed(msg)
+    say("every service exited 0 on its stop signal, and said so in its log")
     return report
+
+
+STOP_EVENTS = ('"event": "stop"', '"event": "stream.stop"', '"event": "serve.stop"')
+"""The lines the lakehouse's long-running commands log when a stop signal comes."""
+
+
+def said_stop(sup: Supervisor, name: str) -> bool:
+    """Tell whether a long-running lakehouse service logged its stop signal (others: True)."""
+    process = sup.processes.get(name)
+    if process is None or process.one_shot or sup.project.argv(name)[:1] != ["lakehouse"]:
+        return True
+    text = process.log.read_text(errors="replace")
+    return any(event in text for event in STOP_EVENTS)
 
 
 def healthchecks(sup: Supervisor, order: list[str], say: Callable[[str], None]) -> list[str]:
@@ -153,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=900, help="seconds to start and converge (default 900)"
     )
     parser.add_argument("--report", type=Path, help="write what was seen as JSON")
+    parser.add_argument("--debug", action="store_true", help="show a traceback on a failure")
     parser.add_argument(
         "--override",
         action="append",
@@ -169,9 +188,16 @@ def main(argv: list[str] | None = None) -> int:
     def say(line: str) -> None:
         print(f"[{time.monotonic() - began:6.1f}s] {line}", flush=True)
 
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="lakehouse-rehearsal-"))
+    workdir = (args.workdir or Path(tempfile.mkdtemp(prefix="lakehouse-rehearsal-"))).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o755)  # the postgres user (when we are root) walks into it; data stays 0700
+
+    def stopped(signum: int, frame: object) -> None:
+        # SIGTERM or a closed terminal: stop the services (`rehearse` does) before exiting.
+        raise SystemExit(128 + signum)
+
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, stopped)
     ok = False
     try:
         example = args.compose_file.parent / ".env.example"
@@ -186,8 +212,11 @@ def main(argv: list[str] | None = None) -> int:
             overrides=overrides,
         )
         ok = True
-    except (RehearsalFailed, LakehouseError, OSError) as exc:
-        say(f"rehearsal failed: {exc}")
+    except Exception as exc:
+        if args.debug:
+            raise
+        known = isinstance(exc, RehearsalFailed | LakehouseError)
+        say(f"rehearsal failed: {exc if known else described(exc)}")
         say(f"logs kept in {workdir / 'logs'}")
         report = {"failed": str(exc)}
     report["seconds"] = round(time.monotonic() - began, 1)

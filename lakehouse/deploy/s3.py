@@ -1,12 +1,13 @@
 """MinIO's part in a rehearsal: moto's S3 server, with every request authenticated.
 
 MinIO has no wheel and no Debian package, so the rehearsal runs moto's server in its
-place (`../shared/STACK-NOTES.md`: the one S3 server that passed everything delta-rs
-needs). Like MinIO it checks every request's signature against its users and their
-policies: the root user (`MINIO_ROOT_USER`/`MINIO_ROOT_PASSWORD`) may do anything, a user
-made by `mc admin user add` only what its attached policies allow. It also answers
-MinIO's health paths, and the one admin call moto has no form of: a user whose access key
-is the name given (`mc admin user add ALIAS KEY SECRET`; moto makes up its own keys).
+place: the S3 server the test suite uses, the one that passed everything delta-rs needs
+(conditional puts among it). Like MinIO it checks every request's signature against its
+users and their policies: the root user (`MINIO_ROOT_USER`/`MINIO_ROOT_PASSWORD`) may do
+anything, a user made by `mc admin user add` only what its attached policies allow. It
+also answers MinIO's health paths, and the one admin call moto has no form of: a user
+whose access key is the name given (`mc admin user add ALIAS KEY SECRET`; moto makes up
+its own keys).
 
     python -m lakehouse.deploy.s3 --address 127.0.0.1:9000
 """

@@ -12,6 +12,7 @@ the S3 stand-in (`s3`), its `mc` client by `mc`.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -244,6 +245,8 @@ class Supervisor:
                 start_new_session=True,
                 user=owner.get("user"),
                 group=owner.get("group"),
+                extra_groups=[] if owner else None,
+                preexec_fn=_die_with_parent,
             )
         one_shot = service.get("restart") == "no"
         grace = seconds(service.get("stop_grace_period"), 10.0)
@@ -270,9 +273,11 @@ class Supervisor:
             self.port(name, port),
             log=self.workdir / "logs" / f"{name}-init.log",
         )
-        if self.workdir.stat().st_mode & 0o005 != 0o005 and pg.owner is not None:
-            msg = f"the `postgres` user cannot enter {self.workdir}; choose another --workdir"
-            raise ComposeError(msg)
+        if pg.owner is not None:  # root: the server runs as `postgres`, which must get in
+            entered = subprocess.run(["test", "-x", str(self.workdir)], user=pg.owner, check=False)
+            if entered.returncode != 0:
+                msg = f"the `postgres` user cannot enter {self.workdir}; choose another --workdir"
+                raise ComposeError(msg)
         if pg.initialise(env, scripts):
             self.say(
                 f"{name}: initialised as the image's entrypoint does (see logs/{name}-init.log)"
@@ -288,7 +293,7 @@ class Supervisor:
         if not test:
             msg = f"`{name}` has no healthcheck; `service_healthy` on it would wait forever"
             raise ComposeError(msg)
-        argv = as_list(test)
+        argv = ["CMD-SHELL", test] if isinstance(test, str) else as_list(test)  # as compose
         if argv[0] == "CMD-SHELL":
             argv = ["/bin/sh", "-c", " ".join(argv[1:])]
         elif argv[0] == "CMD":
@@ -365,7 +370,8 @@ class Supervisor:
                 codes[name] = process.popen.returncode
                 continue
             began = time.monotonic()
-            os.kill(process.popen.pid, process.stop_signal)
+            with contextlib.suppress(ProcessLookupError):  # it may have just exited
+                os.kill(process.popen.pid, process.stop_signal)
             try:
                 code: int | None = process.popen.wait(process.grace)
                 self.say(
@@ -373,7 +379,8 @@ class Supervisor:
                     f"after {time.monotonic() - began:.1f}s"
                 )
             except subprocess.TimeoutExpired:
-                os.killpg(process.popen.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.popen.pid, signal.SIGKILL)
                 process.popen.wait()
                 code = None
                 self.say(f"{name}: still running {process.grace:.0f}s after the signal: killed")
@@ -381,11 +388,20 @@ class Supervisor:
         return codes
 
     def kill_all(self) -> None:
-        """Kill every process group left (after a failure)."""
+        """Kill every process group left, leaders gone or not (a service's children too)."""
         for process in self.processes.values():
-            if process.popen.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.popen.pid, signal.SIGKILL)
+            if process.popen.poll() is None:
                 process.popen.wait()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: be killed when the rehearsal dies, however it dies."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 class RehearsalFailed(Exception):

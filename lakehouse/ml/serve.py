@@ -282,11 +282,16 @@ def create_app(settings: Settings) -> PredictFastPath:
             return str(exc.detail)
         except Exception as exc:
             return log.redact(f"cannot load the model: {described(exc)}")
-        if online_store.empty_or_missing(settings):
-            return ONLINE_STORE_MISSING
+        try:
+            if online_store.empty_or_missing(settings):
+                return ONLINE_STORE_MISSING
+        except Exception as exc:  # the online store's Postgres down: not ready, not dead
+            return log.redact(f"cannot read the online store: {described(exc)}")
         return None
 
     def preload() -> None:
+        # Never raises: a worker whose model or store is not there yet still starts,
+        # answers /healthz, and says why on /readyz.
         reason = not_ready()
         current = state.get("current")
         if reason is None and current is not None:

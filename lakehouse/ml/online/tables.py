@@ -353,7 +353,11 @@ class PostgresTables(Tables):
             self._conn = None
         if self._conn is None:
             options = "-c default_transaction_read_only=on" if self.read_only else ""
-            self._conn = psycopg.connect(self.conninfo, autocommit=True, options=options)
+            # Bounded: a port that drops packets must not hold a request (or a readiness
+            # probe) for the kernel's two minutes.
+            self._conn = psycopg.connect(
+                self.conninfo, autocommit=True, options=options, connect_timeout=10
+            )
         return self._conn
 
     def _qualified(self, table: str) -> str:

@@ -5,11 +5,16 @@
 # this file. The schema is LAKEHOUSE_PG_SCHEMA of the compose file (`lending`); Feast's
 # online store lives beside it in `lending_online`.
 set -eu
+# psql reads the passwords from its environment (\getenv, psql 15+): on its command line
+# (-v) they would show in `ps` to anyone on the host.
 psql -v ON_ERROR_STOP=1 --no-psqlrc --username "$POSTGRES_USER" --dbname "$POSTGRES_DB" \
-  -v db="$POSTGRES_DB" \
-  -v owner_pw="$PG_OWNER_PASSWORD" -v batch_pw="$PG_BATCH_PASSWORD" \
-  -v cdc_pw="$PG_CDC_PASSWORD" -v app_pw="$PG_APP_PASSWORD" \
-  -v features_pw="$PG_FEATURES_PASSWORD" -v serving_pw="$PG_SERVING_PASSWORD" <<'SQL'
+  -v db="$POSTGRES_DB" <<'SQL'
+\getenv owner_pw PG_OWNER_PASSWORD
+\getenv batch_pw PG_BATCH_PASSWORD
+\getenv cdc_pw PG_CDC_PASSWORD
+\getenv app_pw PG_APP_PASSWORD
+\getenv features_pw PG_FEATURES_PASSWORD
+\getenv serving_pw PG_SERVING_PASSWORD
 -- Owns the lending schema and its tables (`lakehouse seed`); nothing else logs in as it.
 -- CREATE on the database: seed's `CREATE SCHEMA IF NOT EXISTS` is checked against it even
 -- when the schema exists.
