@@ -152,13 +152,22 @@ class Supervisor:
             else:
                 local = self.workdir / "binds" / name / mount.target.strip("/")
                 if not local.exists():
+                    # A copy every service's user can read, as a bind mount is (whatever
+                    # the umask of the checkout and of this process).
                     shutil.copytree(self.project.folder / mount.source, local)
-                    for folder in [local, *local.parents]:
-                        if folder == self.workdir.parent:
-                            break
-                        folder.chmod(folder.stat().st_mode | 0o755)
+                    for path in [local, *local.rglob("*")]:
+                        mode = path.stat().st_mode
+                        path.chmod(mode | (0o555 if path.is_dir() or mode & 0o100 else 0o444))
+                    self.traversable(local)
             out[mount.target.rstrip("/")] = local
         return out
+
+    def traversable(self, folder: Path) -> None:
+        """Let any user walk from the workdir down to `folder` (not list or read it)."""
+        for path in [folder, *folder.parents]:
+            path.chmod(path.stat().st_mode | 0o711)
+            if path == self.workdir:
+                break
 
     def path(self, name: str, value: str) -> str:
         """Map a container path of service `name` to its local folder; other text as is."""
@@ -274,6 +283,10 @@ class Supervisor:
             log=self.workdir / "logs" / f"{name}-init.log",
         )
         if pg.owner is not None:  # root: the server runs as `postgres`, which must get in
+            pg.data.parent.mkdir(parents=True, exist_ok=True)
+            pg.sockets.parent.mkdir(parents=True, exist_ok=True)
+            self.traversable(pg.data.parent)
+            self.traversable(pg.sockets.parent)
             entered = subprocess.run(["test", "-x", str(self.workdir)], user=pg.owner, check=False)
             if entered.returncode != 0:
                 msg = f"the `postgres` user cannot enter {self.workdir}; choose another --workdir"
