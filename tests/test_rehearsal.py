@@ -19,6 +19,7 @@ import pytest
 
 from lakehouse.deploy.compose import ComposeError, Project, read_env_file
 from lakehouse.deploy.supervisor import Supervisor
+from tests.conftest import shared_tmp
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "compose" / "docker-compose.yml"
@@ -90,7 +91,7 @@ def test_a_stream_on_the_superuser_fails_and_nothing_is_left_running(tmp_path: P
     cdc = "postgresql://lakehouse_cdc:${PG_CDC_PASSWORD:?cp .env.example .env}@postgres"
     assert text.count(cdc) == 1
     planted.write_text(text.replace(cdc, "postgresql://postgres:${PG_SUPERUSER_PASSWORD}@postgres"))
-    workdir = tmp_path / "work"
+    workdir = shared_tmp("lakehouse-rehearsal-")  # pytest's tmp_path is private to root
     done = subprocess.run(
         [
             sys.executable,
@@ -122,6 +123,7 @@ def test_a_stream_on_the_superuser_fails_and_nothing_is_left_running(tmp_path: P
         if str(workdir) in " ".join([p.info["cwd"] or "", *(p.info["cmdline"] or [])])
     ]
     assert left == []
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
