@@ -36,6 +36,7 @@ from packaging.specifiers import SpecifierSet
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from lakehouse.cli import build_parser
+from lakehouse.deploy.compose import as_list, interpolated, references
 from lakehouse.settings import PREFIX, Settings
 from lakehouse.source.embedded import find_bin_dir, free_port
 from lakehouse.source.extract import fence, snapshot
@@ -71,49 +72,6 @@ def env_example() -> dict[str, str]:
     return values
 
 
-# Compose's interpolation: `$$` is a literal `$`; `${VAR}`, `${VAR:-default}`,
-# `${VAR-default}`, `${VAR:?error}`, `${VAR?error}`, `${VAR:+other}`, `${VAR+other}`, `$VAR`.
-_REFERENCE = re.compile(
-    r"\$(?:(?P<escaped>\$)|\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}"
-    r"|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
-)
-
-
-def references(text: str) -> set[str]:
-    """Return the variables a compose string refers to (not the `$$`-escaped ones)."""
-    return {m["name"] or m["bare"] for m in _REFERENCE.finditer(text) if not m["escaped"]}
-
-
-def interpolate(text: str, env: dict[str, str]) -> str:
-    """Substitute like docker compose does; an unset variable without a default fails."""
-
-    def substitute(m: re.Match[str]) -> str:
-        if m["escaped"]:
-            return "$"
-        name = m["name"] or m["bare"]
-        value, op = env.get(name), m["op"] or ""
-        if op.startswith(":") and value == "":
-            value = None
-        if op.endswith("+"):
-            return m["arg"] if value is not None else ""
-        if value is None:
-            assert op.endswith("-"), f"`{m[0]}` in the compose file: {name} is not set"
-            return m["arg"]
-        return value
-
-    return _REFERENCE.sub(substitute, text)
-
-
-def interpolated(node: Any, env: dict[str, str]) -> Any:
-    if isinstance(node, str):
-        return interpolate(node, env)
-    if isinstance(node, list):
-        return [interpolated(item, env) for item in node]
-    if isinstance(node, dict):
-        return {key: interpolated(value, env) for key, value in node.items()}
-    return node
-
-
 @functools.cache
 def compose() -> dict[str, Any]:
     """The compose file as docker compose sees it with `.env.example` copied to `.env`."""
@@ -146,10 +104,6 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
     if isinstance(env, list):
         env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
     return {key: "" if value is None else str(value) for key, value in env.items()}
-
-
-def as_list(command: Any) -> list[str]:
-    return shlex.split(command) if isinstance(command, str) else list(command or [])
 
 
 def image_services() -> list[str]:
