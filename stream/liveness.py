@@ -25,9 +25,9 @@ from lakehouse.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_AGE_SECONDS = 120.0
-"""The probe's default limit, for a turn and for one promotion: far above a turn or a
-promotion at 1k changes/s (under a second or two), far below what an operator would wait
-for a stuck stream."""
+"""The probe's default limit for a turn (five times that for one promotion): far above a
+turn or a promotion at 1k changes/s (under a second or two), far below what an operator
+would wait for a stuck stream."""
 
 
 def heartbeat_path(settings: Settings) -> Path:

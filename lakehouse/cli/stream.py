@@ -132,10 +132,14 @@ def _alive(settings: Settings, max_age: float | None) -> int:
             f"stuck (see its log): {restart}\n"
         )
         return 1
-    if pulse.busy_for is not None and pulse.busy_for > limit:
+    # One promotion may rightly take longer than a turn (a backlog after downtime is
+    # merged at once), and a restart would start it over: five times the limit.
+    busy_limit = 5 * limit
+    if pulse.busy_for is not None and pulse.busy_for > busy_limit:
         sys.stderr.write(
             f"stream not alive: one promotion into silver or online refresh has run for "
-            f"{pulse.busy_for:.0f}s, limit {limit:.0f}s; it is stuck (see its log): {restart}\n"
+            f"{pulse.busy_for:.0f}s, limit {busy_limit:.0f}s; it is stuck (see its log): "
+            f"{restart}\n"
         )
         return 1
     sys.stdout.write(f"stream alive: last turn {pulse.age:.1f}s ago\n")
