@@ -871,16 +871,27 @@ class WorkerRun:
     error: str = ""
 
 
-def run_worker(name: str, workdir: Path, **options: Path | int) -> WorkerRun:
-    """Run `batch.py <name>` in a fresh interpreter; sample its process tree's RSS."""
+def run_worker(
+    name: str, workdir: Path, *, checkout: Path | None = None, **options: Path | int
+) -> WorkerRun:
+    """Run `batch.py <name>` in a fresh interpreter; sample its process tree's RSS.
+
+    With `checkout` (a worktree of another commit), that commit's own `batch.py` runs
+    with that commit's `lakehouse` first on the import path.
+    """
     result_file = workdir / f"{name.strip('_')}.json"
     log_file = workdir / f"{name.strip('_')}.log"
-    argv = [sys.executable, str(HERE), name, "--result", str(result_file)]
+    script = HERE if checkout is None else checkout / "benchmarks" / HERE.name
+    argv = [sys.executable, str(script), name, "--result", str(result_file)]
     for key, value in options.items():
         argv += [f"--{key}", str(value)]
+    env = dict(os.environ)
+    if checkout is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(checkout), env.get("PYTHONPATH", "")])
+    result_file.unlink(missing_ok=True)
     start = time.perf_counter()
     with log_file.open("w") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env)
         root = psutil.Process(proc.pid)
 
         def tree() -> list[int]:
@@ -919,6 +930,8 @@ class SizeResult:
     spark: WorkerRun | None = None
     checks: list[tuple[str, Any, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    compared: list[tuple[str, int, WorkerRun]] = field(default_factory=list)
+    """(commit, turn, run) of `--compare`: ours at each commit, in turns, same source."""
 
 
 def output_checks(home: Path, spark_out: Path) -> list[tuple[str, Any, Any]]:
@@ -966,7 +979,60 @@ def matches(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def run_size(rows: int, *, skip_spark: bool) -> SizeResult:
+@contextmanager
+def checkouts(revisions: list[str]) -> Iterator[dict[str, Path]]:
+    """Check out each revision in a temporary git worktree; remove them afterwards."""
+    repo = HERE.parent.parent
+    made: dict[str, Path] = {}
+    try:
+        for rev in revisions:
+            place = Path(tempfile.mkdtemp(prefix="lakehouse-bench-rev-", dir="/tmp"))
+            place.rmdir()
+            subprocess.run(
+                ["git", "-C", str(repo), "worktree", "add", "--detach", str(place), rev],
+                check=True,
+                capture_output=True,
+            )
+            made[rev] = place
+        yield made
+    finally:
+        for place in made.values():
+            subprocess.run(
+                ["git", "-C", str(repo), "worktree", "remove", "--force", str(place)],
+                check=False,
+                capture_output=True,
+            )
+
+
+def ours_in_turns(
+    result: SizeResult, scratch: Path, home: Path, revisions: dict[str, Path], turns: int
+) -> None:
+    """Run ours at each compared commit and at this checkout, in turns, on one source.
+
+    Each run starts from an empty warehouse; this checkout runs last in each turn, so
+    the warehouse left for Spark's checks is its own. `result.ours` is its last run.
+    """
+    order = [*revisions.items(), ("this checkout", None)]
+    for turn in range(1, turns + 1):
+        for label, checkout in order:
+            for leftover in ("warehouse", "duckdb_tmp"):
+                shutil.rmtree(home / leftover, ignore_errors=True)
+            log(f"{result.rows:,} rows: ours at {label}, turn {turn} of {turns}")
+            run = run_worker("_ours", scratch, checkout=checkout, home=home)
+            result.compared.append((label, turn, run))
+            if not run.ok:
+                result.errors.append(f"{label}, turn {turn}: {run.error}")
+            if checkout is None:
+                result.ours = run
+
+
+def run_size(
+    rows: int,
+    *,
+    skip_spark: bool,
+    revisions: dict[str, Path] | None = None,
+    turns: int = 2,
+) -> SizeResult:
     """Seed, run ours, export bronze, run Spark, compare; always stop Postgres and clean up."""
     from lakehouse.settings import Settings
     from lakehouse.source.embedded import EmbeddedPostgres
@@ -986,8 +1052,12 @@ def run_size(rows: int, *, skip_spark: bool) -> SizeResult:
             result.errors.append(result.seed.error)
             return result
         log(f"{rows:,} rows: seeded in {result.seed.result['seconds']:.1f}s; running ours")
-        result.ours = run_worker("_ours", scratch, home=home)
-        if not result.ours.ok:
+        if revisions:
+            ours_in_turns(result, scratch, home, revisions, turns)
+        else:
+            result.ours = run_worker("_ours", scratch, home=home)
+        assert result.ours is not None
+        if not result.ours.ok and not revisions:
             result.errors.append(result.ours.error)
         pg.stop()
         if skip_spark:
@@ -1155,6 +1225,8 @@ def report(results: list[SizeResult], command: str, started: datetime, library: 
             + (f"{r.spark.load_avg:.1f}" if r.spark else "n/a")
             + " |"
         )
+    if any(r.compared for r in results):
+        out += compared_section(results)
     out += ["", "## Details", ""]
     for r in results:
         out += [f"### {r.rows:,} rows", ""]
@@ -1212,6 +1284,41 @@ def report(results: list[SizeResult], command: str, started: datetime, library: 
     return "\n".join(out)
 
 
+def compared_section(results: list[SizeResult]) -> list[str]:
+    """Render `--compare`: ours at each commit, turn by turn, on the same seeded source."""
+    out = [
+        "",
+        "## Commits compared in one run",
+        "",
+        "Ours at each commit on the same seeded source, in turns (each run from an empty"
+        " warehouse; this checkout last in each turn). Wall clock and CPU seconds per stage;"
+        " *vs this checkout* divides the commit's total by this checkout's in the same turn.",
+        "",
+        "| rows (N) | commit | turn | bronze | silver | gold | total | CPU total | ru_maxrss"
+        " | load avg | vs this checkout |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        mine = {t: run for label, t, run in r.compared if label == "this checkout" and run.ok}
+        for label, turn, run in r.compared:
+            if not run.ok:
+                out.append(f"| {r.rows:,} | {label} | {turn} | failed | | | | | | | |")
+                continue
+            ours = run.result
+            stages, cpu = ours["stages"], ours["cpu_stages"]
+            base = mine.get(turn)
+            versus = (
+                f"{ours['seconds'] / base.result['seconds']:.2f}x" if base is not None else "n/a"
+            )
+            out.append(
+                f"| {r.rows:,} | {label} | {turn} | {stages['bronze']:.1f} s"
+                f" | {stages['silver']:.1f} s | {stages['gold']:.1f} s | {ours['seconds']:.1f} s"
+                f" | {sum(cpu.values()):.1f} s | {size(ours['max_rss'])} | {run.load_avg:.1f}"
+                f" | {versus} |"
+            )
+    return out
+
+
 def parse_rows(text: str) -> list[int]:
     """Parse `45000,1M,10_000_000` (k and M suffixes allowed)."""
     sizes = []
@@ -1243,6 +1350,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-spark", action="store_true", help="measure only ours")
     parser.add_argument(
+        "--compare",
+        default="",
+        metavar="REV[,REV]",
+        help="also run ours at these commits, in turns with this checkout, on the same source",
+    )
+    parser.add_argument("--turns", type=int, default=2, help="turns of --compare (default 2)")
+    parser.add_argument(
         "--results",
         type=Path,
         default=RESULTS,
@@ -1257,10 +1371,14 @@ def main(argv: list[str] | None = None) -> int:
     path = args.results / f"batch-{started:%Y%m%d-%H%M%S}.md"
     library = git_state()
     results: list[SizeResult] = []
-    for rows in args.rows:
-        results.append(run_size(rows, skip_spark=args.skip_spark))
-        path.write_text(report(results, command, started, library))
-        log(f"{rows:,} rows done; report so far in {path}")
+    wanted = [rev for rev in args.compare.split(",") if rev]
+    with checkouts(wanted) as revisions:
+        for rows in args.rows:
+            results.append(
+                run_size(rows, skip_spark=args.skip_spark, revisions=revisions, turns=args.turns)
+            )
+            path.write_text(report(results, command, started, library))
+            log(f"{rows:,} rows done; report so far in {path}")
     text = report(results, command, started, library)
     print(text)
     log(f"report written to {path}")
