@@ -5,6 +5,11 @@ Run by hand (it takes minutes; 10M rows takes tens of minutes)::
     .venv/bin/pip install -e '.[bench]'        # pyspark and psutil
     .venv/bin/python benchmarks/batch.py --rows 45000,1000000
     .venv/bin/python benchmarks/batch.py        # 45k, 1M and 10M rows (the default)
+    .venv/bin/python benchmarks/batch.py --rows 1M --skip-spark --compare d2773bc
+
+With `--compare REV[,REV]`, ours also runs at each of those commits (their own worker and
+library, from a temporary git worktree), in turns with this checkout on the same seeded
+source: a regression shows as a ratio measured in one run, not across days of noise.
 
 For each source size N (N applicants + N loan applications = 2N source rows):
 
