@@ -304,6 +304,55 @@ def worker_ours(home: Path) -> dict[str, Any]:
     }
 
 
+def worker_copy_floor(home: Path) -> dict[str, Any]:
+    """Time Postgres' own extraction of the source tables: the floor under bronze ingest.
+
+    Two clients that keep nothing: psycopg reading `COPY ... TO STDOUT (FORMAT binary)`
+    block by block, and psql's `\\copy ... TO '/dev/null'` (text). Same tables, same rows,
+    same server as ours read; what ours does beyond this (types, Arrow, Parquet, the Delta
+    commit, the snapshot fence) is the gap the report shows.
+    """
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    from lakehouse.settings import Settings
+    from lakehouse.source.embedded import EmbeddedPostgres, find_bin_dir
+    from lakehouse.source.schema import connect
+
+    settings = Settings(home=home)
+    schema = settings.pg_schema
+    out: dict[str, Any] = {"binary": {}, "binary_bytes": {}, "psql": {}}
+    with connect(settings) as conn:
+        for table in SOURCE_TABLES:
+            start, size = time.perf_counter(), 0
+            with conn.cursor().copy(f'COPY "{schema}"."{table}" TO STDOUT (FORMAT binary)') as copy:
+                for block in copy:
+                    size += len(block)
+            out["binary"][table] = time.perf_counter() - start
+            out["binary_bytes"][table] = size
+    # The password through the environment: a command line shows in `ps`.
+    info = conninfo_to_dict(EmbeddedPostgres(settings).dsn())
+    env = {**os.environ, "PGPASSWORD": str(info.pop("password", ""))}
+    psql = find_bin_dir() / "psql"
+    for table in SOURCE_TABLES:
+        start = time.perf_counter()
+        subprocess.run(
+            [
+                str(psql),
+                make_conninfo(**info),
+                "-q",
+                "-c",
+                f'\\copy "{schema}"."{table}" TO \'/dev/null\'',
+            ],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
+        out["psql"][table] = time.perf_counter() - start
+    out["binary_seconds"] = sum(out["binary"].values())
+    out["psql_seconds"] = sum(out["psql"].values())
+    return out
+
+
 def worker_export(home: Path, dest: Path) -> dict[str, Any]:
     """Export the bronze Delta tables to Parquet for Spark (not measured)."""
     import polars as pl
@@ -835,7 +884,7 @@ SPARK_GOLD: dict[str, Callable[[Any, Path, Path], None]] = {
 }
 
 
-WORKERS = ("_seed", "_ours", "_export", "_spark")
+WORKERS = ("_seed", "_ours", "_floor", "_export", "_spark")
 
 
 def run_worker_cli(argv: list[str]) -> int:
@@ -853,6 +902,8 @@ def run_worker_cli(argv: list[str]) -> int:
         result = worker_seed(args.home, args.rows)
     elif name == "_ours":
         result = worker_ours(args.home)
+    elif name == "_floor":
+        result = worker_copy_floor(args.home)
     elif name == "_export":
         result = worker_export(args.home, args.dest)
     else:
@@ -935,6 +986,8 @@ class SizeResult:
     spark: WorkerRun | None = None
     checks: list[tuple[str, Any, Any]] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    floor: WorkerRun | None = None
+    """Postgres' own extraction of the same rows (`worker_copy_floor`)."""
     compared: list[tuple[str, int, WorkerRun]] = field(default_factory=list)
     """(commit, turn, run) of `--compare`: ours at each commit, in turns, same source."""
 
@@ -1064,6 +1117,10 @@ def run_size(
         assert result.ours is not None
         if not result.ours.ok and not revisions:
             result.errors.append(result.ours.error)
+        log(f"{rows:,} rows: the extraction floor (binary COPY, psql \\copy)")
+        result.floor = run_worker("_floor", scratch, home=home)
+        if not result.floor.ok:
+            result.errors.append(result.floor.error)
         pg.stop()
         if skip_spark:
             return result
@@ -1230,6 +1287,7 @@ def report(results: list[SizeResult], command: str, started: datetime, library: 
             + (f"{r.spark.load_avg:.1f}" if r.spark else "n/a")
             + " |"
         )
+    out += floor_section(results)
     if any(r.compared for r in results):
         out += compared_section(results)
     out += ["", "## Details", ""]
@@ -1287,6 +1345,36 @@ def report(results: list[SizeResult], command: str, started: datetime, library: 
             out += ["", "Failure:", "", "```", error.strip(), "```"]
         out.append("")
     return "\n".join(out)
+
+
+def floor_section(results: list[SizeResult]) -> list[str]:
+    """Render bronze ingest against Postgres' own extraction of the same rows."""
+    out = [
+        "",
+        "## Extraction against its floor",
+        "",
+        "Bronze ingest (ours, both tables) against Postgres' own extraction of the same rows"
+        " on the same server, measured after ours: `COPY ... TO STDOUT (FORMAT binary)` read"
+        " by psycopg and thrown away, and psql's `\\copy ... TO '/dev/null'`. *Of floor* is"
+        " floor seconds / our seconds: 100% would be extraction at the speed Postgres sends.",
+        "",
+        "| rows (N) | ours bronze | binary COPY floor | of floor | psql \\copy (text)"
+        " | binary bytes |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        ours = r.ours.result if r.ours and r.ours.ok else {}
+        floor = r.floor.result if r.floor and r.floor.ok else {}
+        bronze = ours.get("stages", {}).get("bronze")
+        if not floor or bronze is None:
+            out.append(f"| {r.rows:,} | n/a | n/a | n/a | n/a | n/a |")
+            continue
+        share = floor["binary_seconds"] / bronze
+        out.append(
+            f"| {r.rows:,} | {bronze:.1f} s | {floor['binary_seconds']:.1f} s | {share:.0%}"
+            f" | {floor['psql_seconds']:.1f} s | {size(sum(floor['binary_bytes'].values()))} |"
+        )
+    return out
 
 
 def compared_section(results: list[SizeResult]) -> list[str]:
