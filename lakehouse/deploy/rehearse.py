@@ -105,7 +105,10 @@ def rehearse(
             report["converged"] = converge(sup, deadline, say)
             report["healthchecks"] = healthchecks(sup, order, say)
         except BaseException:
-            report["exit_codes"] = sup.stop_all(order)
+            # A failed rehearsal ends at once: what it started is killed (a graceful stop
+            # could wait for a pipeline run to finish); the logs stay for the reason.
+            sup.kill_all()
+            report["exit_codes"] = {n: p.popen.returncode for n, p in sup.processes.items()}
             raise
         codes = report["exit_codes"] = sup.stop_all(order)
     finally:
