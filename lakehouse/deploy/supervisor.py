@@ -95,8 +95,9 @@ class Supervisor:
         """Point a string of service `own` at 127.0.0.1 and the mapped ports.
 
         `name:port` of any service, `HOST:port` or `:port` of its own ports, and as a whole
-        argument (`token`): a service's name, a wildcard address, or one of the ports of
-        itself or of a service named in the same command.
+        argument (`token`): a wildcard address, or one of its own ports. A service's name
+        as an argument, and the ports of a service named so, are `_rewrite_argv`'s: a name
+        is a hostname only after a host option.
         """
         mine = self.ports[own]
 
