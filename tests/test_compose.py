@@ -36,7 +36,7 @@ from packaging.specifiers import SpecifierSet
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from lakehouse.cli import build_parser
-from lakehouse.deploy.compose import as_list, interpolated, references
+from lakehouse.deploy.compose import as_list, interpolated, logical_lines, references
 from lakehouse.settings import PREFIX, Settings
 from lakehouse.source.embedded import find_bin_dir, free_port
 from lakehouse.source.extract import fence, snapshot
@@ -177,21 +177,9 @@ class Instruction:
 
 @functools.cache
 def dockerfile() -> tuple[Instruction, ...]:
-    logical: list[str] = []
-    pending = ""
-    for raw in DOCKERFILE.read_text().splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue  # comments may sit between continuation lines, too
-        if line.endswith("\\"):
-            pending += line[:-1] + " "
-            continue
-        logical.append(pending + line)
-        pending = ""
-    assert not pending, "the Dockerfile ends inside a continued line"
     workdir = "/"
     out = []
-    for line in logical:
+    for line in logical_lines(DOCKERFILE):
         keyword, _, args = line.partition(" ")
         keyword = keyword.upper()
         if keyword == "WORKDIR":

@@ -111,8 +111,8 @@ class Image:
     user: str
 
 
-def read_dockerfile(path: Path) -> Image:
-    """Read the ENV, ENTRYPOINT, WORKDIR and USER of a single-stage Dockerfile."""
+def logical_lines(path: Path) -> list[str]:
+    """Read a Dockerfile's instructions, one per line: continuations joined, comments dropped."""
     logical: list[str] = []
     pending = ""
     for raw in path.read_text().splitlines():
@@ -124,10 +124,18 @@ def read_dockerfile(path: Path) -> Image:
             continue
         logical.append(pending + line)
         pending = ""
+    if pending:
+        msg = f"{path.name}: the file ends inside a continued line"
+        raise ComposeError(msg)
+    return logical
+
+
+def read_dockerfile(path: Path) -> Image:
+    """Read the ENV, ENTRYPOINT, WORKDIR and USER of a single-stage Dockerfile."""
     env: dict[str, str] = {}
     entrypoint: list[str] = []
     workdir, user = "/", "root"
-    for line in logical:
+    for line in logical_lines(path):
         keyword, _, args = line.partition(" ")
         keyword, args = keyword.upper(), args.strip()
         if keyword == "ENV":
