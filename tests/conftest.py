@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -27,9 +28,13 @@ S3_SECRET = "lakehouse-test-secret"
 
 
 def shared_tmp(prefix: str) -> Path:
-    """A temp dir that the `postgres` OS user can traverse (pytest's tmp_path is private)."""
+    """A temp dir that the `postgres` OS user can traverse (pytest's tmp_path is private).
+
+    Removed when the test process exits: a lake per run would otherwise fill /tmp.
+    """
     path = Path(tempfile.mkdtemp(prefix=prefix))
     path.chmod(0o755)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path
 
 
