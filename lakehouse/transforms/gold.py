@@ -95,12 +95,14 @@ def intent_rate_30d(submitted: pl.DataFrame) -> pl.DataFrame:
             pl.DataFrame(
                 {
                     "application_id": group["application_id"],
+                    "applicant_id": group["applicant_id"],  # to cut it in key partitions
                     "intent_rate_30d": pl.Series(mean).set(pl.Series(n == 0), None),
                 }
             )
         )
     if not parts:
-        return pl.DataFrame(schema={"application_id": pl.Int64, "intent_rate_30d": pl.Float64})
+        schema = {"application_id": pl.Int64, "applicant_id": pl.Int64}
+        return pl.DataFrame(schema=schema | {"intent_rate_30d": pl.Float64})
     return pl.concat(parts)
 
 
@@ -168,7 +170,9 @@ SELECT
     approved_count::BIGINT AS approved_count,
     rejected_count::BIGINT AS rejected_count,
     mean_loan_amnt,
-    days_since_last_at_history + epoch(applied_at - history_at) / 86400.0
+    -- Microseconds apart, not `epoch(applied_at - history_at)`: subtracting two
+    -- TIMESTAMPTZ goes through ICU's calendar, 50x slower (4 s per million rows).
+    days_since_last_at_history + (epoch_us(applied_at) - epoch_us(history_at)) / 86400e6
         AS days_since_last_application,
     loan_status
 FROM joined

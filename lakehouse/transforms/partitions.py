@@ -24,3 +24,13 @@ def in_part(column: str, part: tuple[int, int]) -> pl.Expr:
     if parts == 1:
         return pl.lit(True)
     return key_part(column, parts) == index
+
+
+def key_part_sql(column: str, parts: int) -> str:
+    """Return `key_part` as a DuckDB expression over a quoted column.
+
+    DuckDB's `%` keeps the sign of the dividend (-5 % 4 = -1), so the floor modulo is
+    spelt out: a negative or null key lands in the same partition as in Polars.
+    """
+    quoted = '"' + column.replace('"', '""') + '"'
+    return f"((coalesce({quoted}, 0) % {parts}) + {parts}) % {parts}"

@@ -17,7 +17,7 @@ from lakehouse.errors import LakehouseError, TableNotFoundError
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 from lakehouse.transforms.gold import ALL_GOLD
-from lakehouse.transforms.partitions import in_part
+from lakehouse.transforms.partitions import in_part, key_part_sql
 from lakehouse.zones.commits import (
     ConcurrentWriteError,
     app_id,
@@ -184,8 +184,10 @@ def _build(
             rows = storage.table(*_located(spec.sources[0]), version=reads[spec.sources[0]])
             parts = max(1, -(-_row_count(rows) // _PARTITION_ROWS))
 
+        derived: dict[str, pl.DataFrame] = {}  # by name, every key
+
         def views(part: int | None) -> None:
-            where = f" WHERE {duck.quote(key)} % {parts} = {part}" if part is not None else ""
+            where = f" WHERE {key_part_sql(key, parts)} = {part}" if part is not None else ""
             for source in spec.sources:
                 zone, table = _located(source)
                 con.execute(
@@ -193,6 +195,12 @@ def _build(
                     + duck.scan(storage.uri(zone, table), reads[source])
                     + where
                 )
+            # A derived relation with the key is cut like the tables: a partition's
+            # joins then build on a partition's rows, not on every row once per partition.
+            for name_, frame in derived.items():
+                if part is not None and key in frame.columns:
+                    frame = frame.filter(in_part(key, (part, parts)))
+                con.register(name_, frame.to_arrow())
 
         if spec.frame is None:
             # Derived relations (market-wide aggregates) see every row, once.
@@ -207,14 +215,15 @@ def _build(
                     raise LakehouseError(msg)
                 provide(storage, con)
             computed: dict[object, pl.DataFrame] = {}  # derived relations sharing an input
-            for derived in spec.derived:
-                source = derived.frame or derived.sql
+            for relation in spec.derived:
+                source = relation.frame or relation.sql
                 if source not in computed:
-                    if derived.frame is not None:
-                        computed[source] = derived.frame(_scans(storage, spec.sources, reads))
+                    if relation.frame is not None:
+                        computed[source] = relation.frame(_scans(storage, spec.sources, reads))
                     else:
-                        computed[source] = _frame(con.execute(derived.sql).to_arrow_table())
-                con.register(derived.name, derived.transform(computed[source]).to_arrow())
+                        computed[source] = _frame(con.execute(relation.sql).to_arrow_table())
+                derived[relation.name] = relation.transform(computed[source])
+                con.register(relation.name, derived[relation.name].to_arrow())
             computed.clear()
 
         def part_frames(part: int) -> Iterator[pl.DataFrame]:
