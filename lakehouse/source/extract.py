@@ -15,15 +15,22 @@ row still lands in bronze and silver can reject it by a rule that names the colu
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import polars as pl
 import psycopg
+import pyarrow as pa
+import pyarrow.compute as pc
 from psycopg import sql
+from psycopg.abc import Buffer
 
+from lakehouse.source.readahead import read_ahead
 from lakehouse.source.schema import SourceTable, ident
+
+log = logging.getLogger("lakehouse.source")
 
 PG_TO_POLARS: dict[str, pl.DataType] = {
     "bigint": pl.Int64(),
@@ -156,24 +163,33 @@ def _micros(column: str) -> sql.Composable:
 
 
 def _unrepresentable(table: SourceTable) -> sql.Composable:
-    """Return a JSON object of the timestamps Arrow cannot hold (column -> text), or NULL."""
+    """Return a JSON object of the timestamps Arrow cannot hold (column -> text), or NULL.
+
+    Built only for a row that has one: building (and stripping) an empty object for every
+    row took a third of the extraction's time on the server.
+    """
+    if not table.timestamps:
+        return sql.NULL
     pairs = [
         sql.SQL("{name}, CASE WHEN NOT {ok} THEN {c}::text END").format(
             name=sql.Literal(name), ok=_representable(name), c=ident(name)
         )
         for name in table.timestamps
     ]
-    if not pairs:
-        return sql.NULL
-    return sql.SQL("nullif(jsonb_strip_nulls(jsonb_build_object({}))::text, '{{}}')").format(
-        sql.SQL(", ").join(pairs)
-    )
+    every = sql.SQL(" AND ").join(_representable(name) for name in table.timestamps)
+    return sql.SQL(
+        "CASE WHEN NOT ({every}) THEN jsonb_strip_nulls(jsonb_build_object({pairs}))::text END"
+    ).format(every=every, pairs=sql.SQL(", ").join(pairs))
 
 
 def _query(
     schema: str, table: SourceTable, window: Window, keys: list[int] | None = None
 ) -> sql.Composable:
-    """Rows and tombstones in `window`; with `keys`, those keys' current rows only."""
+    """Rows and tombstones in `window`; with `keys`, those keys' current rows only.
+
+    A row's `_source_ts` is its `updated_at`, filled in by `_parse` (not sent twice);
+    a tombstone's is its delete time.
+    """
     cols: list[sql.Composable] = []
     tomb: list[sql.Composable] = []
     for name, pg_type in table.columns:
@@ -181,25 +197,23 @@ def _query(
         tomb.append(sql.SQL("row_id") if name == table.key else sql.NULL)
     if keys is not None:
         return sql.SQL(
-            "SELECT {cols}, 'upsert', {ts}, updated_xid::text::bigint, {raw} FROM {t}"
+            "SELECT {cols}, 'upsert', NULL, updated_xid::text::bigint, {raw} FROM {t}"
             " WHERE {key} = ANY({keys})"
         ).format(
             cols=sql.SQL(", ").join(cols),
-            ts=_micros("updated_at"),
             raw=_unrepresentable(table),
             t=ident(schema, table.name),
             key=ident(table.key),
             keys=sql.Literal(keys),
         )
     return sql.SQL(
-        "SELECT {cols}, 'upsert', {ts}, updated_xid::text::bigint, {raw} FROM {t} WHERE {w1}"
+        "SELECT {cols}, 'upsert', NULL, updated_xid::text::bigint, {raw} FROM {t} WHERE {w1}"
         " UNION ALL "
         "SELECT {tomb}, CASE WHEN row_id IS NULL THEN 'truncate' ELSE 'delete' END, {dts},"
         " deleted_xid::text::bigint, NULL FROM {d}"
         " WHERE table_name = {name} AND {w2}"
     ).format(
         cols=sql.SQL(", ").join(cols),
-        ts=_micros("updated_at"),
         raw=_unrepresentable(table),
         t=ident(schema, table.name),
         w1=_in_window("updated_xid", window),
@@ -229,6 +243,11 @@ def extracted_schema(table: SourceTable) -> dict[str, pl.DataType]:
     return schema
 
 
+def arrow_schema(table: SourceTable) -> pa.Schema:
+    """Return `extracted_schema` as the Arrow schema of `extract_batches`."""
+    return pl.DataFrame(schema=extracted_schema(table)).to_arrow().schema
+
+
 def extract(
     conn: psycopg.Connection,
     schema: str,
@@ -239,43 +258,57 @@ def extract(
     lsn: int,
     keys: list[int] | None = None,
 ) -> Iterator[pl.DataFrame]:
-    """Yield the rows written in `window` (and tombstones of deleted rows) as frames.
+    """Yield what `extract_batches` reads as Polars frames."""
+    for batch in extract_batches(
+        conn, schema, table, window, batch_rows=batch_rows, lsn=lsn, keys=keys
+    ):
+        frame = pl.from_arrow(batch)
+        assert isinstance(frame, pl.DataFrame)
+        yield frame
+
+
+def extract_batches(
+    conn: psycopg.Connection,
+    schema: str,
+    table: SourceTable,
+    window: Window,
+    *,
+    batch_rows: int,
+    lsn: int,
+    keys: list[int] | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """Yield the rows written in `window` (and tombstones of deleted rows), `arrow_schema`.
 
     Runs inside `snapshot(conn)`, so every batch sees the same state; `lsn` is the
-    snapshot's WAL position. Memory is bounded by `batch_rows`: the COPY output is parsed
-    a slice at a time. With `keys`, only those keys' current rows (a repair).
+    snapshot's WAL position. Memory is bounded by `batch_rows`: the output is read a
+    slice at a time. With `keys`, only those keys' current rows (a repair).
     """
-    target = extracted_schema(table)
-    lsn_type = target.pop("_source_lsn")
-    raw = {k: (pl.Int64() if isinstance(v, pl.Datetime) else v) for k, v in target.items()}
+    target = arrow_schema(table)
     limit = max(1 << 16, batch_rows * _BYTES_PER_ROW)
+    polars_target = extracted_schema(table)
+    polars_target.pop("_source_lsn")
+    raw = {k: (pl.Int64() if isinstance(v, pl.Datetime) else v) for k, v in polars_target.items()}
     stmt = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(_query(schema, table, window, keys))
-    position = pl.lit(lsn, lsn_type).alias("_source_lsn")
     with conn.cursor() as cur, cur.copy(stmt) as copy:
-        pending = bytearray()
-        for block in copy:
-            pending += block
-            if len(pending) >= limit:
-                cut = _row_boundary(pending)
-                if cut > 0:
-                    yield _parse(bytes(pending[:cut]), raw, target).with_columns(position)
-                    del pending[:cut]
-        if pending:
-            yield _parse(bytes(pending), raw, target).with_columns(position)
+        for data in read_ahead(_slices(copy, limit)):
+            frame = _parse(data, raw, polars_target)
+            yield _typed(frame.to_arrow(), target, lsn)
 
 
-def _row_boundary(buf: bytearray) -> int:
-    """Return the end of the last complete CSV row in `buf` (0 if none).
+def _slices(copy: Iterable[Buffer], limit: int) -> Iterator[bytes]:
+    """Yield a COPY's output in slices of whole rows, about `limit` bytes each.
 
-    A newline ends a row only outside quotes, i.e. after an even number of quote chars.
+    Each message of a COPY TO is one row (the protocol's promise), so a slice ends at a
+    message.
     """
-    pos = len(buf)
-    while True:
-        pos = buf.rfind(b"\n", 0, pos)
-        if pos < 0:
-            return 0
-        if buf.count(b'"', 0, pos) % 2 == 0:
-            return pos + 1
+    pending = bytearray()
+    for block in copy:
+        pending += block
+        if len(pending) >= limit:
+            yield bytes(pending)
+            pending.clear()
+    if pending:
+        yield bytes(pending)
 
 
 def _parse(
@@ -285,3 +318,28 @@ def _parse(
     return frame.with_columns(
         pl.col(name).cast(dtype) for name, dtype in target.items() if isinstance(dtype, pl.Datetime)
     )
+
+
+def _typed(batch: pa.RecordBatch | pa.Table, target: pa.Schema, lsn: int) -> pa.RecordBatch:
+    """Name and type a slice of the query's result (by position) as `target`.
+
+    An upsert's `_source_ts` is its `updated_at` (see `_query`); `_source_lsn` is the
+    snapshot's position.
+    """
+    names = target.names[:-1]  # all but _source_lsn
+    columns = dict(zip(names, batch.columns, strict=True))
+    columns["_source_ts"] = pc.coalesce(columns["_source_ts"], columns["updated_at"])
+    columns["_source_lsn"] = pa.repeat(pa.scalar(lsn, pa.int64()), batch.num_rows)
+    arrays = [
+        _one_chunk(columns[f.name]).cast(f.type)
+        if columns[f.name].type != f.type
+        else _one_chunk(columns[f.name])
+        for f in target
+    ]
+    return pa.RecordBatch.from_arrays(arrays, schema=target)
+
+
+def _one_chunk(column: pa.Array | pa.ChunkedArray) -> pa.Array:
+    if isinstance(column, pa.ChunkedArray):
+        return column.combine_chunks()
+    return column

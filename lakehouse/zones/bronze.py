@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
+from contextlib import closing
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import polars as pl
 import psycopg
 import pyarrow as pa
+import pyarrow.compute as pc
 from deltalake import DeltaTable, write_deltalake
 
 from lakehouse.errors import SourceError, StorageError
@@ -166,34 +168,33 @@ def ingest(settings: Settings, storage: Storage, table: str) -> IngestResult:
             if lo is not None and not extract.has_changes(conn, settings.pg_schema, source, window):
                 return IngestResult(table, window.mode, 0, 0, None)
             counts = {"rows": 0, "deletes": 0}
-            batches = _with_lineage(
-                extract.extract(
-                    conn,
-                    settings.pg_schema,
-                    source,
-                    window,
-                    batch_rows=settings.batch_rows,
-                    lsn=snap.lsn,
-                ),
-                snap.lsn,
-                window.mode,
-                counts,
+            extracted = extract.extract_batches(
+                conn,
+                settings.pg_schema,
+                source,
+                window,
+                batch_rows=settings.batch_rows,
+                lsn=snap.lsn,
             )
-            first = next(batches, None)
-            if first is None and lo is not None:
-                return IngestResult(table, window.mode, 0, 0, None)
-            # A snapshot always commits, even empty, so the table and its watermark exist.
-            _append(
-                storage,
-                dt,
-                table,
-                batches if first is None else _chain(first, batches),
-                {
-                    app_id("bronze", table): window.hi or 0,
-                    app_id("bronze", table, _BATCH): snap.lsn,
-                },
-                window.mode,
-            )
+            # Closed on every way out: its read-ahead thread stops before the snapshot ends.
+            with closing(
+                _with_lineage(extracted, snap.lsn, window.mode, counts, bronze_schema(source))
+            ) as batches:
+                first = next(batches, None)
+                if first is None and lo is not None:
+                    return IngestResult(table, window.mode, 0, 0, None)
+                # A snapshot always commits, even empty, so the table and its watermark exist.
+                _append(
+                    storage,
+                    dt,
+                    table,
+                    batches if first is None else _chain(first, batches),
+                    {
+                        app_id("bronze", table): window.hi or 0,
+                        app_id("bronze", table, _BATCH): snap.lsn,
+                    },
+                    window.mode,
+                )
     return IngestResult(table, window.mode, counts["rows"], counts["deletes"], snap.lsn)
 
 
@@ -217,21 +218,29 @@ def ingest_snapshot(
             # batch extraction (after a teardown) takes up from there.
             window = extract.Window(lo, None)
             counts = {"rows": 0, "deletes": 0}
-            frames = extract.extract(
-                conn, settings.pg_schema, source, window, batch_rows=settings.batch_rows, lsn=lsn
+            frames = extract.extract_batches(
+                conn,
+                settings.pg_schema,
+                source,
+                window,
+                batch_rows=settings.batch_rows,
+                lsn=lsn,
             )
-            _append(
-                storage,
-                dt,
-                table,
-                _with_lineage(frames, lsn, "stream-snapshot", counts),
-                {
-                    app_id("bronze", table): max(snap.xmin, lo or 0),
-                    app_id("bronze", table, _BATCH): lsn,
-                    app_id("bronze", table, "stream"): lsn,
-                },
-                "stream-snapshot",
-            )
+            with closing(
+                _with_lineage(frames, lsn, "stream-snapshot", counts, bronze_schema(source))
+            ) as batches:
+                _append(
+                    storage,
+                    dt,
+                    table,
+                    batches,
+                    {
+                        app_id("bronze", table): max(snap.xmin, lo or 0),
+                        app_id("bronze", table, _BATCH): lsn,
+                        app_id("bronze", table, "stream"): lsn,
+                    },
+                    "stream-snapshot",
+                )
     return IngestResult(table, "stream-snapshot", counts["rows"], counts["deletes"], lsn)
 
 
@@ -284,11 +293,14 @@ def append_repair(
     """
     dt = _table(storage, table)
     counts = {"rows": 0, "deletes": 0}
+    source = TABLES[table]
+    typed = extract.arrow_schema(source)
+    batches = (b for f in frames for b in f.to_arrow().cast(typed).to_batches())
     _append(
         storage,
         dt,
         table,
-        _with_lineage(frames, lsn, "repair", counts),
+        _with_lineage(batches, lsn, "repair", counts, bronze_schema(source)),
         {app_id("bronze", table, _BATCH): lsn},
         "repair",
     )
@@ -352,24 +364,27 @@ def _lock(conn: psycopg.Connection, table: str) -> None:
 
 
 def _with_lineage(
-    frames: Iterator[pl.DataFrame],
+    batches: Iterator[pa.RecordBatch],
     batch_id: int,
     mode: str,
     counts: dict[str, int],
-) -> Iterator[pa.RecordBatch]:
-    ingested = datetime.now(UTC)
-    lineage = [
-        pl.lit(batch_id, pl.Int64).alias("_batch_id"),
-        pl.lit(mode).alias("_extract_mode"),
-        pl.lit(ingested).cast(pl.Datetime("us", "UTC")).alias("_ingested_at"),
-    ]
-    for frame in frames:
-        if frame.height == 0:
+    schema: pa.Schema,
+) -> Generator[pa.RecordBatch]:
+    """Add the lineage columns to extracted batches (`extract.arrow_schema`), in Arrow."""
+    ingested = pa.scalar(datetime.now(UTC), pa.timestamp("us", "UTC"))
+    for batch in batches:
+        if batch.num_rows == 0:
             continue
-        deletes = int((frame["_op"] != "upsert").sum())
+        deletes = batch.num_rows - int(pc.sum(pc.equal(batch["_op"], "upsert")).as_py() or 0)
         counts["deletes"] += deletes
-        counts["rows"] += frame.height - deletes
-        yield from frame.with_columns(lineage).to_arrow().to_batches()
+        counts["rows"] += batch.num_rows - deletes
+        lineage = {
+            "_batch_id": pa.scalar(batch_id, pa.int64()),
+            "_extract_mode": pa.scalar(mode, schema.field("_extract_mode").type),
+            "_ingested_at": ingested,
+        }
+        arrays = [*batch.columns, *(pa.repeat(v, batch.num_rows) for v in lineage.values())]
+        yield pa.RecordBatch.from_arrays(arrays, schema=schema)
         failpoint("bronze.mid-write")
 
 
