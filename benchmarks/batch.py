@@ -884,7 +884,7 @@ SPARK_GOLD: dict[str, Callable[[Any, Path, Path], None]] = {
 }
 
 
-WORKERS = ("_seed", "_ours", "_floor", "_export", "_spark")
+WORKERS = ("_seed", "_ours", "_floor", "_tfloor", "_export", "_spark")
 
 
 def run_worker_cli(argv: list[str]) -> int:
@@ -904,6 +904,10 @@ def run_worker_cli(argv: list[str]) -> int:
         result = worker_ours(args.home)
     elif name == "_floor":
         result = worker_copy_floor(args.home)
+    elif name == "_tfloor":
+        from floors import worker_transform_floor
+
+        result = worker_transform_floor(args.home)
     elif name == "_export":
         result = worker_export(args.home, args.dest)
     else:
@@ -988,6 +992,8 @@ class SizeResult:
     errors: list[str] = field(default_factory=list)
     floor: WorkerRun | None = None
     """Postgres' own extraction of the same rows (`worker_copy_floor`)."""
+    transform_floor: WorkerRun | None = None
+    """Silver and gold as plain in-memory queries (`floors.worker_transform_floor`)."""
     compared: list[tuple[str, int, WorkerRun]] = field(default_factory=list)
     """(commit, turn, run) of `--compare`: ours at each commit, in turns, same source."""
 
@@ -1122,6 +1128,11 @@ def run_size(
         if not result.floor.ok:
             result.errors.append(result.floor.error)
         pg.stop()
+        if result.ours.ok:
+            log(f"{rows:,} rows: the transform floors (silver and gold in memory)")
+            result.transform_floor = run_worker("_tfloor", scratch, home=home)
+            if not result.transform_floor.ok:
+                result.errors.append(result.transform_floor.error)
         if skip_spark:
             return result
         bronze_dir = scratch / "bronze-parquet"
@@ -1288,6 +1299,7 @@ def report(results: list[SizeResult], command: str, started: datetime, library: 
             + " |"
         )
     out += floor_section(results)
+    out += transform_floor_section(results)
     if any(r.compared for r in results):
         out += compared_section(results)
     out += ["", "## Details", ""]
@@ -1374,6 +1386,72 @@ def floor_section(results: list[SizeResult]) -> list[str]:
             f"| {r.rows:,} | {bronze:.1f} s | {floor['binary_seconds']:.1f} s | {share:.0%}"
             f" | {floor['psql_seconds']:.1f} s | {size(sum(floor['binary_bytes'].values()))} |"
         )
+    return out
+
+
+FLOOR_STEPS = (
+    "silver.applicants",
+    "silver.loan_applications",
+    "gold.applicant_features",
+    "gold.application_features",
+    "gold.approval_rate_daily",
+)
+
+
+def transform_floor_section(results: list[SizeResult]) -> list[str]:
+    """Render silver and gold against the same work as plain in-memory queries."""
+    out = [
+        "",
+        "## Transforms against their floor",
+        "",
+        "Each step of ours (wall clock) against the same tables computed from the same"
+        " inputs already in memory, as plain queries: no Delta reads or writes, no progress"
+        " marks, no partitions, nothing written (`benchmarks/floors.py` says what each"
+        " floor does). Silver's floor is Polars only (the rules exist in Polars); gold has"
+        " one in DuckDB (the gold SQL) and one in Polars. *Ours / floor* divides by the"
+        " faster floor; what is above 1 is the cost of Delta and of our bookkeeping.",
+        "",
+        "| rows (N) | step | ours | Polars floor | DuckDB floor | ours / floor |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        ours = r.ours.result if r.ours and r.ours.ok else {}
+        floor = r.transform_floor.result if r.transform_floor and r.transform_floor.ok else {}
+        if not ours or not floor:
+            out.append(f"| {r.rows:,} | all | n/a | n/a | n/a | n/a |")
+            continue
+        totals = {"silver": [0.0, 0.0, 0.0], "gold": [0.0, 0.0, 0.0]}
+        for step in FLOOR_STEPS:
+            zone, name = step.split(".")
+            mine = ours["steps"].get(step)
+            if zone == "silver":
+                polars, duck = floor["silver"]["seconds"][name], None
+            else:
+                polars = floor["gold_polars"]["seconds"][name]
+                duck = floor["gold_duckdb"]["seconds"][name]
+            best = min(x for x in (polars, duck) if x is not None)
+            for i, value in enumerate((mine, polars, duck if duck is not None else polars)):
+                totals[zone][i] += value or 0.0
+            out.append(
+                f"| {r.rows:,} | {step} | {mine:.2f} s | {polars:.2f} s"
+                f" | {f'{duck:.2f} s' if duck is not None else '-'}"
+                f" | {mine / best:.1f}x |"
+            )
+        for zone, (mine, polars, duck) in totals.items():
+            best = min(polars, duck) if zone == "gold" else polars
+            duck_text = f"{duck:.2f} s" if zone == "gold" else "-"
+            out.append(
+                f"| {r.rows:,} | **{zone}** | **{mine:.2f} s** | {polars:.2f} s | {duck_text}"
+                f" | **{mine / best:.1f}x** |"
+            )
+        agree = [k for k in floor["counts"] if floor["counts"][k] == floor["ours"].get(k)]
+        differ = [k for k in floor["counts"] if k not in agree]
+        out += [
+            "",
+            f"Row counts, floor vs ours, at {r.rows:,}: {len(agree)} of {len(floor['counts'])}"
+            " agree" + (f"; **differ: {', '.join(differ)}**" if differ else "") + ".",
+            "",
+        ]
     return out
 
 
