@@ -265,6 +265,24 @@ def worker_seed(home: Path, rows: int) -> dict[str, Any]:
     }
 
 
+def worker_incremental(home: Path, changes: int) -> dict[str, Any]:
+    """Write `changes` changes to the source (`lakehouse simulate`), then run ours again.
+
+    The lakehouse is the one ours built: the run takes in only what changed.
+    """
+    from lakehouse.settings import Settings
+    from lakehouse.source.schema import connect
+    from lakehouse.source.simulate import simulate
+
+    settings = Settings(home=home)
+    with connect(settings) as conn:
+        simulated = simulate(conn, settings.pg_schema, changes=changes, seed=7)
+        conn.commit()
+    result = worker_ours(home)
+    result["details"]["simulated"] = {"changes": simulated.changes, "rows": simulated.total}
+    return result
+
+
 def worker_ours(home: Path) -> dict[str, Any]:
     """Run our pipeline (bronze, silver, gold) against the seeded source; time each step."""
     from lakehouse.settings import Settings
@@ -884,7 +902,7 @@ SPARK_GOLD: dict[str, Callable[[Any, Path, Path], None]] = {
 }
 
 
-WORKERS = ("_seed", "_ours", "_floor", "_tfloor", "_export", "_spark")
+WORKERS = ("_seed", "_ours", "_incremental", "_floor", "_tfloor", "_export", "_spark")
 
 
 def run_worker_cli(argv: list[str]) -> int:
@@ -893,6 +911,7 @@ def run_worker_cli(argv: list[str]) -> int:
     parser.add_argument("--result", type=Path, required=True)
     parser.add_argument("--home", type=Path)
     parser.add_argument("--rows", type=int)
+    parser.add_argument("--changes", type=int)
     parser.add_argument("--bronze", type=Path)
     parser.add_argument("--dest", type=Path)
     parser.add_argument("--scratch", type=Path)
@@ -902,6 +921,8 @@ def run_worker_cli(argv: list[str]) -> int:
         result = worker_seed(args.home, args.rows)
     elif name == "_ours":
         result = worker_ours(args.home)
+    elif name == "_incremental":
+        result = worker_incremental(args.home, args.changes)
     elif name == "_floor":
         result = worker_copy_floor(args.home)
     elif name == "_tfloor":
@@ -994,6 +1015,8 @@ class SizeResult:
     """Postgres' own extraction of the same rows (`worker_copy_floor`)."""
     transform_floor: WorkerRun | None = None
     """Silver and gold as plain in-memory queries (`floors.worker_transform_floor`)."""
+    incremental: WorkerRun | None = None
+    """Ours again after `--changes` changes to the source (`worker_incremental`)."""
     compared: list[tuple[str, int, WorkerRun]] = field(default_factory=list)
     """(commit, turn, run) of `--compare`: ours at each commit, in turns, same source."""
 
@@ -1096,8 +1119,10 @@ def run_size(
     skip_spark: bool,
     revisions: dict[str, Path] | None = None,
     turns: int = 2,
+    changes: int = 0,
+    skip_floors: bool = False,
 ) -> SizeResult:
-    """Seed, run ours, export bronze, run Spark, compare; always stop Postgres and clean up."""
+    """Seed, run ours, the floors, Spark and the incremental run; stop Postgres, clean up."""
     from lakehouse.settings import Settings
     from lakehouse.source.embedded import EmbeddedPostgres
 
@@ -1128,31 +1153,20 @@ def run_size(
         if not result.floor.ok:
             result.errors.append(result.floor.error)
         pg.stop()
-        if result.ours.ok:
+        if result.ours.ok and not skip_floors:
             log(f"{rows:,} rows: the transform floors (silver and gold in memory)")
             result.transform_floor = run_worker("_tfloor", scratch, home=home)
             if not result.transform_floor.ok:
                 result.errors.append(result.transform_floor.error)
-        if skip_spark:
-            return result
-        bronze_dir = scratch / "bronze-parquet"
-        log(f"{rows:,} rows: exporting bronze to Parquet")
-        result.export = run_worker("_export", scratch, home=home, dest=bronze_dir)
-        if not result.export.ok:
-            result.errors.append(result.export.error)
-            return result
-        log(f"{rows:,} rows: running Spark")
-        spark_out = scratch / "spark-out"
-        result.spark = run_worker(
-            "_spark", scratch, bronze=bronze_dir, dest=spark_out, scratch=scratch / "spark-scratch"
-        )
-        if not result.spark.ok:
-            result.errors.append(result.spark.error)
-        elif result.ours.ok:
-            try:
-                result.checks = output_checks(home, spark_out)
-            except Exception:
-                result.errors.append("output checks failed:\n" + traceback.format_exc())
+        if not skip_spark:
+            run_spark(result, scratch, home)
+        if changes and result.ours.ok:
+            # Last: Spark's checks compare its silver with ours before these changes.
+            pg.start()
+            log(f"{rows:,} rows: {changes:,} changes to the source, then ours again")
+            result.incremental = run_worker("_incremental", scratch, home=home, changes=changes)
+            if not result.incremental.ok:
+                result.errors.append(result.incremental.error)
         return result
     except Exception:
         result.errors.append(f"{rows:,} rows failed:\n{traceback.format_exc()}")
@@ -1163,6 +1177,31 @@ def run_size(
         except Exception as exc:
             result.errors.append(f"stopping Postgres failed: {exc}")
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_spark(result: SizeResult, scratch: Path, home: Path) -> None:
+    """Export bronze, run Spark over it, compare its outputs with ours."""
+    rows = result.rows
+    bronze_dir = scratch / "bronze-parquet"
+    log(f"{rows:,} rows: exporting bronze to Parquet")
+    result.export = run_worker("_export", scratch, home=home, dest=bronze_dir)
+    if not result.export.ok:
+        result.errors.append(result.export.error)
+        return
+    log(f"{rows:,} rows: running Spark")
+    spark_out = scratch / "spark-out"
+    result.spark = run_worker(
+        "_spark", scratch, bronze=bronze_dir, dest=spark_out, scratch=scratch / "spark-scratch"
+    )
+    if not result.spark.ok:
+        result.errors.append(result.spark.error)
+    elif result.ours and result.ours.ok:
+        try:
+            result.checks = output_checks(home, spark_out)
+        except Exception:
+            result.errors.append("output checks failed:\n" + traceback.format_exc())
+    shutil.rmtree(bronze_dir, ignore_errors=True)
+    shutil.rmtree(spark_out, ignore_errors=True)
 
 
 # -- the report -----------------------------------------------------------------------------
@@ -1300,6 +1339,7 @@ def report(results: list[SizeResult], command: str, started: datetime, library: 
         )
     out += floor_section(results)
     out += transform_floor_section(results)
+    out += incremental_section(results)
     if any(r.compared for r in results):
         out += compared_section(results)
     out += ["", "## Details", ""]
@@ -1455,6 +1495,46 @@ def transform_floor_section(results: list[SizeResult]) -> list[str]:
     return out
 
 
+def incremental_section(results: list[SizeResult]) -> list[str]:
+    """Render the run after a few source changes beside the full run."""
+    if not any(r.incremental for r in results):
+        return []
+    out = [
+        "",
+        "## An incremental run beside the full one",
+        "",
+        "After the full run, `lakehouse simulate --changes N` writes N changes (inserts,"
+        " updates, deletes of both tables) and ours runs again on the same lakehouse: each"
+        " step takes in only what changed where it can. Per step, seconds of the full run"
+        " and of the incremental one.",
+        "",
+        "| rows (N) | changes (rows written) | step | full run | incremental | incremental /"
+        " full |",
+        "|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in results:
+        if not r.incremental or not r.ours or not r.ours.ok:
+            continue
+        if not r.incremental.ok:
+            out.append(f"| {r.rows:,} | | failed | | | |")
+            continue
+        full, inc = r.ours.result, r.incremental.result
+        simulated = inc["details"]["simulated"]
+        for step, seconds in inc["steps"].items():
+            before = full["steps"].get(step)
+            share = f"{seconds / before:.1%}" if before else "n/a"
+            before_text = f"{before:.2f} s" if before is not None else "n/a"
+            out.append(
+                f"| {r.rows:,} | {simulated['changes']:,} ({simulated['rows']:,}) | {step}"
+                f" | {before_text} | {seconds:.2f} s | {share} |"
+            )
+        out.append(
+            f"| {r.rows:,} | | **total** | **{full['seconds']:.1f} s** |"
+            f" **{inc['seconds']:.1f} s** | {inc['seconds'] / full['seconds']:.1%} |"
+        )
+    return out
+
+
 def compared_section(results: list[SizeResult]) -> list[str]:
     """Render `--compare`: ours at each commit, turn by turn, on the same seeded source."""
     out = [
@@ -1521,12 +1601,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--skip-spark", action="store_true", help="measure only ours")
     parser.add_argument(
+        "--skip-floors",
+        action="store_true",
+        help="no transform floors (they hold bronze and silver in memory: large at 30M)",
+    )
+    parser.add_argument(
         "--compare",
         default="",
         metavar="REV[,REV]",
         help="also run ours at these commits, in turns with this checkout, on the same source",
     )
     parser.add_argument("--turns", type=int, default=2, help="turns of --compare (default 2)")
+    parser.add_argument(
+        "--changes",
+        type=int,
+        default=2000,
+        help="after the full run, this many source changes and an incremental run (0: none)",
+    )
     parser.add_argument(
         "--results",
         type=Path,
@@ -1546,7 +1637,14 @@ def main(argv: list[str] | None = None) -> int:
     with checkouts(wanted) as revisions:
         for rows in args.rows:
             results.append(
-                run_size(rows, skip_spark=args.skip_spark, revisions=revisions, turns=args.turns)
+                run_size(
+                    rows,
+                    skip_spark=args.skip_spark,
+                    revisions=revisions,
+                    turns=args.turns,
+                    changes=args.changes,
+                    skip_floors=args.skip_floors,
+                )
             )
             path.write_text(report(results, command, started, library))
             log(f"{rows:,} rows done; report so far in {path}")

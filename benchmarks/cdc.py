@@ -54,6 +54,7 @@ from lakehouse.storage import Storage  # noqa: E402
 from stream import cdc, changes, setup, speed  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
+TABLES = ("applicants", "loan_applications")
 
 
 def say(text: str) -> None:
@@ -223,23 +224,29 @@ def freshness(root: Path, rates: list[int], seconds: float) -> list[str]:
         "## (b) Freshness under steady load",
         "",
         f"`lakehouse simulate` at a fixed rate for {seconds:.0f} s per row (default "
-        f"micro-batch settings: close after {settings.stream_batch_seconds:g} s or "
-        f"{settings.stream_batch_rows:,} changes). Latency = end of the Delta commit "
-        "(or of the silver merge) minus the change's source commit time.",
+        f"micro-batch settings: close after {settings.stream_quiet_seconds:g} s while the"
+        f" stream keeps up, {settings.stream_batch_seconds:g} s when a read fills up, or"
+        f" {settings.stream_batch_rows:,} changes). Latency = end of the Delta commit "
+        "(or of the silver merge) minus the change's source commit time. *Commits/s*: Delta"
+        " commits of both change tables per second of the bronze-only run (each is a"
+        " small file until `lakehouse maintain`).",
         "",
         "| load (changes/s asked) | achieved | landed | bronze p50 | bronze p99 "
-        "| silver p50 | silver p99 |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| commits/s | silver p50 | silver p99 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     try:
         setup.setup(settings, storage)
         for rate in rates:
             for promote in (False, True):
+                before = _commits(storage)
                 bronze_lat, silver_lat, achieved, landed = _freshness_run(
                     settings, storage, rate, seconds, promote=promote
                 )
                 if not promote:
+                    per_s = (_commits(storage) - before) / seconds
                     row = [f"{rate:,}", f"{achieved:,.0f}", f"{landed:,}", *_pcts(bronze_lat)]
+                    row.append(f"{per_s:.1f}")
                 else:
                     row += _pcts(silver_lat)
                     lines.append("| " + " | ".join(row) + " |")
@@ -253,6 +260,86 @@ def freshness(root: Path, rates: list[int], seconds: float) -> list[str]:
         pg.destroy()
 
 
+def _commits(storage: Storage) -> int:
+    """Return the Delta commits of both change tables so far."""
+    tables = [storage.table_or_none("bronze", changes.changes_table(t)) for t in TABLES]
+    return sum(dt.version() + 1 for dt in tables if dt is not None)
+
+
+def freshness_floor(root: Path, n: int) -> list[str]:
+    """One row from a Postgres commit to a Delta commit on an idle system: floor and ours.
+
+    Floor: a row is updated and committed; `pg_recvlogical` (test_decoding, to a pipe)
+    prints its COMMIT; a one-row `write_deltalake` append to a local table follows. The
+    latency is the end of that append minus the moment the source commit returned. Ours:
+    the flow running (no `--promote`), the same one-row transactions 0.3 s apart; the
+    latency is the end of the Delta commit that made each visible minus its commit time.
+    """
+    from deltalake import write_deltalake
+
+    pg, settings = fresh(root, "floor")
+    storage = Storage.from_settings(settings)
+    s = settings.pg_schema
+    latencies: list[float] = []
+    try:
+        with schema.connect(settings, autocommit=True) as conn:
+            conn.execute(
+                "SELECT pg_create_logical_replication_slot('bench_floor', 'test_decoding')"
+            )
+        info = conninfo_to_dict(settings.pg_dsn.get())
+        password = str(info.pop("password", ""))
+        conn_str = " ".join(f"{k}={v}" for k, v in info.items() if k != "sslmode")
+        recv = Path(settings.pg_bin or "/usr/lib/postgresql/15/bin") / "pg_recvlogical"
+        reader = subprocess.Popen(
+            [str(recv), "-d", conn_str, "--slot", "bench_floor", "--start", "-f", "-"],
+            env={**os.environ, "PGPASSWORD": password},
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
+        )
+        target = str(root / "floor-delta")
+        one = pl.DataFrame({"applicant_id": [0], "credit_score": [0]}).to_arrow()
+        write_deltalake(target, one, mode="append")  # the table exists before timing
+        try:
+            assert reader.stdout is not None
+            with schema.connect(settings, autocommit=True) as conn:
+                for i in range(n):
+                    conn.execute(
+                        f'UPDATE "{s}".applicants SET credit_score = credit_score'
+                        " WHERE applicant_id = %s",
+                        (i % 900 + 1,),
+                    )
+                    committed = time.time()
+                    for line in reader.stdout:
+                        if line.startswith("COMMIT"):
+                            break
+                    write_deltalake(target, one, mode="append")
+                    latencies.append(time.time() - committed)
+                    time.sleep(0.3)
+        finally:
+            reader.terminate()
+            reader.wait()
+        setup.setup(settings, storage)
+        ours, _, _, landed = _freshness_run(settings, storage, 0, 0.0, promote=False, single=n)
+    finally:
+        pg.destroy()
+    floor_p, ours_p = _pcts(latencies), _pcts(ours)
+    return [
+        "## (c) Freshness floor: one row on an idle system",
+        "",
+        f"{n} one-row transactions 0.3 s apart. Floor: `pg_recvlogical` (test_decoding) to a"
+        " pipe, then a one-row `write_deltalake` append; ours: the flow (bronze, no"
+        " `--promote`). Latency from the source commit to the end of the Delta commit.",
+        "",
+        "| reader | changes | p50 | p99 |",
+        "|---|---:|---:|---:|",
+        f"| floor: pg_recvlogical + one-row Delta append | {len(latencies)} | {floor_p[0]}"
+        f" | {floor_p[1]} |",
+        f"| ours: Bytewax -> bronze | {landed} | {ours_p[0]} | {ours_p[1]} |",
+        "",
+    ]
+
+
 def _pcts(values: list[float]) -> list[str]:
     if not values:
         return ["-", "-"]
@@ -261,8 +348,19 @@ def _pcts(values: list[float]) -> list[str]:
 
 
 def _freshness_run(
-    settings: Settings, storage: Storage, rate: int, seconds: float, *, promote: bool
+    settings: Settings,
+    storage: Storage,
+    rate: int,
+    seconds: float,
+    *,
+    promote: bool,
+    single: int = 0,
 ) -> tuple[list[float], list[float], float, int]:
+    """Run the flow under load; return bronze and silver latencies, rate, changes landed.
+
+    With `single`, the load is that many one-row transactions 0.3 s apart (an idle
+    system's freshness, beside the floor) instead of `simulate` at `rate`.
+    """
     bronze_lat: list[float] = []
     silver_lat: list[float] = []
     pending: list[list[float]] = []
@@ -270,9 +368,12 @@ def _freshness_run(
     real_promote = speed._promote
 
     def timed_write(
-        storage_: Storage, batch: changes.ChangeBatch, previous: changes.Progress
+        storage_: Storage,
+        batch: changes.ChangeBatch,
+        previous: changes.Progress,
+        kept: changes.KeptTables | None = None,
     ) -> changes.Progress:
-        done = real_write(storage_, batch, previous)
+        done = real_write(storage_, batch, previous, kept)
         now = time.time()
         ts = [now - t / 1e6 for t in batch.commit_ts]
         bronze_lat.extend(ts)
@@ -295,6 +396,18 @@ def _freshness_run(
     def load() -> None:
         with schema.connect(settings, autocommit=True) as conn:
             time.sleep(2)  # let the flow connect first
+            if single:
+                started = time.perf_counter()
+                for i in range(single):
+                    conn.execute(
+                        f'UPDATE "{settings.pg_schema}".applicants'
+                        " SET credit_score = credit_score WHERE applicant_id = %s",
+                        (i % 900 + 1,),
+                    )
+                    time.sleep(0.3)
+                result["achieved"] = single / (time.perf_counter() - started)
+                result["end"] = lsn_now(conn)
+                return
             batch = max(1, rate // 100)  # ~100 transactions a second
             sim = simulate(
                 conn,
@@ -353,6 +466,8 @@ def main() -> int:
     parser.add_argument("--rates", default="1000,10000")
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--skip-freshness", action="store_true")
+    parser.add_argument("--skip-backlog", action="store_true")
+    parser.add_argument("--floor-rows", type=int, default=50, help="one-row commits, (c)")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="lakehouse-cdc-bench-"))
     root.chmod(0o755)
@@ -369,9 +484,11 @@ def main() -> int:
         "",
     ]
     try:
-        report += backlog(root, args.inserts, args.updates, args.deletes)
+        if not args.skip_backlog:
+            report += backlog(root, args.inserts, args.updates, args.deletes)
         if not args.skip_freshness:
             report += freshness(root, [int(r) for r in args.rates.split(",")], args.seconds)
+            report += freshness_floor(root, args.floor_rows)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     text = "\n".join(report) + "\n"

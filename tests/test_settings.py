@@ -185,6 +185,7 @@ def test_every_setting_arrives_as_its_declared_type() -> None:
         "monitor_min_count": int,
         "stream_batch_rows": int,
         "stream_batch_seconds": float,
+        "stream_quiet_seconds": float,
         "stream_heartbeat_seconds": float,
         "log_format": str,
     }

@@ -368,9 +368,7 @@ def test_partitioned_build_equals_a_single_pass(
         parts = read(storage, "gold", name)
         assert parts.height == whole[name].height
         # Floats may differ in the last bit (vectorised division in chunks of other sizes).
-        assert_frame_equal(
-            parts.sort(key), whole[name].sort(key), check_exact=False, rel_tol=1e-12
-        )
+        assert_frame_equal(parts.sort(key), whole[name].sort(key), check_exact=False, rel_tol=1e-12)
 
 
 def test_polars_build_equals_the_sql_specification(
