@@ -15,7 +15,6 @@ row still lands in bronze and silver can reject it by a rule that names the colu
 from __future__ import annotations
 
 import io
-import logging
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,8 +28,6 @@ from psycopg.abc import Buffer
 
 from lakehouse.source.readahead import read_ahead
 from lakehouse.source.schema import SourceTable, ident
-
-log = logging.getLogger("lakehouse.source")
 
 PG_TO_POLARS: dict[str, pl.DataType] = {
     "bigint": pl.Int64(),
@@ -187,7 +184,7 @@ def _query(
 ) -> sql.Composable:
     """Rows and tombstones in `window`; with `keys`, those keys' current rows only.
 
-    A row's `_source_ts` is its `updated_at`, filled in by `_parse` (not sent twice);
+    A row's `_source_ts` is its `updated_at`, filled in by `_typed` (not sent twice);
     a tombstone's is its delete time.
     """
     cols: list[sql.Composable] = []

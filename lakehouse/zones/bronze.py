@@ -370,22 +370,31 @@ def _with_lineage(
     counts: dict[str, int],
     schema: pa.Schema,
 ) -> Generator[pa.RecordBatch]:
-    """Add the lineage columns to extracted batches (`extract.arrow_schema`), in Arrow."""
+    """Add the lineage columns to extracted batches (`extract.arrow_schema`), in Arrow.
+
+    Closing this generator closes `batches` too, at once: an extraction's read-ahead
+    thread must stop before its snapshot's transaction ends.
+    """
     ingested = pa.scalar(datetime.now(UTC), pa.timestamp("us", "UTC"))
-    for batch in batches:
-        if batch.num_rows == 0:
-            continue
-        deletes = batch.num_rows - int(pc.sum(pc.equal(batch["_op"], "upsert")).as_py() or 0)
-        counts["deletes"] += deletes
-        counts["rows"] += batch.num_rows - deletes
-        lineage = {
-            "_batch_id": pa.scalar(batch_id, pa.int64()),
-            "_extract_mode": pa.scalar(mode, schema.field("_extract_mode").type),
-            "_ingested_at": ingested,
-        }
-        arrays = [*batch.columns, *(pa.repeat(v, batch.num_rows) for v in lineage.values())]
-        yield pa.RecordBatch.from_arrays(arrays, schema=schema)
-        failpoint("bronze.mid-write")
+    try:
+        for batch in batches:
+            if batch.num_rows == 0:
+                continue
+            upserts = int(pc.sum(pc.equal(batch["_op"], "upsert")).as_py() or 0)
+            counts["deletes"] += batch.num_rows - upserts
+            counts["rows"] += upserts
+            lineage = {
+                "_batch_id": pa.scalar(batch_id, pa.int64()),
+                "_extract_mode": pa.scalar(mode, schema.field("_extract_mode").type),
+                "_ingested_at": ingested,
+            }
+            arrays = [*batch.columns, *(pa.repeat(v, batch.num_rows) for v in lineage.values())]
+            yield pa.RecordBatch.from_arrays(arrays, schema=schema)
+            failpoint("bronze.mid-write")
+    finally:
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
 
 
 def _chain(first: pa.RecordBatch, rest: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:

@@ -151,6 +151,34 @@ def test_extraction_streams_in_bounded_batches(base_settings: Settings) -> None:
     assert len(sizes) > 3 and max(sizes) < 3000
 
 
+def test_a_write_that_fails_mid_extraction_stops_the_read_ahead_and_lands_nothing(
+    base_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The COPY is read ahead in a thread; a writer that fails part way must leave no
+    thread reading the connection past its snapshot, and the next run takes every row."""
+    import threading
+    from dataclasses import replace
+
+    settings = replace(base_settings, batch_rows=1)  # many slices: the COPY is mid-way
+    storage = seeded(settings, rows=3000)
+    real_append = bronze._append
+
+    def failing_append(*args: object, **kwargs: object) -> None:
+        batches = args[3]
+        next(batches)  # type: ignore[call-overload]
+        raise RuntimeError("the disk is full")
+
+    monkeypatch.setattr(bronze, "_append", failing_append)
+    with pytest.raises(RuntimeError, match="disk is full"):
+        bronze.ingest(settings, storage, "applicants")
+    assert not [t for t in threading.enumerate() if t.name == "read-ahead"]
+    assert storage.table_or_none("bronze", "applicants") is None
+    monkeypatch.setattr(bronze, "_append", real_append)
+    result = bronze.ingest(settings, storage, "applicants")
+    assert (result.mode, result.rows) == ("snapshot", 3000)
+    assert read(storage, "bronze", "applicants")["applicant_id"].n_unique() == 3000
+
+
 def test_text_with_quotes_and_newlines_survives(base_settings: Settings) -> None:
     storage = seeded(base_settings, rows=5)
     weird = 'a "quoted",\nmulti-line value'
