@@ -212,10 +212,11 @@ class Settings:
     stream_batch_rows: int = field(default=100_000, metadata=_by(_whole(1)))
     """CDC: a micro-batch closes at this many changes (also splits huge transactions)."""
     stream_batch_seconds: float = field(default=1.0, metadata=_by(_seconds))
-    """CDC: a micro-batch closes this long after its first change (between transactions)."""
+    """CDC: under a backlog, a micro-batch closes this long after its first change
+    (between transactions)."""
     stream_quiet_seconds: float = field(default=0.3, metadata=_by(_seconds))
-    """CDC: while the stream keeps up (no read fills up), a micro-batch closes this soon
-    instead: small batches and low latency when quiet, large ones under a backlog."""
+    """CDC: while the stream keeps up, a micro-batch closes this soon instead: small
+    batches and low latency under steady load, large ones to work through a backlog."""
     stream_heartbeat_seconds: float = field(default=5.0, metadata=_by(_seconds))
     """CDC: while a table is idle, record the slot's position this often (a Delta commit)."""
     log_format: str = field(default="text", metadata=_by(_choice("text", "json")))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 
 import polars as pl
@@ -278,7 +278,8 @@ def extract_batches(
 
     Runs inside `snapshot(conn)`, so every batch sees the same state; `lsn` is the
     snapshot's WAL position. Memory is bounded by `batch_rows`: the output is read a
-    slice at a time. With `keys`, only those keys' current rows (a repair).
+    slice at a time (a thread reads up to three slices ahead, `read_ahead`). With
+    `keys`, only those keys' current rows (a repair).
     """
     target = arrow_schema(table)
     limit = max(1 << 16, batch_rows * _BYTES_PER_ROW)
@@ -286,8 +287,12 @@ def extract_batches(
     polars_target.pop("_source_lsn")
     raw = {k: (pl.Int64() if isinstance(v, pl.Datetime) else v) for k, v in polars_target.items()}
     stmt = sql.SQL("COPY ({}) TO STDOUT (FORMAT csv)").format(_query(schema, table, window, keys))
-    with conn.cursor() as cur, cur.copy(stmt) as copy:
-        for data in read_ahead(_slices(copy, limit)):
+    with (
+        conn.cursor() as cur,
+        cur.copy(stmt) as copy,
+        closing(read_ahead(_slices(copy, limit))) as slices,  # stopped before the COPY ends
+    ):
+        for data in slices:
             frame = _parse(data, raw, polars_target)
             yield _typed(frame.to_arrow(), target, lsn)
 

@@ -10,24 +10,26 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import suppress
 from typing import TypeVar
+
+from lakehouse.interrupts import held
 
 T = TypeVar("T")
 
 _END = object()
 
 
-def read_ahead(items: Iterator[T], depth: int = 2) -> Iterator[T]:
+def read_ahead(items: Iterator[T], depth: int = 2) -> Generator[T]:
     """Yield `items`, produced by a thread up to `depth` ahead of the consumer.
 
-    The producer (the server formatting rows, the driver decoding them) then works while
+    The producer (the server formatting rows, psycopg receiving them) then works while
     the consumer parses and writes the previous item: one core each, where in one thread
-    each would wait for the other. Memory stays bounded by `depth` items. An error in the
-    producer is raised here. When the consumer stops early, the thread stops and closes
-    `items` (a generator's `finally` runs) before this generator returns, so whatever
-    the items read from is free again.
+    each would wait for the other. At most `depth` + 2 items exist at once (queued, being
+    produced, being consumed). An error in the producer is raised here. When the
+    consumer stops early, the thread stops and closes `items` (a generator's `finally`
+    runs) before this generator returns, so whatever the items read from is free again.
     """
     ready: queue.Queue[object] = queue.Queue(maxsize=depth)
     stop = threading.Event()
@@ -56,8 +58,8 @@ def read_ahead(items: Iterator[T], depth: int = 2) -> Iterator[T]:
                     close()
 
     thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
-    thread.start()
     try:
+        thread.start()
         while True:
             item = ready.get()
             if item is _END:
@@ -66,5 +68,10 @@ def read_ahead(items: Iterator[T], depth: int = 2) -> Iterator[T]:
                 raise item
             yield item  # type: ignore[misc]
     finally:
-        stop.set()
-        thread.join()
+        # Ctrl-C waits for the join: the thread may be inside the connection's COPY,
+        # which the caller's cleanup (cancel, rollback) must not touch meanwhile. It
+        # returns within a row's arrival (or at once, stopped between items).
+        with held():
+            stop.set()
+            if thread.is_alive():
+                thread.join()

@@ -408,6 +408,16 @@ class GoldTable:
     """A relation `sql` reads that is not a lake table (the drift references, from the
     model registry), registered by the side that provides it in
     `lakehouse.zones.gold.REFERENCES` under this name."""
+    partition_whole: tuple[tuple[str, str], ...] = ()
+    """(source, column) of a Polars-built table: in a key partition, that source's rows
+    also include every row sharing `column` with one of the part's rows, and the result
+    is cut to the part's keys. An application's versions then stay together when one of
+    them moved it to an applicant of another part (its running counts need them all)."""
+    partition_via: tuple[tuple[str, str, str], ...] = ()
+    """(source, column, derived relation): in a key partition, that source's rows are
+    those whose `column` the relation's partition holds, not those of its own key. A
+    loan is joined by its applicant as submitted (`submitted`); its current applicant
+    may differ (an application moved to another applicant) and fall in another part."""
 
 
 _ATTRIBUTES = [
@@ -522,6 +532,7 @@ GOLD = {
         ("applicants_history", "loan_applications_history"),
         partition_key="applicant_id",
         frame=applicant_features_frame,
+        partition_whole=(("loan_applications_history", "application_id"),),
     ),
     "application_features": GoldTable(
         APPLICATION_FEATURES,
@@ -536,6 +547,7 @@ GOLD = {
             Derived("market", SUBMITTED, intent_rate_30d, frame=submitted_frame),
         ),
         partition_key="applicant_id",
+        partition_via=(("loan_applications", "application_id", "submitted"),),
     ),
     "approval_rate_daily": GoldTable(APPROVAL_RATE_DAILY, ("loan_applications",)),
 }

@@ -17,7 +17,7 @@ from lakehouse.errors import LakehouseError, TableNotFoundError
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 from lakehouse.transforms.gold import ALL_GOLD
-from lakehouse.transforms.partitions import in_part, key_part_sql
+from lakehouse.transforms.partitions import in_part, key_part, key_part_sql
 from lakehouse.zones.commits import (
     ConcurrentWriteError,
     app_id,
@@ -184,23 +184,32 @@ def _build(
             rows = storage.table(*_located(spec.sources[0]), version=reads[spec.sources[0]])
             parts = max(1, -(-_row_count(rows) // _PARTITION_ROWS))
 
-        derived: dict[str, pl.DataFrame] = {}  # by name, every key
+        # Derived relations by name: one table per key partition when they have the key
+        # (each part's joins then build on its own rows, not on every row once per
+        # part), else one. Cut once, and a part's tables dropped once it is built: the
+        # build holds one copy of them at most.
+        derived: dict[str, list[pa.Table | None]] = {}
+
+        via = {source: (column, relation) for source, column, relation in spec.partition_via}
 
         def views(part: int | None) -> None:
-            where = f" WHERE {key_part_sql(key, parts)} = {part}" if part is not None else ""
             for source in spec.sources:
                 zone, table = _located(source)
+                where = ""
+                if part is not None and source in via:
+                    column, relation = map(duck.quote, via[source])
+                    where = f" WHERE {column} IN (SELECT {column} FROM {relation})"
+                elif part is not None:
+                    where = f" WHERE {key_part_sql(key, parts)} = {part}"
                 con.execute(
                     f"CREATE OR REPLACE VIEW {duck.quote(table)} AS SELECT * FROM "
                     + duck.scan(storage.uri(zone, table), reads[source])
                     + where
                 )
-            # A derived relation with the key is cut like the tables: a partition's
-            # joins then build on a partition's rows, not on every row once per partition.
-            for name_, frame in derived.items():
-                if part is not None and key in frame.columns:
-                    frame = frame.filter(in_part(key, (part, parts)))
-                con.register(name_, frame.to_arrow())
+            for name_, tables in derived.items():
+                table_ = tables[part if part is not None and len(tables) > 1 else 0]
+                assert table_ is not None, "a key partition's relations are used once"
+                con.register(name_, table_)
 
         if spec.frame is None:
             # Derived relations (market-wide aggregates) see every row, once.
@@ -222,15 +231,18 @@ def _build(
                         computed[source] = relation.frame(_scans(storage, spec.sources, reads))
                     else:
                         computed[source] = _frame(con.execute(relation.sql).to_arrow_table())
-                derived[relation.name] = relation.transform(computed[source])
-                con.register(relation.name, derived[relation.name].to_arrow())
+                derived[relation.name] = _cut(relation.transform(computed[source]), key, parts)
+                con.register(relation.name, derived[relation.name][0])
             computed.clear()
 
         def part_frames(part: int) -> Iterator[pl.DataFrame]:
             # Each key partition is an independent query over filtered views, so a big
             # build never holds (or spills) more than one partition's working set.
             if spec.frame is not None:
-                yield _frame_part(storage, spec.frame, spec.sources, reads, key, part, parts)
+                whole = dict(spec.partition_whole)
+                yield _frame_part(
+                    storage, spec.frame, spec.sources, reads, key, (part, parts), whole
+                )
                 return
             if parts > 1:
                 views(part)
@@ -240,6 +252,9 @@ def _build(
         for part in range(parts):
             for frame in part_frames(part):
                 files.add(frame)
+            for tables in derived.values():
+                if len(tables) > 1:
+                    tables[part] = None
         progress = {_app(name, src): v for src, v in versions.items()}
         progress[_definition_app(name)] = definition(name)
         try:
@@ -260,20 +275,38 @@ def _build(
         con.close()
 
 
+def _cut(frame: pl.DataFrame, key: str, parts: int) -> list[pa.Table | None]:
+    """Return a derived relation as one Arrow table per key partition (one without the key)."""
+    if parts == 1 or key not in frame.columns:
+        return [frame.to_arrow()]
+    labelled = frame.with_columns(key_part(key, parts).alias("_part"))
+    cut = labelled.partition_by("_part", as_dict=True, include_key=False)
+    empty = frame.clear().to_arrow()
+    return [cut[(p,)].to_arrow() if (p,) in cut else empty for p in range(parts)]
+
+
 def _frame_part(
     storage: Storage,
     frame: Callable[[dict[str, pl.LazyFrame]], pl.DataFrame],
     sources: tuple[str, ...],
     versions: dict[str, int],
     key: str,
-    part: int,
-    parts: int,
+    part: tuple[int, int],
+    whole: dict[str, str],
 ) -> pl.DataFrame:
-    """Compute one key partition of a Polars-built gold table."""
+    """Compute one key partition of a Polars-built gold table (`GoldTable.partition_whole`)."""
     lazy = _scans(storage, sources, versions)
-    if parts > 1:
-        lazy = {name: scan.filter(in_part(key, (part, parts))) for name, scan in lazy.items()}
-    return frame(lazy)
+    if part[1] == 1:
+        return frame(lazy)
+    cut = {}
+    for name, scan in lazy.items():
+        mine = scan.filter(in_part(key, part))
+        if name in whole:
+            linked = mine.select(whole[name]).unique()
+            mine = scan.join(linked, on=whole[name], how="semi")
+        cut[name] = mine
+    result = frame(cut)
+    return result.filter(in_part(key, part)) if whole else result
 
 
 def _scans(
