@@ -225,7 +225,7 @@ def freshness(root: Path, rates: list[int], seconds: float) -> list[str]:
         "",
         f"`lakehouse simulate` at a fixed rate for {seconds:.0f} s per row (default "
         f"micro-batch settings: close after {settings.stream_quiet_seconds:g} s while the"
-        f" stream keeps up, {settings.stream_batch_seconds:g} s when a read fills up, or"
+        f" stream keeps up, {settings.stream_batch_seconds:g} s under a backlog, or"
         f" {settings.stream_batch_rows:,} changes). Latency = end of the Delta commit "
         "(or of the silver merge) minus the change's source commit time. *Commits/s*: Delta"
         " commits of both change tables per second of the bronze-only run (each is a"

@@ -64,28 +64,13 @@ def silver_polars(bronze: Any, table: str, applicants: Any | None) -> dict[str, 
     from lakehouse.transforms import quality
     from lakehouse.transforms.changes import from_batches
     from lakehouse.transforms.silver import to_silver_types
+    from lakehouse.zones.silver_context import join_context
 
     key = KEYS[table]
     bronze = from_batches(bronze)  # WAL position and plausible instants, as ours
     rows = quality.clean(bronze, table)
     if applicants is not None:
-        known = applicants.select(
-            "applicant_id",
-            pl.lit(True).alias(quality.APPLICANT_KNOWN),
-            pl.col("created_at").alias(quality.APPLICANT_CREATED_AT),
-            pl.col("person_income").alias("_income"),
-            pl.col("valid_from").alias("_since"),
-        )
-        rows = (
-            rows.join(known, on="applicant_id", how="left")
-            .with_columns(
-                pl.col(quality.APPLICANT_KNOWN).fill_null(False),
-                pl.when(pl.col("_since") <= pl.col("applied_at"))
-                .then(pl.col("_income"))
-                .alias(quality.APPLICANT_INCOME_AT),
-            )
-            .drop("_income", "_since")
-        )
+        rows = join_context(rows, applicants)
     rules = quality.RULES[table]
     flags = quality.failed_flags(rows, rules)
     bad = flags.select(pl.any_horizontal(pl.all())).to_series()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import polars as pl
+import pyarrow as pa
 
 from lakehouse.settings import Settings
 from lakehouse.source import extract
@@ -44,8 +45,9 @@ def reread(
         connect(settings) as conn,
         extract.snapshot(conn, after=bronze.last_batch(storage, table)) as snap,
     ):
-        rows = list(
-            extract.extract(
+        rows = [
+            _frame(batch)
+            for batch in extract.extract_batches(
                 conn,
                 settings.pg_schema,
                 source,
@@ -54,7 +56,7 @@ def reread(
                 lsn=snap.lsn,
                 keys=keys,
             )
-        )
+        ]
         lsn = snap.lsn
     frame = pl.concat(rows) if rows else pl.DataFrame(schema=extract.extracted_schema(source))
     present = set(frame[source.key].to_list())
@@ -74,3 +76,9 @@ def _deletes(source: SourceTable, keys: list[int], lsn: int) -> pl.DataFrame:
         "_source_lsn": [lsn] * len(keys),
     }
     return pl.DataFrame({c: given.get(c, [None] * len(keys)) for c in schema}, schema=schema)
+
+
+def _frame(batch: pa.RecordBatch) -> pl.DataFrame:
+    frame = pl.from_arrow(batch)
+    assert isinstance(frame, pl.DataFrame)
+    return frame

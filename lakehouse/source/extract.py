@@ -245,25 +245,6 @@ def arrow_schema(table: SourceTable) -> pa.Schema:
     return pl.DataFrame(schema=extracted_schema(table)).to_arrow().schema
 
 
-def extract(
-    conn: psycopg.Connection,
-    schema: str,
-    table: SourceTable,
-    window: Window,
-    *,
-    batch_rows: int,
-    lsn: int,
-    keys: list[int] | None = None,
-) -> Iterator[pl.DataFrame]:
-    """Yield what `extract_batches` reads as Polars frames."""
-    for batch in extract_batches(
-        conn, schema, table, window, batch_rows=batch_rows, lsn=lsn, keys=keys
-    ):
-        frame = pl.from_arrow(batch)
-        assert isinstance(frame, pl.DataFrame)
-        yield frame
-
-
 def extract_batches(
     conn: psycopg.Connection,
     schema: str,

@@ -102,8 +102,12 @@ def with_context(rows: pl.DataFrame, applicants: Applicants) -> pl.DataFrame:
     by batch extraction) the income is unknown and the rule is not checked: a rule that
     cannot be sure never rejects.
     """
-    ids = rows[PARENT].drop_nulls().unique()
-    known = applicants.in_silver(ids).select(
+    return join_context(rows, applicants.in_silver(rows[PARENT].drop_nulls().unique()))
+
+
+def join_context(rows: pl.DataFrame, in_silver: pl.DataFrame) -> pl.DataFrame:
+    """Add the rule context from the applicants in silver (`Applicants.in_silver`)."""
+    known = in_silver.select(
         PARENT,
         pl.lit(True).alias(quality.APPLICANT_KNOWN),
         pl.col("created_at").alias(quality.APPLICANT_CREATED_AT),

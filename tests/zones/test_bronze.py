@@ -137,8 +137,8 @@ def test_extraction_streams_in_bounded_batches(base_settings: Settings) -> None:
     seeded(settings, rows=3000)
     with schema.connect(settings) as conn, extract.snapshot(conn) as snap:
         sizes = [
-            f.height
-            for f in extract.extract(
+            f.num_rows
+            for f in extract.extract_batches(
                 conn,
                 settings.pg_schema,
                 schema.TABLES["applicants"],
