@@ -234,6 +234,11 @@ def _build(
                 derived[relation.name] = _cut(relation.transform(computed[source]), key, parts)
                 con.register(relation.name, derived[relation.name][0])
             computed.clear()
+            for _, relation_name in via.values():
+                if parts > 1 and len(derived.get(relation_name, [])) != parts:
+                    # Uncut, it would put every row in every part: each one written N times.
+                    msg = f"gold.{name}: `{relation_name}` must carry `{key}` to cut {name}"
+                    raise LakehouseError(msg)
 
         def part_frames(part: int) -> Iterator[pl.DataFrame]:
             # Each key partition is an independent query over filtered views, so a big
