@@ -160,7 +160,8 @@ class SlotPartition(StatefulSourcePartition[tuple[str, ChangeBatch], None]):
         eager = self.layer is not None and self.layer.wants_landing()
         # More in one call than steady load brings: a backlog. The open batch then keeps
         # the long window until it closes.
-        self.behind = self.behind or messages >= _BACKLOG_MESSAGES
+        held = len(self.builder.batch) > 0  # (an empty batch waits for nothing)
+        self.behind = held and (self.behind or messages >= _BACKLOG_MESSAGES)
         window = 0.0 if eager else self._window()
         if self.builder.ready(max_rows=settings.stream_batch_rows, max_seconds=window):
             out.append(self._take())

@@ -75,6 +75,31 @@ def wait_until(check: Callable[[], T], timeout: float, what: str, *, every: floa
         time.sleep(every)
 
 
+def move_applications(settings: Settings, count: int) -> list[tuple[int, int]]:
+    """Move `count` applications each to a neighbouring applicant (id - 1 or + 1: another
+    key partition, for any number of them), with an income share that passes the rules.
+    Return (application_id, new applicant_id) pairs."""
+    from psycopg import sql
+
+    s = sql.Identifier(settings.pg_schema)
+    with psycopg.connect(settings.pg_dsn.get(), autocommit=True) as conn:
+        rows = conn.execute(
+            sql.SQL(
+                "WITH pick AS (SELECT DISTINCT ON (la.application_id) la.application_id,"
+                " a.applicant_id AS new_id, la.loan_amnt / a.person_income AS pct"
+                " FROM {s}.loan_applications la JOIN {s}.applicants a"
+                " ON a.applicant_id IN (la.applicant_id - 1, la.applicant_id + 1)"
+                " AND a.person_income >= la.loan_amnt AND a.created_at <= la.applied_at"
+                " ORDER BY la.application_id, a.applicant_id LIMIT {n})"
+                " UPDATE {s}.loan_applications la SET applicant_id = pick.new_id,"
+                " loan_percent_income = pick.pct, updated_at = now() FROM pick"
+                " WHERE la.application_id = pick.application_id"
+                " RETURNING la.application_id, la.applicant_id"
+            ).format(s=s, n=sql.Literal(count))
+        ).fetchall()
+    return [(int(a), int(b)) for a, b in rows]
+
+
 def insert_late_application(settings: Settings, loan_amnt: float = 1234.5) -> int:
     """Insert an application dated a day after the oldest customer became one (a backfill,
     long before any recent materialization window); return its id. Its share of income

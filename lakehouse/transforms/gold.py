@@ -437,6 +437,17 @@ _NEVER = pl.datetime(1, 1, 1, time_zone="UTC")
 _PER_DAY_US = 1 / 86_400_000_000
 
 
+def with_linked(scan: pl.LazyFrame, selected: pl.Expr, column: str) -> pl.LazyFrame:
+    """Return the rows `selected` picks, and every row sharing `column` with one of them.
+
+    An application moved to another applicant has versions under both: the running
+    counts of either (`applicant_features_frame`) need all of its versions, in order.
+    The linking values are collected first, so the filter reaches the scan.
+    """
+    values = scan.filter(selected).select(column).unique().collect()[column]
+    return scan.filter(pl.col(column).is_in(values.implode()))
+
+
 def applicant_features_frame(sources: dict[str, pl.LazyFrame]) -> pl.DataFrame:
     """`APPLICANT_FEATURES` in Polars: the same stream of deltas and versions, one sort.
 

@@ -16,7 +16,7 @@ from lakehouse import duck
 from lakehouse.errors import LakehouseError, TableNotFoundError
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
-from lakehouse.transforms.gold import ALL_GOLD
+from lakehouse.transforms.gold import ALL_GOLD, with_linked
 from lakehouse.transforms.partitions import in_part, key_part, key_part_sql
 from lakehouse.zones.commits import (
     ConcurrentWriteError,
@@ -305,11 +305,8 @@ def _frame_part(
         return frame(lazy)
     cut = {}
     for name, scan in lazy.items():
-        mine = scan.filter(in_part(key, part))
-        if name in whole:
-            linked = mine.select(whole[name]).unique()
-            mine = scan.join(linked, on=whole[name], how="semi")
-        cut[name] = mine
+        mine = in_part(key, part)
+        cut[name] = with_linked(scan, mine, whole[name]) if name in whole else scan.filter(mine)
     result = frame(cut)
     return result.filter(in_part(key, part)) if whole else result
 

@@ -36,6 +36,7 @@ from lakehouse.transforms.gold import (
     applicant_features_frame,
     intent_rate_30d,
     submitted_frame,
+    with_linked,
 )
 
 SOURCES = ("applicants_history", "loan_applications_history", "loan_applications")
@@ -189,12 +190,17 @@ def rows_for(
     scans["applicants_history"] = (
         scans["applicants_history"].filter(pl.col("applicant_id").is_in(list(inputs))).collect()
     ).lazy()
+    # As a partitioned full build does (`GoldTable.partition_whole`): every version of
+    # an application one of these applicants ever held, the rows cut to them after.
+    mine = pl.col("applicant_id").is_in(list(inputs))
     people = applicant_features_frame(
         {
-            name: scans[name].filter(pl.col("applicant_id").is_in(list(inputs)))
-            for name in ("applicants_history", "loan_applications_history")
+            "applicants_history": scans["applicants_history"].filter(mine),
+            "loan_applications_history": with_linked(
+                scans["loan_applications_history"], mine, "application_id"
+            ),
         }
-    )
+    ).filter(mine)
     apps = _application_features(
         scans, submitted, people, applications, inputs, settings, storage, con
     )

@@ -8,7 +8,6 @@ from dataclasses import replace
 from datetime import datetime, timedelta
 
 import polars as pl
-import psycopg
 import pytest
 from polars.testing import assert_frame_equal
 from psycopg import sql
@@ -19,7 +18,7 @@ from lakehouse.source.schema import APPLICANTS
 from lakehouse.storage import Storage
 from lakehouse.transforms.gold import GOLD
 from lakehouse.zones import gold
-from tests.helpers import churn, read, run_all, seeded
+from tests.helpers import churn, move_applications, read, run_all, seeded
 
 ATTRS = tuple(APPLICANTS.attributes)  # the applicant attributes
 US = timedelta(microseconds=1)
@@ -359,21 +358,7 @@ def test_partitioned_build_equals_a_single_pass(
     churn(base_settings, changes=200, seed_value=9)
     # Three applications move to a neighbouring applicant (another key partition, for
     # any number of them): each is joined by its applicant as submitted.
-    s = sql.Identifier(base_settings.pg_schema)
-    with psycopg.connect(base_settings.pg_dsn.get(), autocommit=True) as conn:
-        moved = conn.execute(
-            sql.SQL(
-                "WITH pick AS (SELECT DISTINCT ON (la.application_id) la.application_id,"
-                " a.applicant_id AS new_id, la.loan_amnt / a.person_income AS pct"
-                " FROM {s}.loan_applications la JOIN {s}.applicants a"
-                " ON a.applicant_id IN (la.applicant_id - 1, la.applicant_id + 1)"
-                " AND a.person_income >= la.loan_amnt AND a.created_at <= la.applied_at"
-                " ORDER BY la.application_id, a.applicant_id LIMIT 3)"
-                " UPDATE {s}.loan_applications la SET applicant_id = pick.new_id,"
-                " loan_percent_income = pick.pct, updated_at = now() FROM pick"
-                " WHERE la.application_id = pick.application_id RETURNING la.application_id"
-            ).format(s=s)
-        ).fetchall()
+    moved = move_applications(base_settings, 3)
     assert len(moved) == 3
     run_all(base_settings, storage)
     whole = {name: read(storage, "gold", name) for name in GOLD}

@@ -24,7 +24,14 @@ from polars.testing import assert_frame_equal
 from lakehouse.settings import Settings
 from lakehouse.source import schema
 from lakehouse.zones import gold_rows
-from tests.helpers import churn, insert_late_application, read, run_all, seeded
+from tests.helpers import (
+    churn,
+    insert_late_application,
+    move_applications,
+    read,
+    run_all,
+    seeded,
+)
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
 SEEDS = int(os.environ.get("GOLD_ROWS_SEEDS") or (12 if LONG else 2))
@@ -99,6 +106,44 @@ def test_recomputed_rows_equal_the_full_build(settings: Settings, seed: int) -> 
     )
     # Widening stays local: far fewer entities than the table.
     assert len(rows.applications) < apps["application_id"].n_unique() / 2
+
+
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
+def test_rows_after_an_application_moved_equal_the_full_build(settings: Settings) -> None:
+    """An application moved to another applicant keeps its first version under the old
+    one: a later change of the new applicant alone recomputes its running counts from
+    every version of that application, as the full build does."""
+    storage = seeded(settings, rows=200)
+    run_all(settings, storage)
+    moved = move_applications(settings, 2)
+    assert len(moved) == 2
+    run_all(settings, storage)
+    before = _silver_versions(settings)
+    with schema.connect(settings, autocommit=True) as conn:
+        conn.execute(
+            f'UPDATE "{settings.pg_schema}".applicants SET credit_score = credit_score + 1,'
+            " updated_at = now() WHERE applicant_id = ANY(%s)",
+            ([applicant for _, applicant in moved],),
+        )
+    run_all(settings, storage)
+    now = _silver_versions(settings)
+    changed = gold_rows.affected(storage, before, now)
+    rows = gold_rows.rows_for(settings, storage, changed, now)
+    assert {applicant for _, applicant in moved} <= rows.applicants
+    people = read(storage, "gold", "applicant_features")
+    apps = read(storage, "gold", "application_features")
+    assert_frame_equal(
+        _sorted(rows.applicant_features, "applicant_id"),
+        _sorted(people.filter(pl.col("applicant_id").is_in(list(rows.applicants))), "applicant_id"),
+        check_exact=True,
+    )
+    assert_frame_equal(
+        _sorted(rows.application_features, "application_id"),
+        _sorted(
+            apps.filter(pl.col("application_id").is_in(list(rows.applications))), "application_id"
+        ),
+        check_exact=True,
+    )
 
 
 _INTENTS = st.sampled_from(["EDUCATION", "MEDICAL", "VENTURE", None])
