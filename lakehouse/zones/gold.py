@@ -189,10 +189,29 @@ def _build(
         # part), else one. Cut once, and a part's tables dropped once it is built: the
         # build holds one copy of them at most.
         derived: dict[str, list[pa.Table | None]] = {}
+        # Relations computed in each part from its own rows instead (`Derived.partition_whole`).
+        per_part = [
+            r
+            for r in spec.derived
+            if parts > 1 and r.frame is not None and r.partition_whole is not None
+        ]
 
         via = {source: (column, relation) for source, column, relation in spec.partition_via}
 
         def views(part: int | None) -> None:
+            # Relations first: a view over a source may read one (`partition_via`).
+            for name_, tables in derived.items():
+                table_ = tables[part if part is not None and len(tables) > 1 else 0]
+                assert table_ is not None, "a key partition's relations are used once"
+                con.register(name_, table_)
+            for own in per_part if part is not None else ():
+                assert own.frame is not None and own.partition_whole is not None
+                assert part is not None  # for mypy: the loop is empty for the whole build
+                whole = dict(own.partition_whole)
+                mine = _frame_part(
+                    storage, own.frame, spec.sources, reads, key, (part, parts), whole
+                )
+                con.register(own.name, own.transform(mine).to_arrow())
             for source in spec.sources:
                 zone, table = _located(source)
                 where = ""
@@ -206,10 +225,6 @@ def _build(
                     + duck.scan(storage.uri(zone, table), reads[source])
                     + where
                 )
-            for name_, tables in derived.items():
-                table_ = tables[part if part is not None and len(tables) > 1 else 0]
-                assert table_ is not None, "a key partition's relations are used once"
-                con.register(name_, table_)
 
         if spec.frame is None:
             # Derived relations (market-wide aggregates) see every row, once.
@@ -225,6 +240,8 @@ def _build(
                 provide(storage, con)
             computed: dict[object, pl.DataFrame] = {}  # derived relations sharing an input
             for relation in spec.derived:
+                if relation in per_part:
+                    continue
                 source = relation.frame or relation.sql
                 if source not in computed:
                     if relation.frame is not None:
@@ -235,7 +252,8 @@ def _build(
                 con.register(relation.name, derived[relation.name][0])
             computed.clear()
             for _, relation_name in via.values():
-                if parts > 1 and len(derived.get(relation_name, [])) != parts:
+                cut_in_parts = relation_name in {r.name for r in per_part}
+                if parts > 1 and not cut_in_parts and len(derived.get(relation_name, [])) != parts:
                     # Uncut, it would put every row in every part: each one written N times.
                     msg = f"gold.{name}: `{relation_name}` must carry `{key}` to cut {name}"
                     raise LakehouseError(msg)
@@ -257,6 +275,7 @@ def _build(
         for part in range(parts):
             for frame in part_frames(part):
                 files.add(frame)
+                del frame  # not held while the next part is computed
             for tables in derived.values():
                 if len(tables) > 1:
                     tables[part] = None
