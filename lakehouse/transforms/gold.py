@@ -46,7 +46,8 @@ def submitted_frame(
 ) -> pl.DataFrame:
     """Compute `SUBMITTED` in Polars: each application's first version (3x faster at 10M).
 
-    `columns` narrows it (they must include `application_id`).
+    `columns` narrows it (they must include `application_id`). A key's `valid_from`
+    strictly increase in WAL order (`transforms.silver.instants`), so the first is unique.
     """
     return (
         sources["loan_applications_history"]
@@ -91,12 +92,19 @@ def intent_rate_30d(submitted: pl.DataFrame) -> pl.DataFrame:
     between 1 and 36 (quality rules), so the sums fit in int64 up to ~2.5e8 applications
     per intent; a rate that is not finite counts as unknown.
     """
-    ordered = submitted.select(MARKET_COLUMNS).sort("loan_intent", "applied_at", "application_id")
-    intent = pl.col("loan_intent")  # null is one intent too, as in a group by
+    # By time, then stably by an integer code of the intent: 4x faster than one sort by
+    # (intent, time, id) in Polars, 6x faster than one led by the string.
+    ordered = (
+        submitted.select(MARKET_COLUMNS)
+        .with_columns(_intent=pl.col("loan_intent").cast(pl.Categorical).to_physical())
+        .sort("applied_at", "application_id")
+        .sort("_intent", maintain_order=True)
+    )
+    intent = pl.col("_intent")  # null is one intent too, as in a group by
     first = intent.ne_missing(intent.shift(1)) | (pl.int_range(pl.len()) == 0)
     bounds = np.flatnonzero(ordered.select(first).to_series().to_numpy()).tolist()
     parts = []
-    for lo_row, hi_row in zip(bounds, [*bounds[1:], ordered.height], strict=True):
+    for lo_row, hi_row in zip(bounds, [*bounds[1:], ordered.height][: len(bounds)], strict=True):
         group = ordered.slice(lo_row, hi_row - lo_row)
         times = group["applied_at"].dt.epoch("us").to_numpy()
         rates = group["loan_int_rate"].cast(pl.Float64)
@@ -406,11 +414,11 @@ class Derived:
     frame: Callable[[dict[str, pl.LazyFrame]], pl.DataFrame] | None = None
     """The result of `sql` computed with Polars from the sources (used when set; `sql`
     stays as the specification the tests hold it to)."""
-    partition_whole: tuple[tuple[str, str], ...] | None = None
-    """Set (with `frame`): in a build by key partitions, the relation is computed in each
-    part from that part's rows, widened like `GoldTable.partition_whole`, and cut to the
-    part's keys, so no part holds it whole. Unset: computed once over every row, then
-    cut (a market-wide aggregate needs every row)."""
+    partition_via: tuple[str, str, str] | None = None
+    """(source, column, derived relation), with `frame`: in a build by key partitions,
+    the relation is computed in each part by `frame` from that source's rows whose
+    `column` the other relation's part holds, so no part holds it whole. Unset: computed
+    once over every row, then cut (a market-wide aggregate needs every row)."""
 
 
 def _as_is(frame: pl.DataFrame) -> pl.DataFrame:
@@ -581,16 +589,17 @@ GOLD = {
             "gold.applicant_features",
         ),
         (
-            # An application's first version may be under another applicant than its
-            # later ones: a part reads every version of the applications it touches.
+            Derived("market", SUBMITTED, intent_rate_30d, frame=market_frame),
+            # A part's submissions are those the market cut to it (by the applicant of
+            # each first version, which later versions may move to another applicant):
+            # every version of those applications, whichever applicant it names.
             Derived(
                 "submitted",
                 SUBMITTED,
                 _as_is,
                 frame=submitted_frame,
-                partition_whole=(("loan_applications_history", "application_id"),),
+                partition_via=("loan_applications_history", "application_id", "market"),
             ),
-            Derived("market", SUBMITTED, intent_rate_30d, frame=market_frame),
         ),
         partition_key="applicant_id",
         partition_via=(("loan_applications", "application_id", "submitted"),),

@@ -16,7 +16,7 @@ from lakehouse import duck
 from lakehouse.errors import LakehouseError, TableNotFoundError
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
-from lakehouse.transforms.gold import ALL_GOLD, with_linked
+from lakehouse.transforms.gold import ALL_GOLD, Derived, with_linked
 from lakehouse.transforms.partitions import in_part, key_part, key_part_sql
 from lakehouse.zones.commits import (
     ConcurrentWriteError,
@@ -189,11 +189,9 @@ def _build(
         # part), else one. Cut once, and a part's tables dropped once it is built: the
         # build holds one copy of them at most.
         derived: dict[str, list[pa.Table | None]] = {}
-        # Relations computed in each part from its own rows instead (`Derived.partition_whole`).
+        # Relations computed in each part from its own rows instead (`Derived.partition_via`).
         per_part = [
-            r
-            for r in spec.derived
-            if parts > 1 and r.frame is not None and r.partition_whole is not None
+            r for r in spec.derived if parts > 1 and r.frame is not None and r.partition_via
         ]
 
         via = {source: (column, relation) for source, column, relation in spec.partition_via}
@@ -205,13 +203,18 @@ def _build(
                 assert table_ is not None, "a key partition's relations are used once"
                 con.register(name_, table_)
             for own in per_part if part is not None else ():
-                assert own.frame is not None and own.partition_whole is not None
-                assert part is not None  # for mypy: the loop is empty for the whole build
-                whole = dict(own.partition_whole)
-                mine = _frame_part(
-                    storage, own.frame, spec.sources, reads, key, (part, parts), whole
-                )
-                con.register(own.name, own.transform(mine).to_arrow())
+                assert own.partition_via is not None and part is not None
+                tables = derived.get(own.partition_via[2], [])
+                if len(tables) != parts:
+                    msg = (
+                        f"gold.{name}: `{own.name}` is cut through `{own.partition_via[2]}`,"
+                        f" which must be computed whole and carry `{key}`"
+                    )
+                    raise LakehouseError(msg)
+                theirs = tables[part]
+                assert theirs is not None, "a key partition's relations are used once"
+                mine = _derived_via(storage, own, spec.sources, reads, theirs)
+                con.register(own.name, mine)
             for source in spec.sources:
                 zone, table = _located(source)
                 where = ""
@@ -307,6 +310,27 @@ def _cut(frame: pl.DataFrame, key: str, parts: int) -> list[pa.Table | None]:
     cut = labelled.partition_by("_part", as_dict=True, include_key=False)
     empty = frame.clear().to_arrow()
     return [cut[(p,)].to_arrow() if (p,) in cut else empty for p in range(parts)]
+
+
+def _derived_via(
+    storage: Storage,
+    relation: Derived,
+    sources: tuple[str, ...],
+    versions: dict[str, int],
+    theirs: pa.Table,
+) -> pa.Table:
+    """Compute one key partition of a derived relation (`Derived.partition_via`).
+
+    `theirs` is the part of the relation it is cut through: the source is read for the
+    values of the column that part holds.
+    """
+    assert relation.frame is not None and relation.partition_via is not None
+    source, column, _ = relation.partition_via
+    lazy = _scans(storage, sources, versions)
+    name = _located(source)[1]
+    values = pl.Series(theirs.column(column))
+    lazy[name] = lazy[name].filter(pl.col(column).is_in(values.implode()))
+    return relation.transform(relation.frame(lazy)).to_arrow()
 
 
 def _frame_part(
