@@ -282,6 +282,8 @@ def _build(
             for tables in derived.values():
                 if len(tables) > 1:
                     tables[part] = None
+            for own in per_part:  # nor this part's relations, while the next one's are
+                con.unregister(own.name)
         progress = {_app(name, src): v for src, v in versions.items()}
         progress[_definition_app(name)] = definition(name)
         try:
