@@ -80,9 +80,9 @@ def intent_rate_30d(submitted: pl.DataFrame) -> pl.DataFrame:
     instant are not in each other's window. Per intent, on times sorted once, the window
     of every row is two binary searches into prefix sums: linear memory, where a rolling
     aggregation (or a RANGE window in DuckDB) costs several times more at 10M rows. The
-    rows are sorted once by intent and time, and each intent is a slice of them (no copy):
-    the market reads every submission ever made, so its working set is kept to one
-    narrow copy plus one intent's arrays.
+    rows are sorted by time, then stably by intent, and each intent is a slice of them
+    (no copy): the market reads every submission ever made, so its working set is kept
+    to one narrow copy plus one intent's arrays.
 
     The prefix sums are of integers (each rate rounded to a billionth of a percent), so a
     window's sum is exact and depends only on the rows in it: a float prefix sum would
@@ -92,8 +92,8 @@ def intent_rate_30d(submitted: pl.DataFrame) -> pl.DataFrame:
     between 1 and 36 (quality rules), so the sums fit in int64 up to ~2.5e8 applications
     per intent; a rate that is not finite counts as unknown.
     """
-    # By time, then stably by an integer code of the intent: 4x faster than one sort by
-    # (intent, time, id) in Polars, 6x faster than one led by the string.
+    # By time, then stably by an integer code of the intent: about 4x faster in Polars
+    # than one sort by (intent, time, id), whether led by the code or by the string.
     ordered = (
         submitted.select(MARKET_COLUMNS)
         .with_columns(_intent=pl.col("loan_intent").cast(pl.Categorical).to_physical())
