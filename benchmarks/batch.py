@@ -311,7 +311,8 @@ def worker_ours(home: Path) -> dict[str, Any]:
             }
         for name in GOLD:
             with watch.step(f"gold.{name}"):
-                gold.build(settings, storage, name)
+                built = gold.build(settings, storage, name)
+            details[f"gold.{name}"] = {"recomputed": built.recomputed}
         total = time.perf_counter() - start
     return {
         "seconds": total,

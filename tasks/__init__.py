@@ -170,7 +170,11 @@ class PromoteSilver(_Task):
 
 
 class BuildGold(_Task):
-    """Rebuild `gold.<name>` from the current silver versions (and the gold it reads)."""
+    """Bring `gold.<name>` to the current silver versions (and the gold it reads).
+
+    Built whole, or for a feature table, the rows of the entities a change touched
+    replaced (`lakehouse.zones.gold_update`).
+    """
 
     name = luigi.ChoiceParameter(choices=sorted(ALL_GOLD))
 

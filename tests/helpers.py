@@ -30,14 +30,19 @@ def seeded(settings: Settings, rows: int = 300) -> Storage:
     return storage
 
 
-def run_all(settings: Settings, storage: Storage, *, with_gold: bool = True) -> None:
-    """Ingest, promote and (optionally) build gold, in dependency order."""
+def run_all(
+    settings: Settings, storage: Storage, *, with_gold: bool = True, full_gold: bool = False
+) -> None:
+    """Ingest, promote and (optionally) build gold, in dependency order.
+
+    With `full_gold`, every gold table is built whole, never updated by touched entities.
+    """
     for table in TABLES:
         bronze.ingest(settings, storage, table)
         silver.promote(storage, table)
     if with_gold:
         for name in GOLD:
-            gold.build(settings, storage, name)
+            gold.build(settings, storage, name, incremental=not full_gold)
 
 
 def churn(settings: Settings, changes: int = 200, seed_value: int = 7) -> None:

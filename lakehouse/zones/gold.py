@@ -18,6 +18,7 @@ from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 from lakehouse.transforms.gold import ALL_GOLD, Derived, with_linked
 from lakehouse.transforms.partitions import in_part, key_part, key_part_sql
+from lakehouse.zones import gold_update
 from lakehouse.zones.commits import (
     ConcurrentWriteError,
     app_id,
@@ -54,6 +55,8 @@ class GoldResult:
     table: str
     built: bool
     inputs: dict[str, int]
+    recomputed: int | None = None
+    """Entities whose rows were recomputed, when only those were (`gold_update`)."""
 
 
 def _located(source: str) -> tuple[str, str]:
@@ -138,24 +141,70 @@ def is_current(storage: Storage, name: str) -> bool:
     return all(recorded(dt, _app(name, src)) == v for src, v in wanted.items())
 
 
-def build(settings: Settings, storage: Storage, name: str) -> GoldResult:
-    """Rebuild `gold.<name>` from pinned silver versions, recording them in the commit.
+def build(
+    settings: Settings, storage: Storage, name: str, *, incremental: bool = True
+) -> GoldResult:
+    """Bring `gold.<name>` to pinned silver versions, recording them in the commit.
 
-    The commit is checked against the version of the gold table read first: when another
-    writer built it meanwhile, this build lands nothing, and it is done if that one used
-    the same inputs or newer ones.
+    A feature table already built recomputes only the entities the silver changes since
+    touched (`lakehouse.zones.gold_update`), unless `incremental` is off; any other table,
+    or one that cannot be updated exactly, is rebuilt whole. The commit is checked against
+    the version of the gold table read first: when another writer built it meanwhile, this
+    build lands nothing, and it is done if that one used the same inputs or newer ones.
     """
     existing = storage.table_or_none("gold", name)
     versions, reads = _pins(storage, name)
     if is_current(storage, name):
         return GoldResult(name, False, versions)
+    recomputed = None
     try:
-        _build(settings, storage, name, versions, reads, existing)
+        if incremental and existing is not None:
+            recomputed = _update(settings, storage, name, versions, reads, existing)
+        if recomputed is None:
+            _build(settings, storage, name, versions, reads, existing)
     except ConcurrentWriteError:
         if is_current(storage, name) or _newer_than(storage, name, versions):
             return GoldResult(name, False, versions)
         raise
-    return GoldResult(name, True, versions)
+    return GoldResult(name, True, versions, recomputed)
+
+
+def _update(
+    settings: Settings,
+    storage: Storage,
+    name: str,
+    versions: dict[str, int],
+    reads: dict[str, int],
+    existing: DeltaTable,
+) -> int | None:
+    """Recompute the touched entities' rows of `existing` and land them; None if it cannot."""
+    if name not in gold_update.UPDATABLE:
+        return None
+    if recorded(existing, _definition_app(name)) != definition(name):
+        return None
+    people_from = None
+    if "gold.applicant_features" in reads:
+        people = storage.table(
+            "gold", "applicant_features", version=reads["gold.applicant_features"]
+        )
+        people_from = built_from(storage, "applicant_features", people)
+    silver = {table: versions[src] for src in versions if (table := _located(src)[1]) == src}
+    out = gold_update.update(
+        settings,
+        storage,
+        name,
+        existing,
+        built_from(storage, name, existing),
+        reads,
+        rows_now=_row_count(existing),
+        people_from=people_from,
+        versions=silver,
+    )
+    if out is None:
+        return None
+    files, recomputed = out
+    _land(files, name, versions, existing, recomputed)
+    return recomputed
 
 
 def _newer_than(storage: Storage, name: str, versions: dict[str, int]) -> bool:
@@ -284,24 +333,39 @@ def _build(
                     tables[part] = None
             for own in per_part:  # nor this part's relations, while the next one's are
                 con.unregister(own.name)
-        progress = {_app(name, src): v for src, v in versions.items()}
-        progress[_definition_app(name)] = definition(name)
-        try:
-            files.commit(
-                commit_properties(progress, operation="build-gold"),
-                failpoint_name=f"gold.{name}.mid-write",
-                replace=existing,
-                guard=list(progress),
-            )
-        except Exception as exc:
-            if is_conflict(exc):
-                msg = (
-                    f"another writer built gold.{name} at the same time; this build landed nothing"
-                )
-                raise ConcurrentWriteError(msg) from None
-            raise
+        _land(files, name, versions, existing)
     finally:
         con.close()
+
+
+def _land(
+    files: TableFiles,
+    name: str,
+    versions: dict[str, int],
+    existing: DeltaTable | None,
+    recomputed: int | None = None,
+) -> None:
+    """Commit a build's files with its inputs' versions, against the table as read.
+
+    An update (`recomputed` entities) says so in the commit's metadata.
+    """
+    progress = {_app(name, src): v for src, v in versions.items()}
+    progress[_definition_app(name)] = definition(name)
+    operation, metadata = "build-gold", None
+    if recomputed is not None:
+        operation, metadata = "update-gold", {"lakehouse.recomputed": str(recomputed)}
+    try:
+        files.commit(
+            commit_properties(progress, operation=operation, metadata=metadata),
+            failpoint_name=f"gold.{name}.mid-write",
+            replace=existing,
+            guard=list(progress),
+        )
+    except Exception as exc:
+        if is_conflict(exc):
+            msg = f"another writer built gold.{name} at the same time; this build landed nothing"
+            raise ConcurrentWriteError(msg) from None
+        raise
 
 
 def _cut(frame: pl.DataFrame, key: str, parts: int) -> list[pa.Table | None]:

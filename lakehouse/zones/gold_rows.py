@@ -90,6 +90,7 @@ def _scans(storage: Storage, versions: dict[str, int]) -> dict[str, pl.LazyFrame
     return {
         name: pl.scan_delta(storage.table("silver", name, version=versions[name]))
         for name in SOURCES
+        if name in versions
     }
 
 
@@ -154,12 +155,15 @@ def rows_for(
     changed: Affected,
     versions: dict[str, int],
     con: duckdb.DuckDBPyConnection | None = None,
+    *,
+    applications: bool = True,
 ) -> Rows:
     """Recompute the gold feature rows of everything `changed` can touch (silver `versions`).
 
     Each silver table is read once: the application history whole (the market rates need
     every submission), in the columns the transforms use; the applicants' history and the
-    current applications only for the entities concerned.
+    current applications only for the entities concerned. Without `applications`, only
+    the `applicant_features` rows (`versions` need not name `loan_applications`).
     """
     scans = _scans(storage, versions)
     used = [*SUBMITTED_COLUMNS, "loan_status", "valid_from"]
@@ -167,7 +171,6 @@ def rows_for(
         scans["loan_applications_history"].select(used).collect().lazy()
     )
     history = scans["loan_applications_history"]
-    submitted = submitted_frame(scans)  # every submission: the market rates need them all
     # Widen: the applicants of changed applications, all their applications, and the
     # applications in the 30-day market window after a new submission.
     applicants = set(changed.applicants) | set(
@@ -177,16 +180,20 @@ def rows_for(
         .collect()["applicant_id"]
         .to_list()
     )
-    applications = set(changed.applications) | set(
-        submitted.filter(pl.col("applicant_id").is_in(list(applicants)))["application_id"]
-    )
-    new = submitted.filter(pl.col("application_id").is_in(list(changed.submitted)))
-    applications |= _in_market_windows(submitted, new)
-    # Applicants whose history the widened applications are joined with (unchanged
-    # ones: their rows are inputs only).
-    inputs = applicants | set(
-        submitted.filter(pl.col("application_id").is_in(list(applications)))["applicant_id"]
-    )
+    wanted: set[int] = set()
+    inputs = applicants  # an applicant's rows read only its own versions and applications
+    if applications:
+        submitted = submitted_frame(scans)  # every submission: the market rates need them all
+        wanted = set(changed.applications) | set(
+            submitted.filter(pl.col("applicant_id").is_in(list(applicants)))["application_id"]
+        )
+        new = submitted.filter(pl.col("application_id").is_in(list(changed.submitted)))
+        wanted |= _in_market_windows(submitted, new)
+        # Applicants whose history the widened applications are joined with (unchanged
+        # ones: their rows are inputs only).
+        inputs = applicants | set(
+            submitted.filter(pl.col("application_id").is_in(list(wanted)))["applicant_id"]
+        )
     scans["applicants_history"] = (
         scans["applicants_history"].filter(pl.col("applicant_id").is_in(list(inputs))).collect()
     ).lazy()
@@ -201,12 +208,14 @@ def rows_for(
             ),
         }
     ).filter(mine)
-    apps = _application_features(
-        scans, submitted, people, applications, inputs, settings, storage, con
+    apps = (
+        _application_features(scans, submitted, people, wanted, inputs, settings, storage, con)
+        if applications
+        else pl.DataFrame()
     )
     return Rows(
         frozenset(applicants),
-        frozenset(applications),
+        frozenset(wanted),
         people.filter(pl.col("applicant_id").is_in(list(applicants))),
         apps,
     )

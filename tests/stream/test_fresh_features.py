@@ -111,8 +111,8 @@ def _stream_then_batch(settings: Settings) -> None:
     ).to_dict()
     assert online["loan_amnt"] == [4321.0]
 
-    # The batch: gold rebuilt from the same silver, then a full load into an empty store.
-    run_all(settings, storage)
+    # The batch: gold built whole from the same silver, then a full load into an empty store.
+    run_all(settings, storage, full_gold=True)
     assert ml_status.online_freshness(settings, storage, materialized=False)[
         "online_current_with_silver"
     ]  # the batch run found nothing new in silver
@@ -175,7 +175,7 @@ def test_a_refresh_between_any_two_commits_of_a_promotion_misses_nothing(
     streamed = _online_rows(settings)
 
     monkeypatch.setattr(silver, "_commit", real_commit)
-    run_all(settings, storage)  # gold from the same silver (nothing new to promote)
+    run_all(settings, storage, full_gold=True)  # gold from the same silver (nothing new to promote)
     _empty_online_store(settings)
     assert all(w.full for w in ml_tasks.materialize(settings, storage).views)
     batch = _online_rows(settings)

@@ -76,7 +76,7 @@ def test_recomputed_rows_equal_the_full_build(settings: Settings, seed: int) -> 
             f'WHERE applicant_id IN (SELECT applicant_id FROM "{s}".applicants '
             f"ORDER BY applicant_id DESC LIMIT {1 + seed})"
         )
-    run_all(settings, storage)
+    run_all(settings, storage, full_gold=True)
     now = _silver_versions(settings)
 
     changed = gold_rows.affected(storage, before, now)
@@ -117,7 +117,7 @@ def test_rows_after_an_application_moved_equal_the_full_build(settings: Settings
     run_all(settings, storage)
     moved = move_applications(settings, 2)
     assert len(moved) == 2
-    run_all(settings, storage)
+    run_all(settings, storage, full_gold=True)
     before = _silver_versions(settings)
     with schema.connect(settings, autocommit=True) as conn:
         conn.execute(
@@ -125,7 +125,7 @@ def test_rows_after_an_application_moved_equal_the_full_build(settings: Settings
             " updated_at = now() WHERE applicant_id = ANY(%s)",
             ([applicant for _, applicant in moved],),
         )
-    run_all(settings, storage)
+    run_all(settings, storage, full_gold=True)
     now = _silver_versions(settings)
     changed = gold_rows.affected(storage, before, now)
     rows = gold_rows.rows_for(settings, storage, changed, now)
