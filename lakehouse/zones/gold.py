@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ _BATCH = 200_000
 _FILE_ROWS = 1_000_000
 # Input rows per key partition of a partitioned gold build (see GoldTable.partition_key).
 _PARTITION_ROWS = 2_500_000
+# Commits searched back for the last build's metadata (maintain adds one per run).
+_HISTORY_LOOKBACK = 20
 
 
 REFERENCES: dict[str, Callable[[Storage, duckdb.DuckDBPyConnection], None]] = {}
@@ -128,17 +131,22 @@ def _definition_app(name: str) -> str:
 
 
 def is_current(storage: Storage, name: str) -> bool:
-    """Tell whether `gold.<name>` is its definition over its inputs' current versions (cheap)."""
+    """Tell whether `gold.<name>` is its definition over its inputs' current versions (cheap).
+
+    The same silver tables, too: one deleted and promoted again counts its versions anew.
+    """
     dt = storage.table_or_none("gold", name)
     if dt is None:
         return False
     if recorded(dt, _definition_app(name)) != definition(name):
         return False
     try:
-        wanted = input_versions(storage, name)
+        wanted, reads = _pins(storage, name)
     except TableNotFoundError:
         return False
-    return all(recorded(dt, _app(name, src)) == v for src, v in wanted.items())
+    if any(recorded(dt, _app(name, src)) != v for src, v in wanted.items()):
+        return False
+    return _built_ids(dt) == _input_ids(storage, name, reads)
 
 
 def build(
@@ -156,17 +164,39 @@ def build(
     versions, reads = _pins(storage, name)
     if is_current(storage, name):
         return GoldResult(name, False, versions)
+    ids = _input_ids(storage, name, reads)
     recomputed = None
     try:
         if incremental and existing is not None:
-            recomputed = _update(settings, storage, name, versions, reads, existing)
+            recomputed = _update(settings, storage, name, versions, reads, ids, existing)
         if recomputed is None:
-            _build(settings, storage, name, versions, reads, existing)
+            _build(settings, storage, name, versions, reads, existing, ids)
     except ConcurrentWriteError:
         if is_current(storage, name) or _newer_than(storage, name, versions):
             return GoldResult(name, False, versions)
         raise
     return GoldResult(name, True, versions, recomputed)
+
+
+def _input_ids(storage: Storage, name: str, reads: dict[str, int]) -> dict[str, str]:
+    """Return the Delta table id of each table `gold.<name>` reads, by source.
+
+    A version number names a state of one table: a table deleted and written again
+    starts over, and its version 40 is not the old one's. Recorded with each build.
+    """
+    return {
+        source: str(storage.table(*_located(source), version=reads[source]).metadata().id)
+        for source in ALL_GOLD[name].sources
+    }
+
+
+def _built_ids(dt: DeltaTable) -> dict[str, str] | None:
+    """Return the silver table ids the last build of `dt` recorded (None if unknown)."""
+    for commit in dt.history(_HISTORY_LOOKBACK):
+        if commit.get("lakehouse.operation") in ("build-gold", "update-gold"):
+            ids = commit.get("lakehouse.input_ids")
+            return dict(json.loads(ids)) if isinstance(ids, str) else None
+    return None
 
 
 def _update(
@@ -175,12 +205,15 @@ def _update(
     name: str,
     versions: dict[str, int],
     reads: dict[str, int],
+    ids: dict[str, str],
     existing: DeltaTable,
 ) -> int | None:
     """Recompute the touched entities' rows of `existing` and land them; None if it cannot."""
     if name not in gold_update.UPDATABLE:
         return None
     if recorded(existing, _definition_app(name)) != definition(name):
+        return None
+    if _built_ids(existing) != ids:  # a silver table was made anew since: no common past
         return None
     people_from = None
     if "gold.applicant_features" in reads:
@@ -203,7 +236,7 @@ def _update(
     if out is None:
         return None
     files, recomputed = out
-    _land(files, name, versions, existing, recomputed)
+    _land(files, name, versions, existing, ids, recomputed)
     return recomputed
 
 
@@ -222,6 +255,7 @@ def _build(
     versions: dict[str, int],
     reads: dict[str, int],
     existing: DeltaTable | None,
+    ids: dict[str, str],
 ) -> None:
     spec = ALL_GOLD[name]
     con = duck.connect(settings, storage)
@@ -333,7 +367,7 @@ def _build(
                     tables[part] = None
             for own in per_part:  # nor this part's relations, while the next one's are
                 con.unregister(own.name)
-        _land(files, name, versions, existing)
+        _land(files, name, versions, existing, ids)
     finally:
         con.close()
 
@@ -343,17 +377,20 @@ def _land(
     name: str,
     versions: dict[str, int],
     existing: DeltaTable | None,
+    ids: dict[str, str],
     recomputed: int | None = None,
 ) -> None:
     """Commit a build's files with its inputs' versions, against the table as read.
 
-    An update (`recomputed` entities) says so in the commit's metadata.
+    The metadata names the silver tables read (`_input_ids`); an update (`recomputed`
+    entities) says so.
     """
     progress = {_app(name, src): v for src, v in versions.items()}
     progress[_definition_app(name)] = definition(name)
-    operation, metadata = "build-gold", None
+    operation = "build-gold" if recomputed is None else "update-gold"
+    metadata = {"lakehouse.input_ids": json.dumps(ids, sort_keys=True)}
     if recomputed is not None:
-        operation, metadata = "update-gold", {"lakehouse.recomputed": str(recomputed)}
+        metadata["lakehouse.recomputed"] = str(recomputed)
     try:
         files.commit(
             commit_properties(progress, operation=operation, metadata=metadata),

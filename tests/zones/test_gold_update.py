@@ -203,3 +203,29 @@ def test_updates_racing_each_other_and_maintain_land_once(
         rows = read(storage, "gold", name)
         assert rows.select(key, "event_timestamp").is_duplicated().sum() == 0, name
         assert_frame_equal(_sorted(rows, key), _sorted(full[name], key), check_exact=True)
+
+
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
+def test_silver_made_anew_is_no_common_past(settings: Settings, tmp_path: Path) -> None:
+    """Silver tables deleted and promoted again (as Troubleshooting advises) start their
+    versions over: the version gold recorded now names another table's state, and the
+    update must not diff against it. The build is whole, and equals a full build."""
+    storage = seeded(settings, rows=200)
+    run_all(settings, storage)
+    recorded = gold.built_from(storage, "applicant_features")["applicants_history"]
+    with schema.connect(settings, autocommit=True) as conn:
+        conn.execute(
+            f'UPDATE "{settings.pg_schema}".applicants SET credit_score = credit_score + 3, '
+            "updated_at = now() WHERE applicant_id % 5 = 0"
+        )
+    for target in ("applicants", "applicants_history", "applicants_rejected"):
+        shutil.rmtree(storage.uri("silver", target))
+    _promote(settings, storage)
+    again = Storage.from_settings(settings)
+    assert again.data_version("silver", "applicants_history") == recorded  # same number
+    results = {name: gold.build(settings, again, name) for name in FEATURES}
+    assert all(r.built and r.recomputed is None for r in results.values()), results
+    full = _full_build(settings, again, tmp_path / "full")
+    for name, key in FEATURES.items():
+        rows = read(again, "gold", name)
+        assert_frame_equal(_sorted(rows, key), _sorted(full[name], key), check_exact=True)
