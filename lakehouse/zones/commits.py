@@ -11,6 +11,7 @@ holder; the commit-time check needs none.)
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Mapping
 
@@ -74,6 +75,11 @@ def recorded(dt: DeltaTable | None, app: str) -> int | None:
         return None
     version = dt.transaction_version(app)
     return None if version is None else int(version)
+
+
+def fingerprint(text: str) -> int:
+    """Return `text` as a number a progress mark can record (app transactions hold ints)."""
+    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
 
 
 def is_conflict(exc: BaseException) -> bool:

@@ -24,6 +24,7 @@ from lakehouse.zones.commits import (
     ConcurrentWriteError,
     app_id,
     commit_properties,
+    fingerprint,
     is_conflict,
     recorded,
 )
@@ -35,8 +36,6 @@ _BATCH = 200_000
 _FILE_ROWS = 1_000_000
 # Input rows per key partition of a partitioned gold build (see GoldTable.partition_key).
 _PARTITION_ROWS = 2_500_000
-# Commits searched back for the last build's metadata (maintain adds one per run).
-_HISTORY_LOOKBACK = 20
 
 
 REFERENCES: dict[str, Callable[[Storage, duckdb.DuckDBPyConnection], None]] = {}
@@ -146,7 +145,7 @@ def is_current(storage: Storage, name: str) -> bool:
         return False
     if any(recorded(dt, _app(name, src)) != v for src, v in wanted.items()):
         return False
-    return _built_ids(dt) == _input_ids(storage, name, reads)
+    return recorded(dt, _ids_app(name)) == _fingerprint(_input_ids(storage, name, reads))
 
 
 def build(
@@ -190,13 +189,13 @@ def _input_ids(storage: Storage, name: str, reads: dict[str, int]) -> dict[str, 
     }
 
 
-def _built_ids(dt: DeltaTable) -> dict[str, str] | None:
-    """Return the silver table ids the last build of `dt` recorded (None if unknown)."""
-    for commit in dt.history(_HISTORY_LOOKBACK):
-        if commit.get("lakehouse.operation") in ("build-gold", "update-gold"):
-            ids = commit.get("lakehouse.input_ids")
-            return dict(json.loads(ids)) if isinstance(ids, str) else None
-    return None
+def _fingerprint(ids: dict[str, str]) -> int:
+    """Return the input ids as one number: recorded as a progress mark, read with the rest."""
+    return fingerprint(json.dumps(ids, sort_keys=True))
+
+
+def _ids_app(name: str) -> str:
+    return app_id("gold", name, "input-ids")
 
 
 def _update(
@@ -213,7 +212,7 @@ def _update(
         return None
     if recorded(existing, _definition_app(name)) != definition(name):
         return None
-    if _built_ids(existing) != ids:  # a silver table was made anew since: no common past
+    if recorded(existing, _ids_app(name)) != _fingerprint(ids):  # a table made anew since
         return None
     people_from = None
     if "gold.applicant_features" in reads:
@@ -387,6 +386,7 @@ def _land(
     """
     progress = {_app(name, src): v for src, v in versions.items()}
     progress[_definition_app(name)] = definition(name)
+    progress[_ids_app(name)] = _fingerprint(ids)
     operation = "build-gold" if recomputed is None else "update-gold"
     metadata = {"lakehouse.input_ids": json.dumps(ids, sort_keys=True)}
     if recomputed is not None:

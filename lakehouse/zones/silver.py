@@ -37,6 +37,7 @@ from lakehouse.zones.commits import ConcurrentWriteError, commit_properties
 from lakehouse.zones.datafiles import TableFiles
 from lakehouse.zones.silver_context import Applicants, candidates, own_events, with_context
 from lakehouse.zones.silver_state import (
+    IDENTITY,
     TARGETS,
     Marks,
     Targets,
@@ -176,11 +177,15 @@ def reached(storage: Storage, table: str, goal: Marks) -> bool:
     def covers(have: int | None, want: int | None) -> bool:
         return want is None or (have is not None and have >= want)
 
+    def same(name: str, have: int | None, want: int) -> bool:
+        # A table's identity is the same or not; a version is reached or not.
+        return have == want if name.endswith(IDENTITY) else covers(have, want)
+
     context = dict(settled.context)
     return (
         covers(settled.batch, goal.batch)
         and covers(settled.changes, goal.changes)
-        and all(covers(context.get(name), version) for name, version in goal.context)
+        and all(same(name, context.get(name), version) for name, version in goal.context)
     )
 
 

@@ -21,12 +21,14 @@ from deltalake import DeltaTable
 from lakehouse.errors import StorageError
 from lakehouse.storage import Storage
 from lakehouse.zones.bronze import changes_landed, changes_table, last_batch
-from lakehouse.zones.commits import app_id, recorded
+from lakehouse.zones.commits import app_id, fingerprint, recorded
 
 # Commit order; the first may be ahead of the others, never behind.
 TARGETS = ("rejected", "history", "current")
 # The applicant tables a loan application's rules read (the context).
 CONTEXT_TABLES = ("applicants_history", "applicants_rejected")
+# A context entry `<table>#id` holds that table's identity (`context_versions`).
+IDENTITY = "#id"
 
 
 def target_name(table: str, target: str) -> str:
@@ -43,7 +45,8 @@ class Marks:
     changes: int | None = None
     """Every CDC change committed below this LSN."""
     context: tuple[tuple[str, int], ...] = ()
-    """(table, version) of the applicant tables the rules were checked against."""
+    """(table, version) of the applicant tables the rules were checked against, and
+    (`<table>#id`, the table's identity): see `context_versions`."""
 
     def progress(self, table: str, target: str) -> dict[str, int]:
         """Return the app transactions that record these marks in a commit."""
@@ -70,7 +73,7 @@ def read_marks(dt: DeltaTable | None, table: str, target: str) -> Marks | None:
     name = target_name(table, target)
     context = tuple(
         (source, version)
-        for source in (CONTEXT_TABLES if table == "loan_applications" else ())
+        for source in _context_names(table)
         if (version := recorded(dt, app_id("silver", name, f"silver.{source}"))) is not None
     )
     marks = Marks(
@@ -162,7 +165,13 @@ def wanted(storage: Storage, table: str, context: tuple[tuple[str, int], ...]) -
 
 
 def context_versions(storage: Storage, table: str) -> tuple[tuple[str, int], ...]:
-    """Return the versions of the applicant tables (loan applications' rule context)."""
+    """Return the versions of the applicant tables (loan applications' rule context).
+
+    With each version, the table's identity (`<table>#id`: its Delta table id as a
+    number). A version number names a state of one table: applicant tables deleted and
+    promoted again (Troubleshooting's advice) count from 0, and their version 1 is not
+    the old tables' version 1, whose applicants the rules were checked against.
+    """
     if table != "loan_applications":
         return ()
     out = []
@@ -170,7 +179,14 @@ def context_versions(storage: Storage, table: str) -> tuple[tuple[str, int], ...
         dt = storage.table_or_none("silver", source)
         if dt is not None:
             out.append((source, dt.version()))
+            out.append((source + IDENTITY, fingerprint(str(dt.metadata().id))))
     return tuple(out)
+
+
+def _context_names(table: str) -> tuple[str, ...]:
+    if table != "loan_applications":
+        return ()
+    return tuple(n for source in CONTEXT_TABLES for n in (source, source + IDENTITY))
 
 
 def at_marks(storage: Storage, table: str, target: str, dt: DeltaTable, marks: Marks) -> DeltaTable:

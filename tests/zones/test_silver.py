@@ -345,3 +345,26 @@ def test_a_key_change_removes_the_old_key_in_batch_runs(settings: Settings) -> N
     assert_same_rows(read(storage, "silver", "applicants"), applicants, "applicant_id")
     now = read(storage, "silver", "applicants_rejected").filter(pl.col("is_current"))
     assert sorted(now["applicant_id"]) == sorted(k + 100000 for k in rejected)
+
+
+@pytest.mark.parametrize("settings", ["local"], indirect=True)
+def test_applicant_tables_made_anew_are_a_new_context(settings: Settings) -> None:
+    """Troubleshooting's advice, deleting a table's three silver tables and running
+    again, starts their versions over. Loan applications record the applicant tables'
+    versions their rules were checked against: the same numbers on the new tables must
+    not pass for the same state. Here an applicant turns bad while its tables are made
+    anew; its applications must leave silver."""
+    import shutil
+
+    storage = seeded(settings, rows=100)
+    run_silver(settings, storage)
+    execute(settings, "UPDATE {s}.applicants SET credit_score = 7 WHERE applicant_id = 5")
+    bronze.ingest(settings, storage, "applicants")
+    for name in ("applicants", "applicants_history", "applicants_rejected"):
+        shutil.rmtree(storage.uri("silver", name))
+    run_silver(settings, Storage.from_settings(settings))
+    gone = read(storage, "silver", "loan_applications").filter(pl.col("applicant_id") == 5)
+    assert gone.height == 0
+    applicants, loans = expected(settings)
+    assert_same_rows(read(storage, "silver", "applicants"), applicants, "applicant_id")
+    assert_same_rows(read(storage, "silver", "loan_applications"), loans, "application_id")
