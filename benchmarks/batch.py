@@ -1361,6 +1361,9 @@ def report(results: list[SizeResult], command: str, started: datetime, library: 
             ]
             for step, detail in ours["details"].items():
                 out.append(f"- Ours, {step}: {json.dumps(detail)}")
+        if r.incremental and r.incremental.ok:
+            for step, detail in r.incremental.result["details"].items():
+                out.append(f"- Incremental run, {step}: {json.dumps(detail)}")
         if r.export and r.export.ok:
             out.append(
                 f"- Bronze export to Parquet (not measured): {r.export.result['seconds']:.1f} s"
