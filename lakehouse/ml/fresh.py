@@ -106,13 +106,19 @@ class Refresher:
 
     def _start(self, now: dict[str, int]) -> dict[str, int]:
         """Start from the silver versions gold was built from (readable), else from now."""
-        from lakehouse.zones.gold import built_from
+        from lakehouse.zones.gold import built_from, same_inputs
 
         start = built_from(self.storage, "application_features")
-        if set(start) >= set(gold_rows.SOURCES):
-            return {name: start[name] for name in gold_rows.SOURCES}
-        log.warning("gold was never built: online features refresh from now on")
-        return now
+        if not set(start) >= set(gold_rows.SOURCES):
+            log.warning("gold was never built: online features refresh from now on")
+            return now
+        if not same_inputs(self.storage, "application_features"):
+            log.warning(
+                "silver tables were made anew (or gold predates this version) since gold was "
+                "built: online features refresh from now on; the next batch run rebuilds gold"
+            )
+            return now
+        return {name: start[name] for name in gold_rows.SOURCES}
 
     def _feast(self) -> Any:
         if self._store is None:

@@ -189,6 +189,20 @@ def _input_ids(storage: Storage, name: str, reads: dict[str, int]) -> dict[str, 
     }
 
 
+def same_inputs(storage: Storage, name: str) -> bool:
+    """Tell whether `gold.<name>` was last built from the tables its inputs are now.
+
+    Not from tables deleted and written again since, whose versions count anew: the
+    versions it recorded (`built_from`) then name states of other tables.
+    """
+    dt = storage.table_or_none("gold", name)
+    try:
+        reads = _pins(storage, name)[1]
+    except TableNotFoundError:
+        return False
+    return recorded(dt, _ids_app(name)) == _fingerprint(_input_ids(storage, name, reads))
+
+
 def _fingerprint(ids: dict[str, str]) -> int:
     """Return the input ids as one number: recorded as a progress mark, read with the rest."""
     return fingerprint(json.dumps(ids, sort_keys=True))

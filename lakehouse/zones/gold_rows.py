@@ -94,12 +94,47 @@ def _scans(storage: Storage, versions: dict[str, int]) -> dict[str, pl.LazyFrame
     }
 
 
+# The last few diffs, by what they compared: both feature tables of one run need the same.
+_DIFFS: dict[tuple[object, ...], Affected] = {}
+_KEEP_DIFFS = 4
+
+
 def affected(
     storage: Storage,
     before: dict[str, int],
     now: dict[str, int],
 ) -> Affected:
     """Return the entities with a silver history row added, changed or removed in between.
+
+    Kept for the next call that compares the same versions of the same tables (a table
+    version of one table id never changes): a gold run updates `applicant_features` and
+    then `application_features` from the same two states, and the diff reads both
+    histories whole, twice.
+    """
+    key = tuple(
+        (
+            storage.uri("silver", name),
+            storage.table("silver", name, version=now[name]).metadata().id,
+            before[name],
+            now[name],
+        )
+        for name in _DIFF_COLUMNS
+    )
+    found = _DIFFS.get(key)
+    if found is None:
+        found = _affected(storage, before, now)
+        while len(_DIFFS) >= _KEEP_DIFFS:
+            _DIFFS.pop(next(iter(_DIFFS)))
+        _DIFFS[key] = found
+    return found
+
+
+def _affected(
+    storage: Storage,
+    before: dict[str, int],
+    now: dict[str, int],
+) -> Affected:
+    """Compute `affected`.
 
     Compares the two versions of each history table on its keys and validity (a new
     version, a closed one, a delete): the rows of either version the other lacks, nulls
