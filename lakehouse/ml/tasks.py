@@ -136,11 +136,13 @@ def _materialize(settings: Settings, storage: Storage) -> Materialized:
     from lakehouse import duck
     from lakehouse.ml import materialize as load
     from lakehouse.ml.online.store import _LakehouseOnlineStore
-    from lakehouse.zones.gold import built_from
+    from lakehouse.zones.gold import built_from, inputs_mark
     from lakehouse.zones.gold_rows import watermark
 
     tables = {name: storage.table("gold", name) for name in _GOLD_VIEWS}
     versions = {name: storage.data_version("gold", name, dt) for name, dt in tables.items()}
+    # Which silver tables each gold table was built from (`gold.inputs_mark`).
+    inputs = {name: inputs_mark(dt, name) for name, dt in tables.items()}
     state = _state(settings)
     if state is not None and not online_store.intact(settings, state.get("loads")):
         state = None  # the store was lost or emptied behind our back: reload it in full
@@ -167,7 +169,15 @@ def _materialize(settings: Settings, storage: Storage) -> Materialized:
             current = tables[gold_name].version()
             silver = watermark(built_from(storage, gold_name, tables[gold_name]), gold_name)
             emptied = target.ensure(view.name, view.fields, view.key_kind)
-            if state is not None and not emptied:
+            anew = (
+                state is not None
+                and state.get("inputs", inputs).get(gold_name) != inputs[gold_name]
+            )
+            if anew and not emptied:
+                # Silver made anew since: its versions count from 0, and every row from it
+                # would look older than the stored ones. They are all replaced, in full.
+                target.forget_versions(view.name)
+            if state is not None and not emptied and not anew:
                 try:
                     done = load.incremental(
                         con,
@@ -193,6 +203,7 @@ def _materialize(settings: Settings, storage: Storage) -> Materialized:
     record = {
         "online_store": _online_store(settings),
         "gold": versions,
+        "inputs": inputs,
         "end": end.isoformat(),
         "loads": {view.name: target.load(view.name) for view in views},
     }

@@ -189,6 +189,14 @@ def _input_ids(storage: Storage, name: str, reads: dict[str, int]) -> dict[str, 
     }
 
 
+def inputs_mark(dt: DeltaTable | None, name: str) -> int | None:
+    """Return which tables `gold.<name>` (`dt`) was built from, as one number (None: unknown).
+
+    A different number: another incarnation of an input (deleted and written again).
+    """
+    return recorded(dt, _ids_app(name))
+
+
 def same_inputs(storage: Storage, name: str) -> bool:
     """Tell whether `gold.<name>` was last built from the tables its inputs are now.
 

@@ -176,6 +176,14 @@ class Tables(ABC):
             version,
         )
 
+    def forget_versions(self, view: str) -> None:
+        """Mark every stored row as from an unknown state: the next write replaces it.
+
+        For rows computed from silver tables since made anew, whose states do not compare
+        with the new tables' (`lakehouse.ml.tasks`). One statement: readers keep every row.
+        """
+        self._execute(f"UPDATE {quote(table_name(self.project, view))} SET version = NULL")
+
     def delete(self, view: str, keys: Sequence[Any], version: int | None = None) -> None:
         """Remove entities that no longer have a row, unless stored from a newer state."""
         table = quote(table_name(self.project, view))
