@@ -72,6 +72,9 @@ def last(settings: Settings) -> dict[str, Any] | None:
         return None
 
 
+_UNSEEN = object()
+
+
 class Refresher:
     """Keeps the online store's rows of changed entities current with silver."""
 
@@ -80,6 +83,8 @@ class Refresher:
         self.storage = storage
         self.seen: dict[str, int] | None = None
         """Silver versions (readable ones) the online store reflects."""
+        self._inputs: object = _UNSEEN
+        """The gold inputs the last materialization recorded (`ml.tasks`), as last seen."""
         self._lock = threading.Lock()
         self._kept = KeptTables(storage)  # used under the lock only
         self._store: Any = None
@@ -115,7 +120,8 @@ class Refresher:
         if not same_inputs(self.storage, "application_features"):
             log.warning(
                 "silver tables were made anew (or gold predates this version) since gold was "
-                "built: online features refresh from now on; the next batch run rebuilds gold"
+                "built: online features stay as they are until the next batch run rebuilds "
+                "gold and reloads them; fresh from then on"
             )
             return now
         return {name: start[name] for name in gold_rows.SOURCES}
@@ -136,8 +142,15 @@ class Refresher:
         from lakehouse.ml import tasks as ml_tasks
 
         with self._lock, opened_once(self._kept):  # the tables opened here are the ones read
-            if ml_tasks.materialized_state(self.settings) is None:
+            state = ml_tasks.materialized_state(self.settings)
+            if state is None:
                 return None
+            inputs = state.get("inputs")
+            if inputs != self._inputs and self._inputs is not _UNSEEN:
+                # A materialization reloaded the store from gold built on silver made anew,
+                # over rows this refresher wrote since: diff again from gold's own state.
+                self.seen = None
+            self._inputs = inputs
             # Never half a promotion: the speed layer's next one may be committing now.
             tables = as_one_promotion_left(self.storage, list(gold_rows.SOURCES))
             for name in gold_rows.SOURCES:

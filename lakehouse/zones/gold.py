@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
+import inspect
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
-from lakehouse import duck
+from lakehouse import __version__, duck
 from lakehouse.errors import LakehouseError, TableNotFoundError
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
@@ -113,16 +113,42 @@ def built_from(storage: Storage, name: str, dt: DeltaTable | None = None) -> dic
 
 
 def definition(name: str) -> int:
-    """Return a fingerprint of `gold.<name>`'s definition (its SQL and what it reads).
+    """Return a fingerprint of `gold.<name>`'s definition: its SQL, its code, what it reads.
 
     Recorded with every build: a table built by another definition (an upgrade changed
     its SQL, say added a column) is not current, whatever its inputs, and is rebuilt once.
+    The code counts too: the Polars transforms (their module's text) and the lakehouse
+    version; so does the definition of a gold table it reads. Otherwise an update by
+    touched entities (`gold_update`) would leave the other rows as the old code made them.
     """
     spec = ALL_GOLD[name]
+    gold_sources = [s for s in spec.sources if _located(s)[0] == "gold"]
     text = "\n".join(
-        [spec.sql, *spec.sources, *(d.sql for d in spec.derived), spec.references or ""]
+        [
+            spec.sql,
+            *spec.sources,
+            *(d.sql for d in spec.derived),
+            spec.references or "",
+            __version__,
+            _TRANSFORMS_TEXT,
+            *(str(definition(_located(s)[1])) for s in gold_sources),
+        ]
     )
-    return int(hashlib.sha256(text.encode()).hexdigest()[:15], 16)
+    return fingerprint(text)
+
+
+def _transforms_text() -> str:
+    """Return the text of the modules gold's Polars transforms live in ("" if unreadable)."""
+    from lakehouse.transforms import gold as transforms
+    from lakehouse.transforms import segments
+
+    try:
+        return "\n".join(inspect.getsource(m) for m in (transforms, segments))
+    except (OSError, TypeError):  # installed without sources: the version alone
+        return ""
+
+
+_TRANSFORMS_TEXT = _transforms_text()
 
 
 def _definition_app(name: str) -> str:

@@ -20,6 +20,7 @@ floating-point sums are the same to the last bit.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -97,6 +98,7 @@ def _scans(storage: Storage, versions: dict[str, int]) -> dict[str, pl.LazyFrame
 # The last few diffs, by what they compared: both feature tables of one run need the same.
 _DIFFS: dict[tuple[object, ...], Affected] = {}
 _KEEP_DIFFS = 4
+_DIFFS_LOCK = threading.Lock()
 
 
 def affected(
@@ -120,12 +122,14 @@ def affected(
         )
         for name in _DIFF_COLUMNS
     )
-    found = _DIFFS.get(key)
+    with _DIFFS_LOCK:
+        found = _DIFFS.get(key)
     if found is None:
         found = _affected(storage, before, now)
-        while len(_DIFFS) >= _KEEP_DIFFS:
-            _DIFFS.pop(next(iter(_DIFFS)))
-        _DIFFS[key] = found
+        with _DIFFS_LOCK:  # builders may run in threads (Luigi workers, tests)
+            while len(_DIFFS) >= _KEEP_DIFFS:
+                _DIFFS.pop(next(iter(_DIFFS)))
+            _DIFFS[key] = found
     return found
 
 

@@ -23,6 +23,7 @@ import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
 
+from lakehouse.maintain import maintain
 from lakehouse.settings import Settings
 from lakehouse.source import schema
 from lakehouse.source.schema import TABLES
@@ -149,23 +150,46 @@ def test_what_cannot_be_updated_exactly_or_cheaply_is_built_whole(
     assert built.built and built.recomputed is not None  # a small change: updated
     churn(settings, changes=10, seed_value=4)
     _promote(settings, storage)
-    monkeypatch.setattr(gold, "definition", lambda name: 12345)
+    with monkeypatch.context() as patched:
+        patched.setattr(gold, "definition", lambda name: 12345)
+        built = gold.build(settings, storage, "applicant_features")
+        assert built.built and built.recomputed is None
+    # The table application_features reads changed definition, silver did not: its
+    # rows would keep the old one's values. Built whole.
+    spec = GOLD["applicant_features"]
+    monkeypatch.setitem(gold.ALL_GOLD, "applicant_features", replace(spec, sql=spec.sql + " "))
+    for name in FEATURES:
+        built = gold.build(settings, storage, name)
+        assert built.built and built.recomputed is None, name
+    monkeypatch.undo()
+    # A version the last build read, vacuumed: nothing to diff from. Built whole.
+    churn(settings, changes=10, seed_value=5)
+    _promote(settings, storage)
+    for name in FEATURES:
+        gold.build(settings, storage, name, incremental=False)
+    churn(settings, changes=10, seed_value=6)
+    _promote(settings, storage)
+    churn(settings, changes=10, seed_value=8)
+    _promote(settings, storage)
+    maintain(storage, retention_hours=0)
     built = gold.build(settings, storage, "applicant_features")
     assert built.built and built.recomputed is None
 
 
 @pytest.mark.parametrize("settings", ["local", "s3"], indirect=True)
 def test_updates_racing_each_other_and_maintain_land_once(
-    settings: Settings, tmp_path: Path
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Three runs update both feature tables at once from the same state while
     `lakehouse maintain` compacts: each table lands one update, the others find it done
     (or say they lost), and the rows are a full build's, each entity's once."""
     from lakehouse.errors import StorageError
-    from lakehouse.maintain import maintain
 
+    monkeypatch.setattr(gold, "_FILE_ROWS", 40)  # files for maintain to compact
+    monkeypatch.setattr(gold, "_BATCH", 40)
     storage = seeded(settings, rows=200)
     run_all(settings, storage)
+    assert len(storage.table("gold", "application_features").file_uris()) > 1
     churn(settings, changes=30, seed_value=21)
     insert_late_application(settings, loan_amnt=777.0)
     _promote(settings, storage)
@@ -180,12 +204,13 @@ def test_updates_racing_each_other_and_maintain_land_once(
             errors.append(exc)
 
     def maintainer() -> None:
-        try:
-            maintain(Storage.from_settings(settings), retention_hours=168)
-        except StorageError:
-            pass  # lost to a build: says so, changes nothing
-        except BaseException as exc:  # re-raised below
-            errors.append(exc)
+        for _ in range(3):
+            try:
+                maintain(Storage.from_settings(settings), retention_hours=168)
+            except StorageError:
+                pass  # lost to a build: says so, changes nothing
+            except BaseException as exc:  # re-raised below
+                errors.append(exc)
 
     threads = [threading.Thread(target=builder) for _ in range(3)]
     threads.append(threading.Thread(target=maintainer))
