@@ -135,7 +135,7 @@ def _base_table(zone: str, name: str) -> str | None:
 
 
 def _tables(settings: Settings, storage: Storage, source: list[SourceTable]) -> list[TableState]:
-    from lakehouse.zones import bronze, gold, silver
+    from lakehouse.zones import bronze, gold_marks, silver
 
     newest_in_source = {s.table: s.newest_change for s in source}
     checked: dict[tuple[str, str], bool | None] = {}
@@ -148,7 +148,7 @@ def _tables(settings: Settings, storage: Storage, source: list[SourceTable]) -> 
                 elif zone == "silver":
                     checked[zone, producer] = silver.is_current(storage, producer)
                 else:
-                    checked[zone, producer] = gold.is_current(storage, producer)
+                    checked[zone, producer] = gold_marks.is_current(storage, producer)
             except Exception:  # the source is down: its own section says so
                 checked[zone, producer] = None
         return checked[zone, producer]

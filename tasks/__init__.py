@@ -28,7 +28,7 @@ from lakehouse.settings import Settings
 from lakehouse.source.schema import TABLES
 from lakehouse.storage import Storage, opened_once
 from lakehouse.transforms.gold import ALL_GOLD, GOLD, MONITORING
-from lakehouse.zones import bronze, gold, silver
+from lakehouse.zones import bronze, gold, gold_marks, silver
 from tasks.config import configure
 
 _log = logging.getLogger("luigi-interface")
@@ -186,7 +186,7 @@ class BuildGold(_Task):
 
     def output_current(self) -> bool:
         _, storage = _context()
-        return gold.is_current(storage, self.name)
+        return gold_marks.is_current(storage, self.name)
 
     def run(self) -> None:
         settings, storage = _context()

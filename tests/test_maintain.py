@@ -73,7 +73,7 @@ def test_maintain_beside_pipeline_runs_loses_nothing(settings: Settings) -> None
     from lakehouse import runs
     from lakehouse.errors import LakehouseError
     from lakehouse.transforms.gold import GOLD
-    from lakehouse.zones import gold
+    from lakehouse.zones import gold_marks
     from tests.test_ops import service
     from tests.zones.test_silver import assert_same_rows, expected
 
@@ -102,4 +102,4 @@ def test_maintain_beside_pipeline_runs_loses_nothing(settings: Settings) -> None
     applicants, loans = expected(settings)
     assert_same_rows(read(storage, "silver", "applicants"), applicants, "applicant_id")
     assert_same_rows(read(storage, "silver", "loan_applications"), loans, "application_id")
-    assert all(gold.is_current(storage, name) for name in GOLD)
+    assert all(gold_marks.is_current(storage, name) for name in GOLD)

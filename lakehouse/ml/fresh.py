@@ -111,7 +111,7 @@ class Refresher:
 
     def _start(self, now: dict[str, int]) -> dict[str, int]:
         """Start from the silver versions gold was built from (readable), else from now."""
-        from lakehouse.zones.gold import built_from, same_inputs
+        from lakehouse.zones.gold_marks import built_from, same_inputs
 
         start = built_from(self.storage, "application_features")
         if not set(start) >= set(gold_rows.SOURCES):

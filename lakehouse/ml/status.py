@@ -53,7 +53,7 @@ def _monitoring(settings: Settings, storage: Storage) -> dict[str, Any]:
 
 def online_freshness(settings: Settings, storage: Storage, materialized: bool) -> dict[str, Any]:
     """Return which silver state the online store reflects and how far behind silver it is."""
-    from lakehouse.zones.gold import built_from
+    from lakehouse.zones.gold_marks import built_from
 
     now = {name: storage.data_version("silver", name) for name in SOURCES}
     candidates = []

@@ -136,12 +136,12 @@ def _materialize(settings: Settings, storage: Storage) -> Materialized:
     from lakehouse import duck
     from lakehouse.ml import materialize as load
     from lakehouse.ml.online.store import _LakehouseOnlineStore
-    from lakehouse.zones.gold import built_from, inputs_mark
+    from lakehouse.zones.gold_marks import built_from, inputs_mark
     from lakehouse.zones.gold_rows import watermark
 
     tables = {name: storage.table("gold", name) for name in _GOLD_VIEWS}
     versions = {name: storage.data_version("gold", name, dt) for name, dt in tables.items()}
-    # Which silver tables each gold table was built from (`gold.inputs_mark`).
+    # Which silver tables each gold table was built from (`gold_marks.inputs_mark`).
     inputs = {name: inputs_mark(dt, name) for name, dt in tables.items()}
     state = _state(settings)
     if state is not None and not online_store.intact(settings, state.get("loads")):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -13,23 +12,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from deltalake import DeltaTable
 
-from lakehouse import __version__, duck
-from lakehouse.errors import LakehouseError, TableNotFoundError
+from lakehouse import duck
+from lakehouse.errors import LakehouseError
 from lakehouse.settings import Settings
 from lakehouse.storage import Storage
 from lakehouse.transforms.gold import ALL_GOLD, Derived, with_linked
 from lakehouse.transforms.partitions import in_part, key_part, key_part_sql
+from lakehouse.zones import gold_marks as marks
 from lakehouse.zones import gold_update
 from lakehouse.zones.commits import (
     ConcurrentWriteError,
-    app_id,
     commit_properties,
-    fingerprint,
     is_conflict,
-    recorded,
 )
 from lakehouse.zones.datafiles import TableFiles
-from lakehouse.zones.silver_state import as_one_promotion_left
 
 _BATCH = 200_000
 # Rows per data file written from a DuckDB query (a Polars-built partition is one file).
@@ -61,119 +57,6 @@ class GoldResult:
     """Entities whose rows were recomputed, when only those were (`gold_update`)."""
 
 
-def _located(source: str) -> tuple[str, str]:
-    """Return (zone, table) of a gold source: `table` (silver), `gold.table` or `bronze.table`."""
-    zone, _, table = source.rpartition(".")
-    return (zone or "silver"), table
-
-
-def input_versions(storage: Storage, name: str) -> dict[str, int]:
-    """Return the data version of each table (silver, or another gold) `gold.<name>` reads."""
-    return _pins(storage, name)[0]
-
-
-def _pins(storage: Storage, name: str) -> tuple[dict[str, int], dict[str, int]]:
-    """Return, per input, the version to record and the version to read.
-
-    Recorded: the data version, so that `lakehouse maintain` is no new input. Read: the
-    current version, the same rows, whose files exist (a vacuum may have removed those
-    of the data version).
-    """
-    recorded_: dict[str, int] = {}
-    read: dict[str, int] = {}
-    sources = ALL_GOLD[name].sources
-    silver = [t for z, t in map(_located, sources) if z == "silver"]
-    # Never half a promotion (the stream's may be committing): a table's targets agree.
-    consistent = as_one_promotion_left(storage, silver)
-    for source in sources:
-        zone, table = _located(source)
-        dt = consistent.get(table) if zone == "silver" else storage.table_or_none(zone, table)
-        if dt is None:
-            msg = f"gold.{name} needs `{zone}.{table}`, which does not exist; run the pipeline"
-            raise TableNotFoundError(msg)
-        recorded_[source], read[source] = storage.data_version(zone, table, dt), dt.version()
-    return recorded_, read
-
-
-def _app(name: str, source: str) -> str:
-    zone, table = _located(source)
-    return app_id("gold", name, f"{zone}.{table}")
-
-
-def built_from(storage: Storage, name: str, dt: DeltaTable | None = None) -> dict[str, int]:
-    """Return the data versions of the silver tables `gold.<name>` was last built from."""
-    dt = dt if dt is not None else storage.table_or_none("gold", name)
-    out = {}
-    for source in ALL_GOLD[name].sources:
-        zone, table = _located(source)
-        version = recorded(dt, _app(name, source))
-        if zone == "silver" and version is not None:
-            out[table] = version
-    return out
-
-
-def definition(name: str) -> int:
-    """Return a fingerprint of `gold.<name>`'s definition: its SQL, its code, what it reads.
-
-    Recorded with every build: a table built by another definition (an upgrade changed
-    its SQL, say added a column) is not current, whatever its inputs, and is rebuilt once.
-    The code counts too: the Polars transforms (their module's text) and the lakehouse
-    version; so does the definition of a gold table it reads. Otherwise an update by
-    touched entities (`gold_update`) would leave the other rows as the old code made them.
-    """
-    spec = ALL_GOLD[name]
-    gold_sources = [s for s in spec.sources if _located(s)[0] == "gold"]
-    text = "\n".join(
-        [
-            spec.sql,
-            *spec.sources,
-            *(d.sql for d in spec.derived),
-            spec.references or "",
-            __version__,
-            _TRANSFORMS_TEXT,
-            *(str(definition(_located(s)[1])) for s in gold_sources),
-        ]
-    )
-    return fingerprint(text)
-
-
-def _transforms_text() -> str:
-    """Return the text of the modules gold's Polars transforms live in ("" if unreadable)."""
-    from lakehouse.transforms import gold as transforms
-    from lakehouse.transforms import segments
-
-    try:
-        return "\n".join(inspect.getsource(m) for m in (transforms, segments))
-    except (OSError, TypeError):  # installed without sources: the version alone
-        return ""
-
-
-_TRANSFORMS_TEXT = _transforms_text()
-
-
-def _definition_app(name: str) -> str:
-    return app_id("gold", name, "definition")
-
-
-def is_current(storage: Storage, name: str) -> bool:
-    """Tell whether `gold.<name>` is its definition over its inputs' current versions (cheap).
-
-    The same silver tables, too: one deleted and promoted again counts its versions anew.
-    """
-    dt = storage.table_or_none("gold", name)
-    if dt is None:
-        return False
-    if recorded(dt, _definition_app(name)) != definition(name):
-        return False
-    try:
-        wanted, reads = _pins(storage, name)
-    except TableNotFoundError:
-        return False
-    if any(recorded(dt, _app(name, src)) != v for src, v in wanted.items()):
-        return False
-    return recorded(dt, _ids_app(name)) == _fingerprint(_input_ids(storage, name, reads))
-
-
 def build(
     settings: Settings, storage: Storage, name: str, *, incremental: bool = True
 ) -> GoldResult:
@@ -185,96 +68,51 @@ def build(
     the version of the gold table read first: when another writer built it meanwhile, this
     build lands nothing, and it is done if that one used the same inputs or newer ones.
     """
-    existing = storage.table_or_none("gold", name)
-    versions, reads = _pins(storage, name)
-    if is_current(storage, name):
-        return GoldResult(name, False, versions)
-    ids = _input_ids(storage, name, reads)
+    existing = storage.table_or_none("gold", name)  # first: the commit's guard
+    inputs = marks.pinned(storage, name)
+    if marks.current(existing, name, inputs):
+        return GoldResult(name, False, inputs.versions)
     recomputed = None
     try:
         if incremental and existing is not None:
-            recomputed = _update(settings, storage, name, versions, reads, ids, existing)
+            recomputed = _update(settings, storage, name, inputs, existing)
         if recomputed is None:
-            _build(settings, storage, name, versions, reads, existing, ids)
+            _build(settings, storage, name, inputs, existing)
     except ConcurrentWriteError:
-        if is_current(storage, name) or _newer_than(storage, name, versions):
-            return GoldResult(name, False, versions)
+        if marks.is_current(storage, name) or marks.newer_than(storage, name, inputs.versions):
+            return GoldResult(name, False, inputs.versions)
         raise
-    return GoldResult(name, True, versions, recomputed)
-
-
-def _input_ids(storage: Storage, name: str, reads: dict[str, int]) -> dict[str, str]:
-    """Return the Delta table id of each table `gold.<name>` reads, by source.
-
-    A version number names a state of one table: a table deleted and written again
-    starts over, and its version 40 is not the old one's. Recorded with each build.
-    """
-    return {
-        source: str(storage.table(*_located(source), version=reads[source]).metadata().id)
-        for source in ALL_GOLD[name].sources
-    }
-
-
-def inputs_mark(dt: DeltaTable | None, name: str) -> int | None:
-    """Return which tables `gold.<name>` (`dt`) was built from, as one number (None: unknown).
-
-    A different number: another incarnation of an input (deleted and written again).
-    """
-    return recorded(dt, _ids_app(name))
-
-
-def same_inputs(storage: Storage, name: str) -> bool:
-    """Tell whether `gold.<name>` was last built from the tables its inputs are now.
-
-    Not from tables deleted and written again since, whose versions count anew: the
-    versions it recorded (`built_from`) then name states of other tables.
-    """
-    dt = storage.table_or_none("gold", name)
-    try:
-        reads = _pins(storage, name)[1]
-    except TableNotFoundError:
-        return False
-    return recorded(dt, _ids_app(name)) == _fingerprint(_input_ids(storage, name, reads))
-
-
-def _fingerprint(ids: dict[str, str]) -> int:
-    """Return the input ids as one number: recorded as a progress mark, read with the rest."""
-    return fingerprint(json.dumps(ids, sort_keys=True))
-
-
-def _ids_app(name: str) -> str:
-    return app_id("gold", name, "input-ids")
+    return GoldResult(name, True, inputs.versions, recomputed)
 
 
 def _update(
     settings: Settings,
     storage: Storage,
     name: str,
-    versions: dict[str, int],
-    reads: dict[str, int],
-    ids: dict[str, str],
+    inputs: marks.Inputs,
     existing: DeltaTable,
 ) -> int | None:
     """Recompute the touched entities' rows of `existing` and land them; None if it cannot."""
     if name not in gold_update.UPDATABLE:
         return None
-    if recorded(existing, _definition_app(name)) != definition(name):
+    if not marks.same_definition(existing, name):
         return None
-    if recorded(existing, _ids_app(name)) != _fingerprint(ids):  # a table made anew since
+    if not marks.same_tables(existing, name, inputs):  # a table made anew since
         return None
     people_from = None
+    reads = inputs.reads
     if "gold.applicant_features" in reads:
         people = storage.table(
             "gold", "applicant_features", version=reads["gold.applicant_features"]
         )
-        people_from = built_from(storage, "applicant_features", people)
-    silver = {table: versions[src] for src in versions if (table := _located(src)[1]) == src}
+        people_from = marks.built_from(storage, "applicant_features", people)
+    silver = {t: v for src, v in inputs.versions.items() if (t := marks.located(src)[1]) == src}
     out = gold_update.update(
         settings,
         storage,
         name,
         existing,
-        built_from(storage, name, existing),
+        marks.built_from(storage, name, existing),
         reads,
         rows_now=_row_count(existing),
         people_from=people_from,
@@ -283,35 +121,26 @@ def _update(
     if out is None:
         return None
     files, recomputed = out
-    _land(files, name, versions, existing, ids, recomputed)
+    _land(files, name, inputs, existing, recomputed)
     return recomputed
-
-
-def _newer_than(storage: Storage, name: str, versions: dict[str, int]) -> bool:
-    """Tell whether gold.<name> was built from inputs at least as new as `versions`."""
-    dt = storage.table_or_none("gold", name)
-    return dt is not None and all(
-        (recorded(dt, _app(name, src)) or -1) >= v for src, v in versions.items()
-    )
 
 
 def _build(
     settings: Settings,
     storage: Storage,
     name: str,
-    versions: dict[str, int],
-    reads: dict[str, int],
+    inputs: marks.Inputs,
     existing: DeltaTable | None,
-    ids: dict[str, str],
 ) -> None:
     spec = ALL_GOLD[name]
+    reads = inputs.reads
     con = duck.connect(settings, storage)
     try:
         # Row order of a Delta table means nothing; not keeping it saves memory at scale.
         con.execute("SET preserve_insertion_order = false")
         parts, key = 1, spec.partition_key or ""
         if key:
-            rows = storage.table(*_located(spec.sources[0]), version=reads[spec.sources[0]])
+            rows = storage.table(*marks.located(spec.sources[0]), version=reads[spec.sources[0]])
             parts = max(1, -(-_row_count(rows) // _PARTITION_ROWS))
 
         # Derived relations by name: one table per key partition when they have the key
@@ -346,7 +175,7 @@ def _build(
                 mine = _derived_via(storage, own, spec.sources, reads, theirs)
                 con.register(own.name, mine)
             for source in spec.sources:
-                zone, table = _located(source)
+                zone, table = marks.located(source)
                 where = ""
                 if part is not None and source in via:
                     column, relation = map(duck.quote, via[source])
@@ -414,7 +243,7 @@ def _build(
                     tables[part] = None
             for own in per_part:  # nor this part's relations, while the next one's are
                 con.unregister(own.name)
-        _land(files, name, versions, existing, ids)
+        _land(files, name, inputs, existing)
     finally:
         con.close()
 
@@ -422,21 +251,18 @@ def _build(
 def _land(
     files: TableFiles,
     name: str,
-    versions: dict[str, int],
+    inputs: marks.Inputs,
     existing: DeltaTable | None,
-    ids: dict[str, str],
     recomputed: int | None = None,
 ) -> None:
-    """Commit a build's files with its inputs' versions, against the table as read.
+    """Commit a build's files with its inputs' marks (`gold_marks`), against the table as read.
 
-    The metadata names the silver tables read (`_input_ids`); an update (`recomputed`
-    entities) says so.
+    The metadata names the tables read by their ids; an update (`recomputed` entities)
+    says so.
     """
-    progress = {_app(name, src): v for src, v in versions.items()}
-    progress[_definition_app(name)] = definition(name)
-    progress[_ids_app(name)] = _fingerprint(ids)
+    progress = marks.progress(name, inputs)
     operation = "build-gold" if recomputed is None else "update-gold"
-    metadata = {"lakehouse.input_ids": json.dumps(ids, sort_keys=True)}
+    metadata = {"lakehouse.input_ids": json.dumps(inputs.ids, sort_keys=True)}
     if recomputed is not None:
         metadata["lakehouse.recomputed"] = str(recomputed)
     try:
@@ -478,7 +304,7 @@ def _derived_via(
     assert relation.frame is not None and relation.partition_via is not None
     source, column, _ = relation.partition_via
     lazy = _scans(storage, sources, versions)
-    name = _located(source)[1]
+    name = marks.located(source)[1]
     values = pl.Series(theirs.column(column))
     lazy[name] = lazy[name].filter(pl.col(column).is_in(values.implode()))
     return relation.transform(relation.frame(lazy)).to_arrow()
@@ -510,8 +336,8 @@ def _scans(
 ) -> dict[str, pl.LazyFrame]:
     """Lazy scans of the pinned input versions, by table name."""
     return {
-        _located(source)[1]: pl.scan_delta(
-            storage.uri(*_located(source)),
+        marks.located(source)[1]: pl.scan_delta(
+            storage.uri(*marks.located(source)),
             version=versions[source],
             storage_options=storage.options,
         )

@@ -17,7 +17,7 @@ from lakehouse.source import schema
 from lakehouse.source.schema import APPLICANTS
 from lakehouse.storage import Storage
 from lakehouse.transforms.gold import GOLD
-from lakehouse.zones import gold
+from lakehouse.zones import gold, gold_marks
 from tests.helpers import churn, move_applications, read, run_all, seeded
 
 ATTRS = tuple(APPLICANTS.attributes)  # the applicant attributes
@@ -313,7 +313,7 @@ def test_gold_records_its_inputs_and_skips_when_current(
 ) -> None:
     storage = seeded(settings, rows=60)
     run_all(settings, storage)
-    assert gold.is_current(storage, "application_features")
+    assert gold_marks.is_current(storage, "application_features")
     version = storage.table("gold", "application_features").version()
     result = gold.build(settings, storage, "application_features")
     assert not result.built
@@ -326,9 +326,9 @@ def test_gold_records_its_inputs_and_skips_when_current(
     # rebuilt once, then current again.
     changed = replace(GOLD["approval_rate_daily"], sql=GOLD["approval_rate_daily"].sql + "\n")
     monkeypatch.setitem(gold.ALL_GOLD, "approval_rate_daily", changed)
-    assert not gold.is_current(storage, "approval_rate_daily")
+    assert not gold_marks.is_current(storage, "approval_rate_daily")
     assert gold.build(settings, storage, "approval_rate_daily").built
-    assert gold.is_current(storage, "approval_rate_daily")
+    assert gold_marks.is_current(storage, "approval_rate_daily")
     assert not gold.build(settings, storage, "approval_rate_daily").built
 
 
@@ -365,7 +365,7 @@ def test_partitioned_build_equals_a_single_pass(
     apps = whole["application_features"]
     assert apps.filter(pl.col("application_id").is_in([m[0] for m in moved])).height == 3
     monkeypatch.setattr(gold, "_PARTITION_ROWS", 40)  # about 6 key partitions
-    monkeypatch.setattr(gold, "is_current", lambda *_: False)
+    monkeypatch.setattr(gold_marks, "is_current", lambda *_: False)
     for name, key in [
         ("applicant_features", ["applicant_id", "event_timestamp"]),  # Polars
         ("application_features", ["application_id"]),  # SQL over derived relations
@@ -388,7 +388,7 @@ def test_polars_build_equals_the_sql_specification(
     polars_built = read(storage, "gold", "applicant_features")
     spec = GOLD["applicant_features"]
     monkeypatch.setitem(GOLD, "applicant_features", replace(spec, frame=None))
-    monkeypatch.setattr(gold, "is_current", lambda *_: False)
+    monkeypatch.setattr(gold_marks, "is_current", lambda *_: False)
     gold.build(base_settings, storage, "applicant_features")
     sql_built = read(storage, "gold", "applicant_features")
     key = ["applicant_id", "event_timestamp"]

@@ -29,7 +29,7 @@ from lakehouse.source import schema
 from lakehouse.source.schema import TABLES
 from lakehouse.storage import Storage, _split_s3, minio_client
 from lakehouse.transforms.gold import GOLD
-from lakehouse.zones import bronze, gold, gold_update, silver
+from lakehouse.zones import bronze, gold, gold_marks, gold_update, silver
 from tests.helpers import churn, insert_late_application, move_applications, read, run_all, seeded
 
 LONG = os.environ.get("HYPOTHESIS_PROFILE") == "long"
@@ -151,7 +151,7 @@ def test_what_cannot_be_updated_exactly_or_cheaply_is_built_whole(
     churn(settings, changes=10, seed_value=4)
     _promote(settings, storage)
     with monkeypatch.context() as patched:
-        patched.setattr(gold, "definition", lambda name: 12345)
+        patched.setattr(gold_marks, "definition", lambda name: 12345)
         built = gold.build(settings, storage, "applicant_features")
         assert built.built and built.recomputed is None
     # The table application_features reads changed definition, silver did not: its
@@ -222,7 +222,7 @@ def test_updates_racing_each_other_and_maintain_land_once(
     landed = [r for r in results if r.built]
     assert sorted(r.table for r in landed) == sorted(FEATURES)  # one update each
     assert all(r.recomputed is not None for r in landed)
-    assert all(gold.is_current(storage, name) for name in FEATURES)
+    assert all(gold_marks.is_current(storage, name) for name in FEATURES)
     full = _full_build(settings, Storage.from_settings(settings), tmp_path / "full")
     for name, key in FEATURES.items():
         rows = read(storage, "gold", name)
@@ -237,7 +237,7 @@ def test_silver_made_anew_is_no_common_past(settings: Settings, tmp_path: Path) 
     update must not diff against it. The build is whole, and equals a full build."""
     storage = seeded(settings, rows=200)
     run_all(settings, storage)
-    recorded = gold.built_from(storage, "applicant_features")["applicants_history"]
+    recorded = gold_marks.built_from(storage, "applicant_features")["applicants_history"]
     with schema.connect(settings, autocommit=True) as conn:
         conn.execute(
             f'UPDATE "{settings.pg_schema}".applicants SET credit_score = credit_score + 3, '
