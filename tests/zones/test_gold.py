@@ -16,7 +16,7 @@ from lakehouse.settings import Settings
 from lakehouse.source import schema
 from lakehouse.source.schema import APPLICANTS
 from lakehouse.storage import Storage
-from lakehouse.transforms.gold import GOLD
+from lakehouse.transforms.gold import ALL_GOLD, GOLD
 from lakehouse.zones import gold, gold_marks
 from tests.helpers import churn, move_applications, read, run_all, seeded
 
@@ -365,12 +365,14 @@ def test_partitioned_build_equals_a_single_pass(
     apps = whole["application_features"]
     assert apps.filter(pl.col("application_id").is_in([m[0] for m in moved])).height == 3
     monkeypatch.setattr(gold, "_PARTITION_ROWS", 40)  # about 6 key partitions
-    monkeypatch.setattr(gold_marks, "is_current", lambda *_: False)
+    monkeypatch.setattr(gold_marks, "current", lambda *_: False)
     for name, key in [
         ("applicant_features", ["applicant_id", "event_timestamp"]),  # Polars
         ("application_features", ["application_id"]),  # SQL over derived relations
     ]:
-        gold.build(base_settings, storage, name)
+        # Whole: an update (nothing changed) would write the same rows back.
+        result = gold.build(base_settings, storage, name, incremental=False)
+        assert result.built and result.recomputed is None
         parts = read(storage, "gold", name)
         assert parts.height == whole[name].height
         # Floats may differ in the last bit (vectorised division in chunks of other sizes).
@@ -387,9 +389,10 @@ def test_polars_build_equals_the_sql_specification(
     run_all(base_settings, storage)
     polars_built = read(storage, "gold", "applicant_features")
     spec = GOLD["applicant_features"]
-    monkeypatch.setitem(GOLD, "applicant_features", replace(spec, frame=None))
-    monkeypatch.setattr(gold_marks, "is_current", lambda *_: False)
-    gold.build(base_settings, storage, "applicant_features")
+    monkeypatch.setitem(ALL_GOLD, "applicant_features", replace(spec, frame=None))
+    monkeypatch.setattr(gold_marks, "current", lambda *_: False)
+    # Whole: an update (nothing changed) would write the same rows back.
+    assert gold.build(base_settings, storage, "applicant_features", incremental=False).built
     sql_built = read(storage, "gold", "applicant_features")
     key = ["applicant_id", "event_timestamp"]
     assert_frame_equal(
@@ -400,8 +403,8 @@ def test_polars_build_equals_the_sql_specification(
     polars_built = read(storage, "gold", "application_features")
     spec = GOLD["application_features"]
     derived = tuple(replace(d, frame=None) for d in spec.derived)
-    monkeypatch.setitem(GOLD, "application_features", replace(spec, derived=derived))
-    gold.build(base_settings, storage, "application_features")
+    monkeypatch.setitem(ALL_GOLD, "application_features", replace(spec, derived=derived))
+    assert gold.build(base_settings, storage, "application_features", incremental=False).built
     sql_built = read(storage, "gold", "application_features")
     assert polars_built["rate_spread"].null_count() < polars_built.height
     assert_frame_equal(
