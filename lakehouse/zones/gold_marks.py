@@ -129,16 +129,20 @@ def is_current(storage: Storage, name: str) -> bool:
         inputs = pinned(storage, name)
     except TableNotFoundError:
         return False
-    return current(dt, name, inputs)
+    return _same_versions(dt, name, inputs) and same_tables(dt, name, inputs)
 
 
 def current(dt: DeltaTable | None, name: str, inputs: Inputs) -> bool:
     """Tell whether `dt`, read as `gold.<name>`, was built by this definition over `inputs`."""
     return (
         same_definition(dt, name)
-        and all(recorded(dt, _source_app(name, s)) == v for s, v in inputs.versions.items())
+        and _same_versions(dt, name, inputs)
         and same_tables(dt, name, inputs)
     )
+
+
+def _same_versions(dt: DeltaTable | None, name: str, inputs: Inputs) -> bool:
+    return all(recorded(dt, _source_app(name, s)) == v for s, v in inputs.versions.items())
 
 
 def same_definition(dt: DeltaTable | None, name: str) -> bool:
