@@ -16,6 +16,7 @@ from lakehouse.maintain import maintain
 from lakehouse.ml.models import Registry
 from lakehouse.settings import Settings
 from lakehouse.source.embedded import free_port
+from lakehouse.zones import gold_marks
 from tests.conftest import env_for, wait_for_port
 from tests.helpers import churn, read, run_all, seeded, source_frame
 
@@ -100,10 +101,17 @@ def test_second_run_does_nothing_and_new_changes_run_again(settings: Settings) -
     assert after.returncode == 0, after.stderr[-3000:]
     assert "Did not run any tasks" in after.stderr
     assert Registry(storage).versions() == trained
+    before = {t: storage.table("gold", t).version() for t in versions}
     churn(settings, changes=100)
     third = luigi(settings, "--local-scheduler", "--workers", "2")
     assert third.returncode == 0, third.stderr[-3000:]
     assert "ran successfully" in third.stderr
+    # Both feature tables built again (whole or updated), from silver as it is now.
+    for table in versions:
+        assert storage.table("gold", table).version() > before[table], table
+        built = gold_marks.built_from(storage, table)
+        assert built, table
+        assert built == {s: storage.data_version("silver", s) for s in built}, table
     gold = storage.table("gold", "application_features")
     assert storage.data_version("gold", "application_features") == gold.version()  # rebuilt
     assert len(Registry(storage).versions()) == len(trained) + 1
